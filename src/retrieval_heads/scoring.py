@@ -1,0 +1,66 @@
+"""Copy-paste decisions and retrieval scores (paper Eq. 1). Plain arrays, no model."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+
+
+def copy_events(
+    argmax: np.ndarray,
+    generated_ids: Sequence[int],
+    prompt_ids: Sequence[int],
+    needle_start: int,
+    needle_end: int,
+) -> np.ndarray:
+    """Boolean `[n_steps, n_layers, n_heads]`: head copy-pastes generated token t.
+
+    Head h copies token w (generated at step t) when its argmax position j lies inside the needle
+    span [needle_start, needle_end) and the prompt token at j equals w. That w is a needle token
+    follows from the second condition.
+    """
+    argmax = np.asarray(argmax, dtype=np.int64)  # [step, layer, head]
+    if argmax.shape[0] == 0:
+        return np.zeros(argmax.shape, dtype=bool)
+    prompt = np.asarray(prompt_ids, dtype=np.int64)
+    gen = np.asarray(generated_ids[: argmax.shape[0]], dtype=np.int64)  # [step]
+    inside = (argmax >= needle_start) & (argmax < needle_end)
+    safe = np.clip(argmax, 0, len(prompt) - 1)
+    same = prompt[safe] == gen[:, None, None]
+    return inside & same
+
+
+def copy_counts(events: np.ndarray) -> np.ndarray:
+    """int64 `[n_layers, n_heads]`: copy events per head over the generated tokens."""
+    return events.sum(axis=0).astype(np.int64)
+
+
+def sample_scores(counts: np.ndarray, needle_len: int) -> np.ndarray:
+    """Per-sample retrieval score: copy events / needle tokens (can exceed 1, per the paper)."""
+    return counts.astype(np.float64) / float(needle_len)
+
+
+@lru_cache(maxsize=1)
+def _rouge():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
+
+
+def answer_recall(answer: str, generated: str) -> float:
+    """ROUGE-1 recall of the needle's answer against the generated text (rouge-score)."""
+    return float(_rouge().score(answer, generated)["rouge1"].recall)
+
+
+def aggregate(per_sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Retrieval score and activation frequency from kept samples' scores `[n_kept, L, H]`.
+
+    Returns (mean score, share of kept samples with a copy event), each `[L, H]`; NaN when no
+    sample was kept (never -1).
+    """
+    if per_sample.shape[0] == 0:
+        nan = np.full(per_sample.shape[1:], np.nan)
+        return nan, nan.copy()
+    return per_sample.mean(axis=0), (per_sample > 0).mean(axis=0)
