@@ -1,0 +1,237 @@
+"""Mask attention heads of a Hugging Face model, as a context manager that always cleans up.
+
+    with mask_heads(lm.model, [(17, 3), (18, 6)], method="uniform", phase="decode"):
+        out = lm.model(input_ids=ids)
+
+Methods (a head is `(layer, query_head)`, 0-based):
+
+- ``uniform`` (the authors'): the head's query is set to zero, so its softmax is uniform over the
+  keys it may see (causal mask, sliding window, padding all respected by the model's own mask) and
+  it outputs the mean of those value vectors. The hook zeroes the head's rows of the query
+  projection's output; zero stays zero through RoPE, Gemma3's q-norm, scaling and soft-capping,
+  so this is exact for SDPA and eager attention alike.
+- ``zero``: the head's output is zeroed before the output projection.
+- ``mean``: the head's output is replaced by its mean output over a reference text
+  (`head_means`), i.e. mean ablation.
+
+Only the masked query head is touched: under GQA the other query heads of its KV group read the
+same, unmodified keys and values. Phase ``all`` masks every forward call; ``decode`` masks only
+calls whose query length is 1 (the authors' setting: the prompt is prefilled unmasked, every
+token-producing step is masked; feed the last prompt token as the first decode step).
+
+Hooks: a forward hook on the query projection (``uniform``) or a forward pre-hook on the output
+projection (``zero``, ``mean``) of each attention module with masked heads. Supported module trees:
+``q_proj``/``o_proj`` (Llama, Qwen2, Mistral, Gemma3 and most decoders) and GPT-2's fused
+``c_attn``/``c_proj``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Literal, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+Method = Literal["uniform", "zero", "mean"]
+Phase = Literal["all", "decode"]
+METHODS: tuple[str, ...] = ("uniform", "zero", "mean")
+PHASES: tuple[str, ...] = ("all", "decode")
+
+Head = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class AttentionParts:
+    """The per-head projections of one layer's attention module.
+
+    q_proj: module whose output holds the queries; queries are its output columns
+    `[q_offset, q_offset + n_heads * head_dim)` in head-major order. o_proj: module whose input is
+    the concatenated per-head outputs `[batch, seq, n_heads * head_dim]`.
+    """
+
+    attn: nn.Module
+    q_proj: nn.Module
+    o_proj: nn.Module
+    q_offset: int
+    n_heads: int
+    head_dim: int
+
+
+def decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
+    """The decoder layers of a causal LM (`model.model.layers`, `transformer.h`, ...)."""
+    n_layers = _n_layers(model)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n_layers and name.rsplit(".", 1)[-1] in ("layers", "h", "layer", "blocks"):
+            if all(_attention_of(m) is not None for m in mod):
+                return list(mod)
+    raise ConfigError(f"{type(model).__name__}: cannot find its {n_layers} decoder layers to mask heads in")
+
+
+def _n_layers(model: nn.Module) -> int:
+    c = model.config
+    c = c.get_text_config() if hasattr(c, "get_text_config") else c
+    return int(getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer"))
+
+
+def _n_heads(model: nn.Module) -> int:
+    c = model.config
+    c = c.get_text_config() if hasattr(c, "get_text_config") else c
+    return int(getattr(c, "num_attention_heads", None) or getattr(c, "n_head"))
+
+
+def _attention_of(layer: nn.Module) -> nn.Module | None:
+    for name in ("self_attn", "attn", "attention"):
+        mod = getattr(layer, name, None)
+        if isinstance(mod, nn.Module):
+            return mod
+    return None
+
+
+def attention_parts(model: nn.Module) -> list[AttentionParts]:
+    """Per layer, the modules to hook. Raises ConfigError for an unsupported attention layout."""
+    n_heads = _n_heads(model)
+    out = []
+    for l, layer in enumerate(decoder_layers(model)):
+        attn = _attention_of(layer)
+        assert attn is not None
+        if hasattr(attn, "q_proj") and hasattr(attn, "o_proj"):
+            q, o, offset = attn.q_proj, attn.o_proj, 0
+        elif hasattr(attn, "c_attn") and hasattr(attn, "c_proj"):  # GPT-2: fused [q | k | v]
+            q, o, offset = attn.c_attn, attn.c_proj, 0
+        else:
+            raise ConfigError(
+                f"layer {l}: attention {type(attn).__name__} has no q_proj/o_proj (or c_attn/c_proj); "
+                "head masking does not support this architecture"
+            )
+        in_features = _in_features(o)
+        if in_features % n_heads:
+            raise ConfigError(f"layer {l}: output projection width {in_features} is not a multiple of {n_heads} heads")
+        out.append(AttentionParts(attn, q, o, offset, n_heads, in_features // n_heads))
+    return out
+
+
+def _in_features(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    weight = getattr(module, "weight", None)  # transformers Conv1D: weight [in, out]
+    if weight is not None and weight.dim() == 2:
+        return int(weight.shape[0])
+    raise ConfigError(f"cannot read the input width of {type(module).__name__}")
+
+
+def validate_heads(heads: Iterable[Head], n_layers: int, n_heads: int) -> list[Head]:
+    """Sorted unique heads, each checked against the model's shape."""
+    out = set()
+    for item in heads:
+        try:
+            l, h = (int(x) for x in item)
+        except (TypeError, ValueError):
+            raise ConfigError(f"a head is a (layer, head) pair, got {item!r}") from None
+        if not (0 <= l < n_layers and 0 <= h < n_heads):
+            raise ConfigError(f"head ({l}, {h}) is outside the model's {n_layers} layers x {n_heads} heads")
+        out.add((l, h))
+    return sorted(out)
+
+
+def _active(phase: str, seq_len: int) -> bool:
+    return phase == "all" or seq_len == 1
+
+
+def _edit_heads(x: torch.Tensor, offset: int, n_heads: int, head_dim: int, heads: list[int],
+                value: torch.Tensor | None) -> torch.Tensor:
+    """Copy of x `[batch, seq, width]` with columns of `heads` set to 0 (value None) or `value[h]`."""
+    x = x.clone()
+    block = x[..., offset: offset + n_heads * head_dim].unflatten(-1, (n_heads, head_dim))  # [B, S, H, D] view
+    for h in heads:
+        block[..., h, :] = 0 if value is None else value[h].to(x.dtype)
+    return x
+
+
+@torch.no_grad()
+def head_means(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Each head's mean output over the positions of `input_ids` `[1, seq]`.
+
+    Returns float32 `[n_layers, n_heads, head_dim]`, the input of each output projection averaged
+    over positions (for `method="mean"`).
+    """
+    parts = attention_parts(model)
+    means: list[torch.Tensor | None] = [None] * len(parts)
+    handles = []
+
+    def capture(l: int, p: AttentionParts):
+        def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]  # [B, S, H*D]
+            means[l] = x.float().mean(dim=(0, 1)).unflatten(-1, (p.n_heads, p.head_dim)).cpu()
+
+        return hook
+
+    try:
+        for l, p in enumerate(parts):
+            handles.append(p.o_proj.register_forward_pre_hook(capture(l, p)))
+        model(input_ids=input_ids.to(next(model.parameters()).device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert all(m is not None for m in means)
+    return torch.stack(means)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def mask_heads(
+    model: nn.Module,
+    heads: Iterable[Head],
+    method: Method = "uniform",
+    *,
+    phase: Phase = "all",
+    means: torch.Tensor | None = None,
+) -> Iterator[list[Head]]:
+    """Mask `heads` inside the block; yields the sorted list of masked heads.
+
+    `means` `[n_layers, n_heads, head_dim]` is required by `method="mean"` (see `head_means`).
+    Masking nothing (`heads=[]`) registers no hook and changes nothing.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown masking method {method!r}; choose from {', '.join(METHODS)}")
+    if phase not in PHASES:
+        raise ConfigError(f"unknown masking phase {phase!r}; choose from {', '.join(PHASES)}")
+    parts = attention_parts(model)
+    n_heads = parts[0].n_heads
+    chosen = validate_heads(heads, len(parts), n_heads)
+    if method == "mean":
+        if means is None:
+            raise ConfigError("method 'mean' needs per-head mean outputs (head_means(model, input_ids))")
+        if tuple(means.shape[:2]) != (len(parts), n_heads):
+            raise ConfigError(f"means have shape {tuple(means.shape)}, expected [{len(parts)}, {n_heads}, head_dim]")
+    by_layer: dict[int, list[int]] = {}
+    for l, h in chosen:
+        by_layer.setdefault(l, []).append(h)
+
+    handles: list[Any] = []
+    try:
+        for l, hs in by_layer.items():
+            p = parts[l]
+            if method == "uniform":
+                def q_hook(_m: nn.Module, args: tuple[Any, ...], out: torch.Tensor, p=p, hs=hs) -> torch.Tensor | None:
+                    if not _active(phase, out.shape[1]):
+                        return None
+                    return _edit_heads(out, p.q_offset, p.n_heads, p.head_dim, hs, None)
+
+                handles.append(p.q_proj.register_forward_hook(q_hook))
+            else:
+                value = None if method == "zero" else means[l].to(next(model.parameters()).device)  # type: ignore[index]
+
+                def o_hook(_m: nn.Module, args: tuple[Any, ...], p=p, hs=hs, value=value) -> tuple[Any, ...] | None:
+                    x = args[0]  # [B, S, H*D]
+                    if not _active(phase, x.shape[1]):
+                        return None
+                    return (_edit_heads(x, 0, p.n_heads, p.head_dim, hs, value), *args[1:])
+
+                handles.append(p.o_proj.register_forward_pre_hook(o_hook))
+        yield chosen
+    finally:
+        for handle in handles:
+            handle.remove()
