@@ -34,6 +34,10 @@ def _setup(threads: Optional[int]) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()
     if threads:
         import torch
 
@@ -100,6 +104,8 @@ def detect(
     result = D.detect(lm, grid, cfg, out=out, overwrite=overwrite, show_progress=progress)
     print_summary(result, top)
     typer.echo(f"run folder: {out}")
+
+from .cli_analysis import register as _register_analysis; _register_analysis(app)  # noqa: E402,E702
 
 
 def main() -> None:

@@ -240,6 +240,14 @@ def _torch_dtype(dtype: DType, device: str) -> Any:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto") from None
 
 
+def _is_causal_lm(config: Any, trust_remote_code: bool) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return True
+    return getattr(config, "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
 def load_model(
     model: str = DEFAULT_MODEL,
     *,
@@ -258,6 +266,8 @@ def load_model(
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load model {model!r}: {first}") from e
+    if not _is_causal_lm(config, trust_remote_code):
+        raise ModelLoadError(f"{model!r} ({config.model_type}) is not a causal language model")
     torch_dtype = _torch_dtype(dtype, device)
     try:
         lm = AutoModelForCausalLM.from_pretrained(

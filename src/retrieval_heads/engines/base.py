@@ -23,6 +23,15 @@ class EngineOutput:
     argmax: np.ndarray
 
 
+def cache_io(model: Any) -> tuple[str, str]:
+    """(forward kwarg, output attribute) of the KV cache: transformers >= 5.2x renamed
+    `past_key_values` to `cache`; older releases only know the old name."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return ("cache", "cache") if "cache" in params else ("past_key_values", "past_key_values")
+
+
 class StopRule:
     """Greedy decoding stops at EOS, or at a newline once the answer has some text (ALGORITHM.md)."""
 

@@ -15,7 +15,7 @@ import torch
 
 from ..models import LoadedModel
 from ..needles import Sample
-from .base import EngineOutput, StopRule
+from .base import EngineOutput, StopRule, cache_io
 
 
 def row_argmax(attentions: tuple[torch.Tensor, ...], total: int) -> np.ndarray:
@@ -47,10 +47,11 @@ class ReferenceEngine:
         device = next(model.parameters()).device
         ids = torch.tensor([sample.prompt_ids], device=device)
         n = ids.shape[1]
+        kw, attr = cache_io(model)
         past: Any = None
         if n > 1:
             out = model(input_ids=ids[:, :-1], use_cache=True)
-            past = out.past_key_values
+            past = getattr(out, attr)
         cur = ids[:, -1:]
         generated: list[int] = []
         steps: list[np.ndarray] = []
@@ -58,13 +59,13 @@ class ReferenceEngine:
             pos = n - 1 + t  # position of the query that produces the next token
             out = model(
                 input_ids=cur,
-                past_key_values=past,
+                **{kw: past},
                 use_cache=True,
                 output_attentions=True,
                 cache_position=torch.tensor([pos], device=device),
                 position_ids=torch.tensor([[pos]], device=device),
             )
-            past = out.past_key_values
+            past = getattr(out, attr)
             steps.append(row_argmax(out.attentions, total=pos + 1))
             token = int(out.logits[0, -1].argmax())
             generated.append(token)

@@ -1,0 +1,167 @@
+"""Detection end to end on tiny models: files, resume, determinism, config conflicts, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from retrieval_heads.detect import DetectConfig, Grid, detect
+from retrieval_heads.needles import Needle
+from retrieval_heads.results import DetectionResult
+from retrieval_heads.runs import read_records
+from retrieval_heads.testing import ARCHITECTURES, tiny_model
+
+NEEDLES = (
+    Needle("the secret ingredient is smoked tamarind .", "what is the secret ingredient ?", "smoked tamarind", "stew"),
+    Needle("the password is lantern fig seventy .", "what is the password ?", "lantern fig seventy", "pw"),
+)
+GRID = Grid(lengths=(80, 160), depths=(0.0, 50.0, 100.0), needles=NEEDLES)
+# recall_threshold -1 keeps every sample, so random tiny models still produce scores
+CFG = DetectConfig(max_new_tokens=6, recall_threshold=-1.0, chat=False)
+
+
+@pytest.fixture
+def cfg(haystack_file):
+    return DetectConfig(**{**CFG.__dict__, "haystack": str(haystack_file)})
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_detect_runs_on_every_architecture(arch, cfg):
+    lm = tiny_model(arch)
+    res = detect(lm, Grid((80,), (50.0,), NEEDLES[:1]), cfg, show_progress=False)
+    assert res.shape == (lm.spec.n_layers, lm.spec.n_heads)
+    assert res.n_kept == 1 and np.isfinite(res.scores).all()
+    rec = res.records[0]
+    assert rec["needle_end"] - rec["needle_start"] == rec["needle_tokens"] > 0
+    assert 1 <= len(rec["generated_ids"]) <= 6
+
+
+def test_run_folder_files_and_determinism(tmp_path, cfg):
+    lm = tiny_model("llama")
+    a = detect(lm, GRID, cfg, out=tmp_path / "a", show_progress=False)
+    b = detect(lm, GRID, cfg, out=tmp_path / "b", show_progress=False)
+    for name in ("retrieval_scores.json", "summary.json", "config.json"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    recs = read_records(tmp_path / "a" / "records.jsonl")
+    assert len(recs) == len(GRID) == 12
+    keys = {"id", "needle_id", "length", "depth", "prompt_tokens", "needle_start", "needle_end",
+            "generated_text", "answer_recall", "kept", "copy_counts"}
+    assert keys <= set(recs[0])
+    authors = json.loads((tmp_path / "a" / "retrieval_scores.json").read_text())
+    assert set(authors) == {f"{l}-{h}" for l in range(2) for h in range(4)}
+    assert all(len(v) == 12 for v in authors.values())
+    loaded = DetectionResult.load(tmp_path / "a")
+    np.testing.assert_allclose(loaded.scores, a.scores)
+    np.testing.assert_allclose(DetectionResult.load(tmp_path / "a" / "retrieval_scores.json").scores, a.scores)
+    np.testing.assert_allclose(a.scores, b.scores)
+
+
+def test_resume_after_interrupted_run(tmp_path, cfg, monkeypatch):
+    lm = tiny_model("llama")
+    full = detect(lm, GRID, cfg, out=tmp_path / "full", show_progress=False)
+
+    from retrieval_heads.engines.reference import ReferenceEngine
+
+    real_run = ReferenceEngine.run
+    calls = {"n": 0}
+
+    def crashing_run(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt  # killed in the middle of sample 6
+        return real_run(self, *a, **k)
+
+    monkeypatch.setattr(ReferenceEngine, "run", crashing_run)
+    with pytest.raises(KeyboardInterrupt):
+        detect(lm, GRID, cfg, out=tmp_path / "r", show_progress=False)
+    assert not (tmp_path / "r" / "retrieval_scores.json").exists()  # no half-finished result
+    path = tmp_path / "r" / "records.jsonl"
+    assert len(read_records(path)) == 5
+    with path.open("a") as f:  # and a torn line, as if killed mid-write
+        f.write('{"id": "stew-L80')
+    monkeypatch.setattr(ReferenceEngine, "run", real_run)
+    calls["n"] = 0
+    counted = {"n": 0}
+
+    def counting_run(self, *a, **k):
+        counted["n"] += 1
+        return real_run(self, *a, **k)
+
+    monkeypatch.setattr(ReferenceEngine, "run", counting_run)
+    resumed = detect(lm, GRID, cfg, out=tmp_path / "r", show_progress=False)
+    assert counted["n"] == 7  # only the unfinished samples ran
+    recs = read_records(path)
+    assert len(recs) == 12 and len({r["id"] for r in recs}) == 12
+    assert (tmp_path / "r" / "retrieval_scores.json").read_text() == (tmp_path / "full" / "retrieval_scores.json").read_text()
+    np.testing.assert_array_equal(resumed.scores, full.scores)
+
+
+def test_different_config_is_refused_unless_overwrite(tmp_path, cfg, cli, tiny_llama_dir, haystack_file, needles_file):
+    base = ["detect", "--model", tiny_llama_dir, "--haystack", haystack_file, "--needles", needles_file,
+            "--depths", "50", "--max-new-tokens", "3", "--no-chat", "--no-progress", "--out", tmp_path / "run"]
+    code, out, err = cli(*base, "--lengths", "80")
+    assert code == 0, err
+    assert "Top 10 retrieval heads" in out
+    assert (tmp_path / "run" / "retrieval_scores.json").exists()
+    code, out, err = cli(*base, "--lengths", "120")
+    assert code != 0
+    assert err.count("\n") == 1 and "different config" in err and "grid" in err
+    code, out, err = cli(*base, "--lengths", "120", "--overwrite")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["grid"]["lengths"] == [120]
+
+
+def _one_error_line(err: str) -> str:
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_bad_inputs_give_one_line_and_nonzero_exit(tmp_path, cli, tiny_llama_dir, haystack_file, needles_file):
+    common = ["--no-progress", "--max-new-tokens", "2", "--no-chat"]
+    ok = ["--haystack", haystack_file, "--needles", needles_file, "--lengths", "80", "--depths", "50"]
+
+    def expect(args, pattern, out_name):
+        out = tmp_path / out_name
+        code, _, err = cli("detect", *args, *common, "--out", out)
+        assert code != 0
+        assert pattern in _one_error_line(err), err
+        # nothing half-written: no final files
+        assert not (out / "retrieval_scores.json").exists()
+
+    # unknown model / alias (hub offline in tests)
+    expect(["--model", "no-such-org/no-such-model", *ok], "cannot load model", "m1")
+    # a model that is not a causal LM
+    from transformers import DistilBertConfig
+
+    bert = tmp_path / "distilbert"  # an encoder: no causal LM head exists for it
+    DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=32).save_pretrained(bert)
+    expect(["--model", bert, *ok], "not a causal language model", "m2")
+    # a corrupt GGUF
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    expect(["--model", bad, *ok], "cannot read GGUF", "m3")
+    # a length above max context (tiny model: 4096)
+    expect(["--model", tiny_llama_dir, "--haystack", haystack_file, "--needles", needles_file,
+            "--lengths", "5000", "--depths", "50"], "above the max context", "m4")
+    # a needle lost in tokenization (words unknown to the tiny vocabulary)
+    lost = tmp_path / "lost.jsonl"
+    lost.write_text(json.dumps({"id": "lost", "needle": "zorblax quintessence flumph .", "question": "q ?", "answer": "zorblax"}) + "\n")
+    expect(["--model", tiny_llama_dir, "--haystack", haystack_file, "--needles", lost,
+            "--lengths", "80", "--depths", "50"], "needle 'lost' not recoverable", "m5")
+    # an empty haystack
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    expect(["--model", tiny_llama_dir, "--haystack", empty, "--needles", needles_file,
+            "--lengths", "80", "--depths", "50"], "haystack is empty", "m6")
+    # a malformed needles file
+    mal = tmp_path / "mal.jsonl"
+    mal.write_text('{"needle": "a"\n')
+    expect(["--model", tiny_llama_dir, "--haystack", haystack_file, "--needles", mal,
+            "--lengths", "80", "--depths", "50"], "not valid JSON", "m7")
+    # a bad range
+    expect(["--model", tiny_llama_dir, "--haystack", haystack_file, "--needles", needles_file,
+            "--lengths", "a:b", "--depths", "50"], "cannot parse", "m8")
