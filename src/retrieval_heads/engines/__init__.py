@@ -10,9 +10,10 @@ from typing import Any
 
 from ..errors import ConfigError
 from .base import Engine, EngineOutput, StopRule
+from .fast import FastEngine
 from .reference import ReferenceEngine
 
-ENGINES: dict[str, type] = {"reference": ReferenceEngine}
+ENGINES: dict[str, type] = {"reference": ReferenceEngine, "fast": FastEngine}
 
 
 def make_engine(name: str, lm: Any) -> Engine:
@@ -23,4 +24,4 @@ def make_engine(name: str, lm: Any) -> Engine:
     return cls(lm)
 
 
-__all__ = ["ENGINES", "Engine", "EngineOutput", "ReferenceEngine", "StopRule", "make_engine"]
+__all__ = ["ENGINES", "Engine", "EngineOutput", "FastEngine", "ReferenceEngine", "StopRule", "make_engine"]

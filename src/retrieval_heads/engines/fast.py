@@ -1,0 +1,235 @@
+"""Fast engine: plain SDPA generation with a KV cache, plus each head's argmax over one row.
+
+Design. A custom attention function is registered under `retrieval_heads_argmax` (transformers'
+`AttentionInterface`, with SDPA's mask builder). It receives exactly what SDPA would receive --
+post-RoPE query states, the key states after the cache update (sliding layers: only the keys
+inside the window) and the prepared mask -- computes the weights of the *last* query row only,
+
+    w = softmax(q_last . K^T * scaling [tanh soft-cap] + mask, fp32).to(model dtype)
+
+takes the argmax per query head (GQA: query head h reads KV head h // (n_heads / n_kv_heads), the
+order of HF `repeat_kv`), then hands the call to SDPA for the actual output. The function is
+active only inside `capture_argmax(model)`, which swaps the model's attention implementation and
+always restores it.
+
+The prompt is prefilled in one forward (the last prompt position produces the first token, its row
+is recorded during prefill), then each decode step records its single row. Logits are computed
+for the last position only (`logits_to_keep=1`). Nothing O(n^2) is ever materialised: per step,
+one `[n_heads, key_pos]` row per layer.
+
+Tie policy (same as the reference): the weights are rounded like eager attention's (softmax in
+fp32, cast to the model dtype) and `argmax` returns the first maximal index, i.e. the lowest key
+position. Remaining differences to the reference come only from SDPA vs eager floating-point
+rounding of hidden states (~1e-6 in fp32); tests assert identical generations and copy decisions.
+
+Prefix reuse (`run_many`): see `prefix.py`.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from ..models import LoadedModel
+from ..needles import Sample
+from .base import EngineOutput
+
+IMPL_NAME = "retrieval_heads_argmax"
+
+
+@dataclass
+class _Recorder:
+    """Rows recorded during one forward: layer -> (argmax `[batch, n_heads]`, key length K)."""
+
+    layer_of: dict[int, int]
+    rows: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    active: bool = True
+
+
+_RECORDER: ContextVar[_Recorder | None] = ContextVar("retrieval_heads_recorder", default=None)
+
+
+def last_row_argmax(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Argmax key index of the last query row, per batch and query head.
+
+    query `[batch, n_heads, q_len, head_dim]`, key `[batch, n_kv_heads, key_len, head_dim]`,
+    attention_mask `[batch|1, 1|n_heads, q_len, key_len]` (bool: True = attend; float: additive)
+    or None. Returns int64 `[batch, n_heads]`, indices into key_len.
+    """
+    b, h, _, d = query.shape
+    kv, k_len = key.shape[1], key.shape[2]
+    q = query[:, :, -1, :].reshape(b, kv, h // kv, d)  # [batch, kv_head, group, dim] = repeat_kv order
+    scale = d**-0.5 if scaling is None else scaling
+    logits = torch.matmul(q, key.transpose(-1, -2)) * scale  # [batch, kv_head, group, key_pos]
+    logits = logits.reshape(b, h, k_len)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if attention_mask is not None:
+        m = attention_mask[:, :, -1, -k_len:]  # [batch|1, 1|head, key_pos]
+        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m
+    weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    return weights.argmax(dim=-1)
+
+
+def _delegate(module: torch.nn.Module, softcap: float | None) -> Callable[..., Any]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if softcap is None:
+        return ALL_ATTENTION_FUNCTIONS["sdpa"]
+    # SDPA has no soft-capping: use the model's own eager function (e.g. Gemma-2).
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def argmax_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    """SDPA attention that also records the last query row's argmax of recorded modules."""
+    softcap = kwargs.get("softcap")
+    rec = _RECORDER.get()
+    if rec is not None and rec.active and id(module) in rec.layer_of:
+        j = last_row_argmax(query, key, attention_mask, scaling, softcap)
+        rec.rows[rec.layer_of[id(module)]] = (j, key.shape[2])
+    return _delegate(module, softcap)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    if IMPL_NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionInterface.register(IMPL_NAME, argmax_attention)
+        AttentionMaskInterface.register(IMPL_NAME, sdpa_mask)
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The self-attention module of each layer, in layer order (modules holding `layer_idx`)."""
+    mods = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    return sorted(mods, key=lambda m: m.layer_idx)
+
+
+@contextmanager
+def capture_argmax(model: torch.nn.Module) -> Iterator[_Recorder]:
+    """Within the block, every forward records each layer's last-row argmax into the recorder."""
+    _register()
+    mods = attention_modules(model)
+    rec = _Recorder(layer_of={id(m): i for i, m in enumerate(mods)})
+    old = model.config._attn_implementation
+    model.set_attn_implementation(IMPL_NAME)
+    token = _RECORDER.set(rec)
+    try:
+        yield rec
+    finally:
+        _RECORDER.reset(token)
+        model.set_attn_implementation(old)
+
+
+class FastEngine:
+    """SDPA + KV cache generation; argmax from captured query rows. Batch 1 (CPU-friendly)."""
+
+    name = "fast"
+
+    def __init__(self, lm: LoadedModel, *, prefix_reuse: bool = True, min_reuse: int = 64) -> None:
+        self.lm = lm
+        self.prefix_reuse = prefix_reuse
+        self.min_reuse = min_reuse
+        if lm.model.config._attn_implementation not in ("sdpa", IMPL_NAME):
+            lm.model.set_attn_implementation("sdpa")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.model.parameters()).device
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.lm.model.config)
+
+    def _rows(self, rec: _Recorder, total: int) -> torch.Tensor:
+        """Absolute positions `[n_layers, n_heads]` from the rows recorded for a query at total-1."""
+        n = self.lm.spec.n_layers
+        assert len(rec.rows) == n, f"recorded {len(rec.rows)} of {n} layers"
+        out = [rec.rows[i][0][0] + (total - rec.rows[i][1]) for i in range(n)]
+        rec.rows.clear()
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def run(
+        self,
+        sample: Sample,
+        *,
+        max_new_tokens: int,
+        stop: Callable[[list[int]], bool],
+        cache: Any = None,
+        start: int = 0,
+    ) -> EngineOutput:
+        """Generate greedily for one sample. `cache` may hold the KV of prompt_ids[:start] (prefix reuse)."""
+        model = self.lm.model
+        device = self.device
+        ids = torch.tensor([sample.prompt_ids], device=device)
+        n = ids.shape[1]
+        if not 0 <= start < n:
+            raise ValueError(f"start {start} must be below the prompt length {n}")
+        cache = self.new_cache() if cache is None else cache
+        generated: list[int] = []
+        steps: list[torch.Tensor] = []
+        with capture_argmax(model) as rec:
+            cur = ids[:, start:]
+            for t in range(max_new_tokens):
+                out = model(input_ids=cur, cache=cache, use_cache=True, logits_to_keep=1)  # cache grows in place
+                steps.append(self._rows(rec, total=n + t))
+                token = int(out.logits[0, -1].argmax())
+                generated.append(token)
+                if stop(generated):
+                    break
+                cur = torch.tensor([[token]], device=device)
+        spec = self.lm.spec
+        argmax = torch.stack(steps).cpu().numpy().astype(np.int64) if steps else np.zeros((0, spec.n_layers, spec.n_heads), np.int64)
+        return EngineOutput(generated_ids=generated, argmax=argmax)
+
+    def run_many(
+        self,
+        samples: Iterable[Sample],
+        *,
+        max_new_tokens: int,
+        stop: Callable[[list[int]], bool],
+        prefix_reuse: bool | None = None,
+    ) -> Iterator[tuple[Sample, EngineOutput]]:
+        """Run samples in the given order, reusing the KV cache of shared prompt prefixes.
+
+        Yields (sample, output) in input order. Reuse is exact: only where the token ids are
+        identical (see `prefix.PrefixStore`).
+        """
+        from .prefix import PrefixStore
+
+        samples = list(samples)
+        reuse = self.prefix_reuse if prefix_reuse is None else prefix_reuse
+        if not reuse:
+            for s in samples:
+                yield s, self.run(s, max_new_tokens=max_new_tokens, stop=stop)
+            return
+        store = PrefixStore(self, [s.prompt_ids for s in samples], min_reuse=self.min_reuse)
+        try:
+            for i, s in enumerate(samples):
+                cache, start = store.cache_for(i)
+                yield s, self.run(s, max_new_tokens=max_new_tokens, stop=stop, cache=cache, start=start)
+        finally:
+            store.clear()

@@ -1,0 +1,155 @@
+"""The fast engine equals the paper-faithful reference on tiny models of every architecture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval_heads.engines import ENGINES, make_engine
+from retrieval_heads.engines.fast import FastEngine, capture_argmax, last_row_argmax
+from retrieval_heads.engines.prefix import common_prefix, reuse_targets
+from retrieval_heads.engines.reference import ReferenceEngine
+from retrieval_heads.needles import Needle, make_sample
+from retrieval_heads.scoring import copy_events
+from retrieval_heads.testing import ARCHITECTURES, tiny_model
+
+from ..conftest import HAYSTACK
+
+NEEDLES = (
+    Needle("the secret ingredient is smoked tamarind .", "what is the secret ingredient ?", "smoked tamarind", "stew"),
+    Needle("the password is lantern fig seventy .", "what is the password ?", "lantern fig seventy", "pw"),
+)
+NEVER = lambda generated: False  # noqa: E731  fixed-length generation
+
+
+def peaked(lm, std: float = 0.4):
+    """Random tiny models attend almost uniformly (init std 0.02), so argmax is decided by 1e-7
+    noise; larger query/key weights give peaked rows, like a trained model's."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in lm.model.modules():
+            for name in ("q_proj", "k_proj", "c_attn"):
+                if hasattr(m, name):
+                    w = getattr(m, name).weight
+                    w.copy_(torch.randn(w.shape, generator=g) * std)
+    return lm
+
+
+def samples(tok, lengths=(60, 120), depths=(0.0, 50.0, 100.0), needles=NEEDLES):
+    return [make_sample(tok, HAYSTACK, n, L, d, chat=False) for n in needles for L in lengths for d in depths]
+
+
+def decisions(s, out):
+    return copy_events(out.argmax, out.generated_ids, s.prompt_ids, s.needle_start, s.needle_end)
+
+
+def reference_outputs(lm, ss, max_new_tokens=6):
+    ref = ReferenceEngine(lm)
+    try:
+        return [ref.run(s, max_new_tokens=max_new_tokens, stop=NEVER) for s in ss]
+    finally:
+        lm.model.set_attn_implementation("sdpa")
+
+
+def test_registered():
+    assert ENGINES["fast"] is FastEngine
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_fast_equals_reference(arch):
+    lm = peaked(tiny_model(arch, attn_implementation="sdpa"))
+    ss = [make_sample(lm.tokenizer, HAYSTACK, NEEDLES[0], 120, 50.0, chat=False),
+          make_sample(lm.tokenizer, HAYSTACK, NEEDLES[1], 60, 100.0, chat=False)]
+    if arch == "gemma3":
+        assert lm.spec.sliding_window[0] == 16 and all(len(s.prompt_ids) > 16 for s in ss)
+    refs = reference_outputs(lm, ss)
+    fast = make_engine("fast", lm)
+    for s, ref in zip(ss, refs):
+        out = fast.run(s, max_new_tokens=6, stop=NEVER)
+        assert out.generated_ids == ref.generated_ids, s.id
+        assert out.argmax.shape == ref.argmax.shape == (6, lm.spec.n_layers, lm.spec.n_heads)
+        np.testing.assert_array_equal(out.argmax, ref.argmax, err_msg=s.id)
+        np.testing.assert_array_equal(decisions(s, out), decisions(s, ref))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+def test_prefix_reuse_same_decisions(arch):
+    lm = peaked(tiny_model(arch, attn_implementation="sdpa"))
+    ss = samples(lm.tokenizer)
+    fast = FastEngine(lm, min_reuse=8)
+    plain = list(fast.run_many(ss, max_new_tokens=5, stop=NEVER, prefix_reuse=False))
+    reused = list(fast.run_many(ss, max_new_tokens=5, stop=NEVER, prefix_reuse=True))
+    assert [s.id for s, _ in reused] == [s.id for s in ss]  # input order kept
+    for (s, a), (_, b) in zip(plain, reused):
+        assert a.generated_ids == b.generated_ids, s.id
+        np.testing.assert_array_equal(a.argmax, b.argmax, err_msg=s.id)
+
+
+def test_prefix_store_prefills_each_shared_token_once():
+    from retrieval_heads.engines.prefix import PrefixStore
+
+    lm = tiny_model("llama", attn_implementation="sdpa")
+    ss = samples(lm.tokenizer)
+    store = PrefixStore(FastEngine(lm), [s.prompt_ids for s in ss], min_reuse=8)
+    starts = [store.cache_for(i)[1] for i in range(len(ss))]
+    assert max(starts) > 60  # the long depth-100 samples reuse most of their haystack
+    assert all(st < len(s.prompt_ids) for st, s in zip(starts, ss))
+    # three prefix families (haystack first; each needle's depth-0 prompts): each prefilled once
+    assert store.prefilled <= 0.4 * sum(starts)
+
+
+def test_common_prefix_and_targets():
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    assert common_prefix([], [1]) == 0
+    # the third prompt shares nothing; a prompt never reuses its own last token
+    assert reuse_targets([[1, 2, 3], [1, 2, 3], [9, 9]]) == [2, 2, 0]
+
+
+def test_sliding_window_row_covers_only_the_window():
+    lm = peaked(tiny_model("gemma3", attn_implementation="sdpa"))
+    s = samples(lm.tokenizer, lengths=(120,), depths=(50.0,), needles=NEEDLES[:1])[0]
+    out = FastEngine(lm).run(s, max_new_tokens=4, stop=NEVER)
+    n = len(s.prompt_ids)
+    for t in range(4):
+        q = n - 1 + t  # producing query position
+        for layer, window in enumerate(lm.spec.sliding_window):
+            row = out.argmax[t, layer]
+            assert (row <= q).all()
+            if window is not None:
+                assert (row > q - window).all()
+
+
+def test_last_row_argmax_gqa_mask_softcap_and_ties():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 3, 8, generator=g)  # [batch, head, q, dim]
+    k = torch.randn(1, 2, 10, 8, generator=g)  # [batch, kv_head, key, dim]
+    full = torch.repeat_interleave(k, 2, dim=1)  # repeat_kv: head h reads kv head h // 2
+    logits = (q[:, :, -1:] @ full.transpose(-1, -2))[:, :, 0] * 0.3
+    assert torch.equal(last_row_argmax(q, k, None, 0.3), logits.argmax(-1))
+    mask = torch.ones(1, 1, 3, 10, dtype=torch.bool)
+    mask[..., -1, logits.argmax(-1)[0, 0]] = False
+    got = last_row_argmax(q, k, mask, 0.3)
+    assert got[0, 0] != logits.argmax(-1)[0, 0]
+    assert torch.equal(last_row_argmax(q, k, None, 0.3, softcap=0.5), torch.tanh(logits / 0.5).argmax(-1))
+    tie = torch.zeros(1, 1, 1, 8)  # all logits equal: the lowest position wins, as torch.argmax
+    assert last_row_argmax(tie, torch.randn(1, 1, 5, 8), None, 1.0).item() == 0
+
+
+def test_capture_restores_attention_implementation():
+    lm = tiny_model("llama", attn_implementation="sdpa")
+    with pytest.raises(RuntimeError):
+        with capture_argmax(lm.model):
+            assert lm.model.config._attn_implementation != "sdpa"
+            raise RuntimeError
+    assert lm.model.config._attn_implementation == "sdpa"
+
+
+def test_stop_rule_and_eager_model_switched_to_sdpa():
+    lm = peaked(tiny_model("qwen2"))  # loaded eager
+    s = samples(lm.tokenizer, lengths=(60,), depths=(50.0,), needles=NEEDLES[:1])[0]
+    fast = FastEngine(lm)
+    assert lm.model.config._attn_implementation == "sdpa"
+    out = fast.run(s, max_new_tokens=8, stop=lambda g: len(g) == 3)
+    assert len(out.generated_ids) == 3 and out.argmax.shape[0] == 3
