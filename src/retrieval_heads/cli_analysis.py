@@ -1,0 +1,153 @@
+"""`retrieval-heads analyze | compare | report`: the paper's head properties from run folders or
+authors'-format score files. Registered on the main typer app by `register(app)`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List
+
+import typer
+
+from .results import RETRIEVAL_THRESHOLD
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _write_frame(df, stem: Path) -> list[Path]:
+    from .scorefile import atomic_write_text
+
+    csv, js = stem.parent / f"{stem.name}.csv", stem.parent / f"{stem.name}.json"
+    atomic_write_text(csv, df.to_csv(index=False))
+    atomic_write_text(js, df.to_json(orient="records", indent=1))
+    return [csv, js]
+
+
+def analyze(
+    runs: List[Path] = typer.Argument(..., help="run folders or authors'-format score files (JSON)"),
+    out: Path = typer.Option(Path("analysis"), "--out", "-o", help="folder for tables (CSV, JSON) and figures"),
+    threshold: float = typer.Option(RETRIEVAL_THRESHOLD, help="a head is a retrieval head when its score > this"),
+    top: int = typer.Option(20, min=1, help="top heads listed and plotted per run"),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="write PNG and SVG figures"),
+) -> None:
+    """Sparsity, retrieval-head counts and top heads (paper Figs. 3, 4, 5, 13)."""
+    import pandas as pd
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import analysis as A
+    from .scorefile import atomic_write_text
+
+    results = A.load_results(runs)
+    table = A.sparsity_table(results, threshold)
+    console = Console()
+    t = Table(title=f"Share of heads per retrieval-score bin; retrieval heads: score > {threshold:g}")
+    for col in ("model", "layers x heads", "kept/samples", "= 0", "(0, 0.1]", "(0.1, 0.5]", "> 0.5", "retrieval heads"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for _, r in table.iterrows():
+        t.add_row(str(r["model"]), f"{r['layers']} x {r['heads']}", f"{r['n_kept']}/{r['n_samples']}",
+                  *(f"{100 * r[b]:.2f} %" for b in A.SPARSITY_BINS),
+                  f"{r['n_retrieval_heads']} ({100 * r['retrieval_share']:.1f} %)")
+    console.print(t)
+    written = _write_frame(table, out / "sparsity")
+    tops = []
+    for r in results:
+        top_df = A.top_heads(r, top)
+        tops.append(top_df)
+        k = min(10, top)
+        tt = Table(title=f"Top {k} heads of {r.name}")
+        for col in ("rank", "layer", "head", "retrieval score", "activation freq."):
+            tt.add_column(col, justify="right")
+        for _, h in top_df.head(k).iterrows():
+            tt.add_row(str(h["rank"]), str(h["layer"]), str(h["head"]), f"{h['score']:.3f}",
+                       "n/a" if pd.isna(h["activation_frequency"]) else f"{h['activation_frequency']:.2f}")
+        console.print(tt)
+    written += _write_frame(pd.concat(tops, ignore_index=True), out / "top_heads")
+    if figures:
+        from . import plots as P
+
+        written += P.save_figure(P.plot_sparsity(table), out / "sparsity")
+        for r in results:
+            if r.n_kept == 0:
+                continue
+            stem = _slug(r.name)
+            written += P.save_figure(P.plot_heatmap(r), out / f"{stem}_heatmap")
+            written += P.save_figure(P.plot_score_vs_frequency(r, top), out / f"{stem}_score_vs_frequency")
+            stab = A.rank_stability(r, min(10, top))
+            written += _write_frame(stab, out / f"{stem}_rank_stability")
+            written += P.save_figure(P.plot_rank_stability(stab, r.name), out / f"{stem}_rank_stability")
+            if A.has_records(r):
+                grid = A.niah_grid(r)
+                atomic_write_text(out / f"{stem}_niah.csv", grid.to_csv())
+                written += [out / f"{stem}_niah.csv"]
+                written += P.save_figure(P.plot_niah(grid, r.name), out / f"{stem}_niah")
+    typer.echo(f"wrote {len(written)} files to {out}")
+
+
+def compare(
+    runs: List[Path] = typer.Argument(..., help="two or more run folders or score files of one shape"),
+    out: Path = typer.Option(Path("analysis"), "--out", "-o", help="folder for the matrices and figures"),
+    figures: bool = typer.Option(True, "--figures/--no-figures"),
+) -> None:
+    """Spearman and Pearson correlation of the score maps (paper Fig. 6)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import analysis as A
+    from .errors import DataError
+    from .scorefile import atomic_write_text
+
+    if len(runs) < 2:
+        raise DataError("compare needs at least two run folders or score files")
+    results = A.load_results(runs)
+    A.check_same_shape(results)
+    console = Console()
+    written = []
+    saved = {}
+    for method in ("pearson", "spearman"):
+        m = A.correlation_matrix(results, method)  # type: ignore[arg-type]
+        saved[method] = {str(k): {str(c): (None if v != v else float(v)) for c, v in row.items()}
+                         for k, row in m.to_dict(orient="index").items()}
+        t = Table(title=f"{method.capitalize()} correlation of retrieval-score maps ({results[0].shape[0]} x {results[0].shape[1]})")
+        t.add_column("")
+        for c in m.columns:
+            t.add_column(str(c), justify="right")
+        for name, row in m.iterrows():
+            t.add_row(str(name), *("nan" if v != v else f"{v:.3f}" for v in row))
+        console.print(t)
+        atomic_write_text(out / f"correlation_{method}.csv", m.to_csv())
+        written.append(out / f"correlation_{method}.csv")
+        if figures:
+            from . import plots as P
+
+            written += P.save_figure(P.plot_correlation(m, method), out / f"correlation_{method}")
+    pairs = A.correlation_pairs(results)
+    saved["pairs"] = json.loads(pairs.to_json(orient="records"))
+    atomic_write_text(out / "correlation.json", json.dumps(saved, indent=1))
+    written.append(out / "correlation.json")
+    typer.echo(f"wrote {len(written)} files to {out}")
+
+
+def report(
+    runs: List[Path] = typer.Argument(..., help="run folders or authors'-format score files"),
+    output: Path = typer.Option(Path("report.html"), "--output", "-o", help="the HTML file to write"),
+    top: int = typer.Option(20, min=1, help="top heads listed per run"),
+    threshold: float = typer.Option(RETRIEVAL_THRESHOLD, help="a head is a retrieval head when its score > this"),
+    title: str = typer.Option("Retrieval heads report", help="page title"),
+) -> None:
+    """One self-contained HTML report (opens offline): tables, figures, interactive heatmaps."""
+    from . import analysis as A
+    from .report import write_report
+
+    results = A.load_results(runs)
+    p = write_report(results, output, top_k=top, threshold=threshold, title=title)
+    typer.echo(f"report: {p} ({p.stat().st_size / 1e6:.1f} MB, self-contained)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add analyze, compare and report to the `retrieval-heads` app."""
+    app.command()(analyze)
+    app.command()(compare)
+    app.command()(report)
