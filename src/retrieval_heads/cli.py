@@ -106,6 +106,7 @@ def detect(
     typer.echo(f"run folder: {out}")
 
 from .cli_analysis import register as _register_analysis; _register_analysis(app)  # noqa: E402,E702
+from .cli_masking import register as _register_masking; _register_masking(app)  # noqa: E402,E702
 
 
 def main() -> None:

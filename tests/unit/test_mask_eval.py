@@ -1,0 +1,192 @@
+"""mask-eval end to end on tiny models: conditions, seeds, resume, error kinds, bad input via the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from retrieval_heads.errors import ConfigError
+from retrieval_heads.needles import Needle, make_sample
+from retrieval_heads.runs import read_records
+from retrieval_heads.scorefile import write_scores
+from retrieval_heads.tasks import niah
+from retrieval_heads.tasks.niah import (MaskEvalConfig, MaskEvalResult, build_conditions, content_recall,
+                                        error_kind, exact_match, generate, mask_eval, random_heads, ranking)
+from retrieval_heads.engines import StopRule
+from retrieval_heads.testing import tiny_model
+
+NEEDLES = (
+    Needle("the secret ingredient is smoked tamarind .", "what is the secret ingredient ?", "smoked tamarind", "stew"),
+    Needle("the password is lantern fig seventy .", "what is the password ?", "lantern fig seventy", "pw"),
+)
+SCORES = np.array([[0.9, 0.0, 0.2, 0.05], [0.0, 0.6, 0.0, 0.3]])  # tiny llama: 2 layers x 4 heads
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("llama", attn_implementation="sdpa")
+
+
+@pytest.fixture
+def cfg(haystack_file):
+    return MaskEvalConfig(ks=(0, 2, 3), random_seeds=(0, 1), lengths=(80,), depths=(10.0, 90.0), needles=NEEDLES,
+                          max_new_tokens=5, chat=False, haystack=str(haystack_file), watch=3)
+
+
+def test_random_heads_exclude_the_top_set_and_are_seeded():
+    scores = np.random.default_rng(0).random((6, 8))
+    order = ranking(scores)
+    assert order[0] == np.unravel_index(scores.argmax(), scores.shape)
+    for k in (1, 5, 10, 24):
+        top = set(order[:k])
+        for seed in range(5):
+            r = random_heads(order, k, seed)
+            assert len(r) == len(set(r)) == k and not top & set(r)
+            assert r == random_heads(order, k, seed)  # reproducible from the recorded seed
+        if k < 24:  # k = 24 of 48 heads takes every outside head
+            assert len({random_heads(order, k, s) for s in range(5)}) > 1
+
+
+def test_conditions(cfg):
+    conds = build_conditions(SCORES, cfg)
+    assert [c.id for c in conds] == ["base", "top-k2", "random-k2-s0", "random-k2-s1",
+                                     "top-k3", "random-k3-s0", "random-k3-s1"]
+    top3 = next(c for c in conds if c.id == "top-k3")
+    assert set(top3.heads) == {(0, 0), (1, 1), (1, 3)}
+    for c in conds:
+        if c.kind == "random":
+            assert not set(c.heads) & set(ranking(SCORES)[: c.k])
+        assert not set(c.watch) & set(c.heads) and len(c.watch) == 3  # watched heads are unmasked
+    assert conds[0].watch == ((0, 0), (1, 1), (1, 3))
+
+
+@pytest.mark.parametrize("ks,match", [((9,), "larger than the number of heads"), ((5,), "cannot draw 5 random"),
+                                      ((-1,), ">= 0")])
+def test_bad_k(cfg, ks, match):
+    with pytest.raises(ConfigError, match=match):
+        build_conditions(SCORES, MaskEvalConfig(**{**cfg.__dict__, "ks": ks}))
+
+
+def test_mask_eval_end_to_end_and_resume(lm, cfg, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    res = mask_eval(lm, SCORES, cfg, out=out, show_progress=False)
+    n = 7 * 2 * 2  # conditions x samples
+    assert len(res.records) == n
+    for name in ("config.json", "records.jsonl", "summary.json", "table.md", "mask_eval.png", "mask_eval.svg"):
+        assert (out / name).exists(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["random_seeds"] == [0, 1]
+    assert {c["seed"] for c in config["conditions"] if c["kind"] == "random"} == {0, 1}
+    rec = res.records[0]
+    assert rec["error_kind"] in niah.ERROR_KINDS and 0 <= rec["niah_score"] <= 100
+    assert set(rec["attention"]) == {"sink", "needle", "elsewhere"}
+    assert abs(sum(rec["attention"].values()) - 1) < 1e-9
+    assert np.asarray(rec["watch_argmax"]).shape == (len(rec["generated_ids"]), 3)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["curves"]["k"] == [0, 2, 3] and len(summary["errors"]) == 7
+    assert "| K |" in res.table()
+
+    # resume: drop the last records and tear the last line, then rerun: only the missing ones run
+    lines = (out / "records.jsonl").read_text().splitlines(keepends=True)
+    (out / "records.jsonl").write_text("".join(lines[:-3]) + lines[-3][:20])
+    calls = []
+    real = niah.generate
+    monkeypatch.setattr(niah, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = mask_eval(lm, SCORES, cfg, out=out, show_progress=False)
+    assert len(calls) == 3
+    assert [r["generated_text"] for r in again.records] == [r["generated_text"] for r in res.records]
+    assert len(read_records(out / "records.jsonl")) == n
+    loaded = MaskEvalResult.load(out)
+    assert loaded.curves() == again.curves()
+    # a finished run reruns nothing
+    calls.clear()
+    mask_eval(lm, SCORES, cfg, out=out, show_progress=False)
+    assert not calls
+
+
+def test_masking_the_top_heads_changes_tiny_generation(lm, cfg):
+    """Sanity: masking every head with zero output changes the text (the hooks are active)."""
+    full = MaskEvalConfig(**{**cfg.__dict__, "ks": (0, 8), "random_seeds": (), "method": "zero"})
+    res = mask_eval(lm, SCORES, full, show_progress=False)
+    base = [r["generated_ids"] for r in res.records if r["k"] == 0]
+    masked = [r["generated_ids"] for r in res.records if r["k"] == 8]
+    assert base != masked
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gpt2"])
+def test_sdpa_prefill_eager_decode_matches_eager(arch, haystack_file):
+    from retrieval_heads.needles import load_haystack
+
+    a = tiny_model(arch, attn_implementation="sdpa")
+    b = tiny_model(arch, attn_implementation="eager")
+    s = make_sample(a.tokenizer, load_haystack(haystack_file), NEEDLES[0], 80, 50, chat=False)
+    watch = [(0, 1), (1, 2)]
+    ga, wa = generate(a, s, 6, StopRule(a.tokenizer), watch)
+    gb, wb = generate(b, s, 6, StopRule(b.tokenizer), watch)
+    assert ga == gb and np.array_equal(wa, wb)
+    assert a.model.config._attn_implementation == "sdpa"  # restored after decoding
+
+
+def test_error_kinds(haystack_file):
+    from retrieval_heads.needles import load_haystack
+
+    lm = tiny_model("llama")
+    s = make_sample(lm.tokenizer, load_haystack(haystack_file), NEEDLES[1], 120, 50, chat=False)
+    assert error_kind(s, "the password is lantern fig seventy .") == ("retrieved", None)
+    assert error_kind(s, "lantern fig") == ("incomplete", None)
+    assert error_kind(s, "the password is blue") == ("hallucination", None)
+    # copying the question or the needle's own words is not a wrong extraction
+    assert error_kind(s, "what is the password ? the password is")[0] == "hallucination"
+    kind, span = error_kind(s, "the city program language was made")
+    assert kind == "wrong_extraction" and span == "the city program language was"
+    assert exact_match("Lake Umber", "over lake umber.") and not exact_match("Lake Umber", "lake of umber")
+    assert content_recall("a violet heron over Lake Umber", "a red bird") == 0.0
+
+
+# ------------------------------------------------------------------------------------- CLI
+def _scores_file(tmp_path, arr):
+    p = tmp_path / "scores.json"
+    write_scores(p, np.asarray(arr)[None])
+    return p
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--k", "0,9"], "K=9 is larger than the number of heads (8)"),
+        (["--k", "5"], "cannot draw 5 random heads"),
+        (["--method", "gaussian"], "unknown masking method 'gaussian'"),
+        (["--mask-phase", "prefill"], "unknown mask phase"),
+        (["--k", "a,b"], "--k must be a comma list"),
+    ],
+)
+def test_cli_bad_input(cli, tiny_llama_dir, needles_file, haystack_file, tmp_path, args, match):
+    scores = _scores_file(tmp_path, SCORES)
+    code, out, err = cli("mask-eval", "--scores", scores, "--model", tiny_llama_dir, "--needles", needles_file,
+                         "--haystack", haystack_file, "--lengths", "80", "--depths", "50", "--no-chat",
+                         "--out", tmp_path / "run", "--no-progress", *args)
+    assert code != 0
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and match in lines[0], err
+
+
+def test_cli_shape_mismatch(cli, tiny_llama_dir, needles_file, haystack_file, tmp_path):
+    scores = _scores_file(tmp_path, np.ones((3, 4)))
+    code, out, err = cli("mask-eval", "--scores", scores, "--model", tiny_llama_dir, "--needles", needles_file,
+                         "--haystack", haystack_file, "--lengths", "80", "--k", "0,1", "--no-progress",
+                         "--out", tmp_path / "run")
+    assert code != 0
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and "shape (3, 4)" in lines[0] and "2 x 4" in lines[0], err
+
+
+def test_cli_runs(cli, tiny_llama_dir, needles_file, haystack_file, tmp_path):
+    scores = _scores_file(tmp_path, SCORES)
+    code, out, err = cli("mask-eval", "--scores", scores, "--model", tiny_llama_dir, "--needles", needles_file,
+                         "--haystack", haystack_file, "--lengths", "80", "--depths", "50", "--no-chat",
+                         "--k", "0,2", "--random-seeds", "1", "--max-new-tokens", "4", "--method", "zero",
+                         "--mask-phase", "decode", "--out", tmp_path / "run", "--no-progress")
+    assert code == 0, err
+    assert "| K |" in out and (tmp_path / "run" / "mask_eval.png").exists()
