@@ -190,3 +190,17 @@ def test_cli_runs(cli, tiny_llama_dir, needles_file, haystack_file, tmp_path):
                          "--mask-phase", "decode", "--out", tmp_path / "run", "--no-progress")
     assert code == 0, err
     assert "| K |" in out and (tmp_path / "run" / "mask_eval.png").exists()
+
+
+def test_execution_order_and_partial_curves(cfg):
+    from retrieval_heads.tasks.niah import execution_order
+
+    conds = build_conditions(SCORES, cfg)
+    assert [c.id for c in execution_order(conds)] == ["base", "top-k2", "random-k2-s0", "top-k3", "random-k3-s0",
+                                                      "random-k2-s1", "random-k3-s1"]
+    recs = [{"condition": c, "niah_score": s, "exact": s == 100, "error_kind": "retrieved"}
+            for c, s in [("base", 100.0), ("top-k2", 0.0), ("top-k3", 50.0), ("random-k2-s0", 100.0),
+                         ("random-k3-s0", 80.0)]]
+    cv = MaskEvalResult("x", conds, recs).curves()  # seed 1 not run yet: random = seed 0 alone
+    assert cv["top_score"] == [100.0, 0.0, 50.0] and cv["random_score"] == [100.0, 100.0, 80.0]
+    assert cv["random_draws"] == [0, 1, 1]

@@ -159,6 +159,22 @@ def build_conditions(scores: np.ndarray, cfg: MaskEvalConfig) -> list[Condition]
     return out
 
 
+def execution_order(conditions: Sequence[Condition]) -> list[Condition]:
+    """Base; then per K (ascending) the top-K and the first random draw; then the other draws seed
+    by seed. A run stopped early (it resumes) already holds complete top-vs-random pairs."""
+    seeds = sorted({c.seed for c in conditions if c.kind == "random"})
+    first = seeds[0] if seeds else None
+
+    def key(c: Condition) -> tuple[int, int, int]:
+        if c.kind == "base":
+            return (0, 0, 0)
+        if c.kind == "top" or c.seed == first:
+            return (1, c.k, 0 if c.kind == "top" else 1)
+        return (2, seeds.index(c.seed), c.k)
+
+    return sorted(conditions, key=key)
+
+
 # ----------------------------------------------------------------------------------- scoring
 _WORDS = None
 
@@ -296,7 +312,7 @@ class MaskEvalResult:
         over seeds with min/max over seeds. K = 0 is the baseline, shared by both curves."""
         out: dict[str, Any] = {"k": self.ks, "top_score": [], "top_exact": [], "random_score": [],
                                "random_score_min": [], "random_score_max": [], "random_exact": [],
-                               "random_exact_min": [], "random_exact_max": []}
+                               "random_exact_min": [], "random_exact_max": [], "random_draws": []}
         for k in self.ks:
             conds = [c for c in self.conditions if c.k == k]
             base = [c for c in conds if c.kind == "base"]
@@ -305,7 +321,8 @@ class MaskEvalResult:
             ts, te = self._means(top[0].id)
             out["top_score"].append(ts)
             out["top_exact"].append(te)
-            per = [self._means(c.id) for c in rand]
+            per = [self._means(c.id) for c in rand if self._by(c.id)]  # finished or partial draws only
+            out["random_draws"].append(0 if base else len(per))
             for key, vals in (("score", [p[0] for p in per]), ("exact", [p[1] for p in per])):
                 out[f"random_{key}"].append(float(np.mean(vals)) if vals else float("nan"))
                 out[f"random_{key}_min"].append(float(np.min(vals)) if vals else float("nan"))
@@ -352,13 +369,14 @@ class MaskEvalResult:
     def table(self) -> str:
         """Markdown: score vs K for top vs random, then error kinds and attention per condition."""
         cv = self.curves()
-        lines = ["| K | top-K NIAH | top-K exact | random NIAH mean [min, max] | random exact mean [min, max] |",
-                 "|---:|---:|---:|---:|---:|"]
+        lines = ["| K | top-K NIAH | top-K exact | random NIAH mean [min, max] | random exact mean [min, max] | random draws |",
+                 "|---:|---:|---:|---:|---:|---:|"]
         for i, k in enumerate(cv["k"]):
             lines.append(
                 f"| {k} | {cv['top_score'][i]:.1f} | {cv['top_exact'][i]:.0%} | "
                 f"{cv['random_score'][i]:.1f} [{cv['random_score_min'][i]:.1f}, {cv['random_score_max'][i]:.1f}] | "
-                f"{cv['random_exact'][i]:.0%} [{cv['random_exact_min'][i]:.0%}, {cv['random_exact_max'][i]:.0%}] |")
+                f"{cv['random_exact'][i]:.0%} [{cv['random_exact_min'][i]:.0%}, {cv['random_exact_max'][i]:.0%}] | "
+                f"{cv['random_draws'][i] or '-'} |")
         lines += ["", "| condition | n | retrieved | incomplete | hallucination | wrong extraction | "
                   "failed: attn sink / needle / elsewhere |", "|---|---:|---:|---:|---:|---:|---|"]
         for e in self.errors():
@@ -463,7 +481,7 @@ def mask_eval(
     records: list[dict[str, Any]] = []
     bar = tqdm(total=len(conditions) * len(samples), desc=f"mask-eval {lm.spec.name}", unit="sample",
                disable=not show_progress)
-    for cond in conditions:
+    for cond in execution_order(conditions):
         with mask_heads(lm.model, cond.heads, config.method, phase=config.phase, means=means):  # type: ignore[arg-type]
             for sample in samples:
                 rid = f"{cond.id}/{sample.id}"
