@@ -167,24 +167,34 @@ def detect(
 
     records: list[dict[str, Any]] = []
     bar = tqdm(total=len(grid), desc=f"detect {lm.spec.name}", unit="sample", disable=not show_progress)
-    for sample in build_samples(lm, grid, haystack, config.chat):
-        if sample.id in done:
-            records.append(done[sample.id])
-            bar.update(1)
-            continue
+    samples = list(build_samples(lm, grid, haystack, config.chat))
+    pending = [s for s in samples if s.id not in done]
+    for sample in pending:
         if len(sample.prompt_ids) + config.max_new_tokens > lm.spec.max_context:
             raise ConfigError(
                 f"sample {sample.id}: prompt of {len(sample.prompt_ids)} tokens + {config.max_new_tokens} new tokens "
                 f"exceeds the max context of {lm.spec.name} ({lm.spec.max_context})"
             )
-        t0 = time.perf_counter()
-        output = engine.run(sample, max_new_tokens=config.max_new_tokens, stop=stop)
+    # Engines with `run_many` (fast: prefix reuse across samples) yield outputs in input order.
+    if hasattr(engine, "run_many"):
+        outputs = engine.run_many(pending, max_new_tokens=config.max_new_tokens, stop=stop)
+    else:
+        outputs = ((s, engine.run(s, max_new_tokens=config.max_new_tokens, stop=stop)) for s in pending)
+    t0 = time.perf_counter()
+    for sample in samples:
+        if sample.id in done:
+            records.append(done[sample.id])
+            bar.update(1)
+            continue
+        ran, output = next(outputs)
+        assert ran.id == sample.id
         record = score_sample(lm, sample, output, config.recall_threshold, time.perf_counter() - t0)
         if folder:
             folder.append(record)
         records.append(record)
         bar.update(1)
         bar.set_postfix(kept=sum(r["kept"] for r in records))
+        t0 = time.perf_counter()
     bar.close()
     result = DetectionResult.from_records(lm.spec.name, records, run_config)
     if folder:

@@ -1,0 +1,194 @@
+"""Detection speed: plain generation (the floor) vs the paper-faithful and the fast engine.
+
+One process, one run, the same prompts for every contender:
+
+    python benchmarks/detect_speed.py                        # SmolLM2, 1K/2K/4K, 30 tokens, 2 threads
+    python benchmarks/detect_speed.py --lengths 1000,2000,4000,8000 --rss-length 8000
+
+Per length: plain `model.generate` (SDPA + KV cache, greedy, exactly N new tokens), the reference
+engine (eager, weights at every step), the fast engine (no prefix reuse). Then a grid (lengths x
+depths x needles): plain generate of every sample vs the fast engine with prefix reuse. Every
+contender generates exactly `--new-tokens` tokens (no stop rule), so the work is the same.
+Peak RSS: per phase, sampled from /proc; with `--rss-length`, a fresh child process per contender
+(plain prefill = `generate(max_new_tokens=1)`, fast engine) so the peaks are not masked by
+earlier phases. Each line is printed against its target from the issue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+NEVER = lambda generated: False  # noqa: E731
+
+
+class PeakRSS:
+    """Peak resident set size of this process during a block, sampled every 5 ms (MiB)."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+
+    @staticmethod
+    def now() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    @contextmanager
+    def track(self) -> Iterator["PeakRSS"]:
+        self.peak = self.now()
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(0.005):
+                self.peak = max(self.peak, self.now())
+
+        t = threading.Thread(target=loop, daemon=True)
+        t.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            t.join()
+            self.peak = max(self.peak, self.now())
+
+
+def plain_generate(lm: Any, sample: Any, n: int) -> list[int]:
+    import torch
+
+    ids = torch.tensor([sample.prompt_ids])
+    out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=lm.tokenizer.eos_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def timed(fn: Any, rss: PeakRSS) -> tuple[float, float, Any]:
+    with rss.track():
+        t0 = time.perf_counter()
+        result = fn()
+        dt = time.perf_counter() - t0
+    return dt, rss.peak, result
+
+
+def verdict(value: float, target: float) -> str:
+    return f"{value:5.2f} (target <= {target}: {'met' if value <= target else 'NOT met'})"
+
+
+def child(args: argparse.Namespace) -> None:
+    """Fresh process: one contender at one length; prints its ru_maxrss (MiB) as JSON."""
+    import torch
+
+    from retrieval_heads.engines import FastEngine
+    from retrieval_heads.models import load_model
+    from retrieval_heads.needles import DETECTION_NEEDLES, load_haystack, make_sample
+
+    torch.set_num_threads(args.threads)
+    lm = load_model(args.model, attn_implementation="sdpa")
+    s = make_sample(lm.tokenizer, load_haystack(), DETECTION_NEEDLES[0], args.rss_length, 50.0)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    if args.child == "plain":
+        plain_generate(lm, s, 1)
+    else:
+        FastEngine(lm).run(s, max_new_tokens=args.rss_new_tokens, stop=NEVER)
+    print(json.dumps({"before": base, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "seconds": time.perf_counter() - t0, "tokens": len(s.prompt_ids)}))
+
+
+def run_child(args: argparse.Namespace, which: str) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--child", which, "--model", args.model, "--threads", str(args.threads),
+           "--rss-length", str(args.rss_length), "--rss-new-tokens", str(args.rss_new_tokens)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--lengths", default="1000,2000,4000")
+    p.add_argument("--new-tokens", type=int, default=30)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--grid-depths", default="0,50,100")
+    p.add_argument("--grid-needles", type=int, default=2)
+    p.add_argument("--rss-length", type=int, default=0, help="also measure peak RSS at this length in child processes")
+    p.add_argument("--rss-new-tokens", type=int, default=5)
+    p.add_argument("--child", choices=["plain", "fast"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+
+    import torch
+
+    from retrieval_heads.engines import FastEngine, ReferenceEngine
+    from retrieval_heads.models import load_model
+    from retrieval_heads.needles import DETECTION_NEEDLES, load_haystack, make_sample
+
+    torch.set_num_threads(args.threads)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    depths = [float(x) for x in args.grid_depths.split(",")]
+    n = args.new_tokens
+    rss = PeakRSS()
+    lm = load_model(args.model, attn_implementation="sdpa")
+    hay = load_haystack()
+    print(f"# detect_speed  {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  {platform.processor() or platform.machine()}"
+          f"  cpus={os.cpu_count()} threads={torch.get_num_threads()}  model={args.model}  new_tokens={n}")
+    sample = lambda L, d=50.0, k=0: make_sample(lm.tokenizer, hay, DETECTION_NEEDLES[k], L, d)  # noqa: E731
+    fast = FastEngine(lm, prefix_reuse=False)
+    warm = sample(200)
+    plain_generate(lm, warm, 2), fast.run(warm, max_new_tokens=2, stop=NEVER)
+
+    rows = []
+    print("\n| length | prompt tokens | plain generate s | reference s | fast s | fast/plain | fast/reference | peak RSS MiB plain / ref / fast |")
+    print("|---|---|---|---|---|---|---|---|")
+    for L in lengths:
+        s = sample(L)
+        lm.model.set_attn_implementation("sdpa")
+        tp, mp, gen_plain = timed(lambda: plain_generate(lm, s, n), rss)
+        ref = ReferenceEngine(lm)  # switches the model to eager
+        tr, mr, out_ref = timed(lambda: ref.run(s, max_new_tokens=n, stop=NEVER), rss)
+        fast = FastEngine(lm, prefix_reuse=False)  # back to SDPA
+        tf, mf, out_fast = timed(lambda: fast.run(s, max_new_tokens=n, stop=NEVER), rss)
+        same = gen_plain == out_fast.generated_ids == out_ref.generated_ids
+        rows.append((L, tp, tr, tf))
+        print(f"| {L} | {len(s.prompt_ids)} | {tp:.1f} | {tr:.1f} | {tf:.1f} | {tf / tp:.2f} | {tf / tr:.2f} | "
+              f"{mp:.0f} / {mr:.0f} / {mf:.0f} |" + ("" if same else " (generations differ!)"))
+
+    # The grid: plain generate of every sample vs fast engine with prefix reuse, same samples.
+    grid = [make_sample(lm.tokenizer, hay, needle, L, d)
+            for needle in DETECTION_NEEDLES[: args.grid_needles] for L in lengths for d in depths]
+    tg_plain, mg_plain, _ = timed(lambda: [plain_generate(lm, s, n) for s in grid], rss)
+    fast = FastEngine(lm, prefix_reuse=True)
+    tg_fast, mg_fast, _ = timed(lambda: list(fast.run_many(grid, max_new_tokens=n, stop=NEVER)), rss)
+    tokens = sum(len(s.prompt_ids) for s in grid)
+
+    print(f"\nGrid: {len(grid)} samples ({args.grid_needles} needles x lengths {lengths} x depths {depths}), "
+          f"{tokens} prompt tokens")
+    print(f"  plain generate of every sample: {tg_plain:.1f} s (peak RSS {mg_plain:.0f} MiB)")
+    print(f"  fast engine with prefix reuse:  {tg_fast:.1f} s (peak RSS {mg_fast:.0f} MiB)")
+
+    print("\nTargets")
+    tot_p, tot_f = sum(r[1] for r in rows), sum(r[3] for r in rows)
+    print(f"  fast / plain generate (all lengths):   {verdict(tot_f / tot_p, 1.1)}")
+    for L, tp, tr, tf in rows:
+        print(f"  fast / plain generate at {L}:         {verdict(tf / tp, 1.1)}")
+    big = max(rows)
+    print(f"  fast / paper-faithful at {big[0]}:       {verdict(big[3] / big[2], 0.35)}")
+    print(f"  grid with reuse / plain generate grid: {verdict(tg_fast / tg_plain, 0.7)}")
+    if args.rss_length:
+        plain = run_child(args, "plain")
+        fastc = run_child(args, "fast")
+        print(f"  peak RSS at {plain['tokens']} tokens: plain SDPA prefill {plain['peak']:.0f} MiB, "
+              f"fast engine ({args.rss_new_tokens} tokens) {fastc['peak']:.0f} MiB; ratio {verdict(fastc['peak'] / plain['peak'], 1.2)}")
+    print(f"\n  process peak RSS (ru_maxrss): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
