@@ -80,6 +80,8 @@ def detect(
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     top: int = typer.Option(10, help="heads shown in the summary"),
+    shard: Optional[str] = typer.Option(None, help="run only shard i/n of the grid (merge shards with `merge`)"),
+    device_map: Optional[str] = typer.Option(None, help="accelerate device map, e.g. auto: spread a large model over the node's devices"),
     overwrite: bool = typer.Option(False, help="replace a run with a different config in --out"),
     trust_remote_code: bool = typer.Option(False, help="allow the model's own code from the hub"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -91,7 +93,7 @@ def detect(
     from .needles import load_needles
 
     lm = load_model(model, device=device, dtype=dtype, attn_implementation="eager" if engine == "reference" else "sdpa",
-                    trust_remote_code=trust_remote_code)
+                    trust_remote_code=trust_remote_code, device_map=device_map)
     base = D.default_grid(lm.spec)
     grid = D.Grid(
         lengths=D.parse_range(lengths, integer=True) if lengths else base.lengths,
@@ -101,13 +103,18 @@ def detect(
     cfg = D.DetectConfig(engine=engine, max_new_tokens=max_new_tokens, recall_threshold=recall_threshold,
                          chat=chat, haystack=str(haystack) if haystack else None)
     out = out or Path("runs") / lm.spec.name.replace("/", "_")
-    result = D.detect(lm, grid, cfg, out=out, overwrite=overwrite, show_progress=progress)
+    from .distributed import Shard, torchrun_rank
+
+    result = D.detect(lm, grid, cfg, out=out, overwrite=overwrite, show_progress=progress,
+                      shard=Shard.parse(shard) if shard else None)
+    if (torchrun_rank() or (0, 1))[0] != 0:
+        return  # under torchrun only rank 0 reports
     print_summary(result, top)
     typer.echo(f"run folder: {out}")
 
 from .cli_analysis import register as _register_analysis; _register_analysis(app)  # noqa: E402,E702
+from .cli_scale import register as _register_scale; _register_scale(app)  # noqa: E402,E702
 from .cli_masking import register as _register_masking; _register_masking(app)  # noqa: E402,E702
-
 
 def main() -> None:
     try:

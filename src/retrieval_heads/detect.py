@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from . import __version__
+from .distributed import Shard, torchrun_rank
 from .engines import StopRule, make_engine
 from .errors import ConfigError
 from .models import LoadedModel, ModelSpec
@@ -135,8 +136,9 @@ def score_sample(lm: LoadedModel, sample: Sample, output: Any, recall_threshold:
     }
 
 
-def build_samples(lm: LoadedModel, grid: Grid, haystack: str, chat: bool) -> Iterator[Sample]:
-    for needle, length, depth in grid.points():
+def build_samples(lm: LoadedModel, grid: Grid, haystack: str, chat: bool, shard: Shard | None = None) -> Iterator[Sample]:
+    points = list(grid.points())
+    for needle, length, depth in shard.take(points) if shard else points:
         yield make_sample(lm.tokenizer, haystack, needle, length, depth, chat=chat)
 
 
@@ -148,15 +150,56 @@ def detect(
     out: str | Path | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
+    shard: Shard | None = None,
 ) -> DetectionResult:
     """Run detection over the grid. With `out`, records stream to the run folder and a rerun
-    resumes; the final score file and summary are written atomically at the end."""
+    resumes; the final score file and summary are written atomically at the end.
+
+    `shard` runs only the grid samples i, i+n, ... (merge shards with `merge_runs`). Under
+    torchrun with several processes, each rank runs its shard into `out/rank-<r>` and rank 0
+    merges them into `out`, giving the result of a single process.
+    """
+    ranks = torchrun_rank() if shard is None else None
+    if ranks is not None:
+        if out is None:
+            raise ConfigError("a distributed run needs an output folder (--out)")
+        return _detect_distributed(lm, grid, config, Path(out), ranks, overwrite, show_progress)
+    return _detect(lm, grid, config, out=out, overwrite=overwrite, show_progress=show_progress, shard=shard)
+
+
+def _detect_distributed(lm: LoadedModel, grid: Grid | None, config: DetectConfig, out: Path,
+                        ranks: tuple[int, int], overwrite: bool, show_progress: bool) -> DetectionResult:
+    from .distributed import barrier, init_process_group, merge_runs
+
+    rank, world = ranks
+    init_process_group(str(next(lm.model.parameters()).device))
+    _detect(lm, grid, config, out=out / f"rank-{rank}", overwrite=overwrite,
+            show_progress=show_progress and rank == 0, shard=Shard(rank, world))
+    barrier()  # every shard's records are on disk before rank 0 merges
+    parts = [out / f"rank-{r}" for r in range(world)]
+    result = merge_runs(parts, out if rank == 0 else None)
+    barrier()
+    return result
+
+
+def _detect(
+    lm: LoadedModel,
+    grid: Grid | None,
+    config: DetectConfig,
+    *,
+    out: str | Path | None,
+    overwrite: bool,
+    show_progress: bool,
+    shard: Shard | None,
+) -> DetectionResult:
     import torch
 
     grid = grid or default_grid(lm.spec)
     grid.validate(lm.spec, config.max_new_tokens)
     haystack = load_haystack(config.haystack)
     run_config = build_config(lm, grid, config, haystack)
+    if shard is not None:
+        run_config["shard"] = str(shard)
     folder = RunFolder(out, run_config, overwrite=overwrite) if out is not None else None
     done = {r["id"]: r for r in folder.open()} if folder else {}
     engine = make_engine(config.engine, lm)
@@ -166,8 +209,8 @@ def detect(
     from tqdm.auto import tqdm
 
     records: list[dict[str, Any]] = []
-    bar = tqdm(total=len(grid), desc=f"detect {lm.spec.name}", unit="sample", disable=not show_progress)
-    samples = list(build_samples(lm, grid, haystack, config.chat))
+    samples = list(build_samples(lm, grid, haystack, config.chat, shard))
+    bar = tqdm(total=len(samples), desc=f"detect {lm.spec.name}", unit="sample", disable=not show_progress)
     pending = [s for s in samples if s.id not in done]
     for sample in pending:
         if len(sample.prompt_ids) + config.max_new_tokens > lm.spec.max_context:

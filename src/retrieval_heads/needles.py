@@ -235,6 +235,11 @@ def _adds_no_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
+def sample_id(needle_id: str, length: int, depth: float) -> str:
+    """Stable id of a grid point: resume, shards and merges key records by it."""
+    return f"{needle_id}-L{int(length)}-D{float(depth):g}"
+
+
 def make_sample(
     tokenizer: Any,
     haystack: str,
@@ -266,7 +271,7 @@ def make_sample(
             f"decoded span is {span_text[:80]!r}"
         )
     doc_tokens = len(tokenizer(document, add_special_tokens=False)["input_ids"])
-    sid = f"{needle.id}-L{length}-D{depth:g}"
+    sid = sample_id(needle.id, length, depth)
     return Sample(
         id=sid,
         needle=needle,

@@ -21,7 +21,7 @@ from .scorefile import atomic_write_text
 logger = logging.getLogger(__name__)
 
 # Config keys that do not change results (how the run is executed, not what it computes).
-NON_SEMANTIC_KEYS = frozenset({"show_progress", "device", "batch_size", "out", "overwrite", "shard"})
+NON_SEMANTIC_KEYS = frozenset({"show_progress", "device", "batch_size", "out", "overwrite"})
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
