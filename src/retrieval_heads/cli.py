@@ -92,6 +92,10 @@ def detect(
     from .models import load_model
     from .needles import load_needles
 
+    from .distributed import torchrun_rank as _ranks
+
+    if _ranks() and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per torchrun process
     lm = load_model(model, device=device, dtype=dtype, attn_implementation="eager" if engine == "reference" else "sdpa",
                     trust_remote_code=trust_remote_code, device_map=device_map)
     base = D.default_grid(lm.spec)

@@ -83,15 +83,16 @@ class Grid:
 
 
 def default_grid(spec: ModelSpec) -> Grid:
-    """A grid that fits a 2-core CPU budget and the model's context: 4 lengths x 3 depths x 3 needles."""
-    top = min(2000, spec.max_context - 200)
+    """A grid that fits the model's context and a 2-core CPU budget (fast engine, a few minutes):
+    4 lengths from 500 to 3000 tokens x 5 depths x 3 needles = 60 samples."""
+    top = min(3000, spec.max_context - 200)
     lengths = tuple(int(x) for x in np.linspace(min(500, top), top, 4))
-    return Grid(lengths=tuple(sorted(set(lengths))), depths=(0.0, 50.0, 100.0))
+    return Grid(lengths=tuple(sorted(set(lengths))), depths=(0.0, 25.0, 50.0, 75.0, 100.0))
 
 
 @dataclass(frozen=True)
 class DetectConfig:
-    engine: str = "reference"
+    engine: str = "fast"
     max_new_tokens: int = 50
     recall_threshold: float = 0.5
     chat: bool = True

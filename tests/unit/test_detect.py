@@ -19,7 +19,7 @@ NEEDLES = (
 )
 GRID = Grid(lengths=(80, 160), depths=(0.0, 50.0, 100.0), needles=NEEDLES)
 # recall_threshold -1 keeps every sample, so random tiny models still produce scores
-CFG = DetectConfig(max_new_tokens=6, recall_threshold=-1.0, chat=False)
+CFG = DetectConfig(engine="reference", max_new_tokens=6, recall_threshold=-1.0, chat=False)
 
 
 @pytest.fixture
