@@ -321,7 +321,9 @@ class MaskEvalResult:
             ts, te = self._means(top[0].id)
             out["top_score"].append(ts)
             out["top_exact"].append(te)
-            per = [self._means(c.id) for c in rand if self._by(c.id)]  # finished or partial draws only
+            # random draws not yet run, or cut short (a run stopped early), are left out
+            full = max((len(self._by(c.id)) for c in self.conditions), default=0)
+            per = [self._means(c.id) for c in rand if self._by(c.id) and (base or len(self._by(c.id)) == full)]
             out["random_draws"].append(0 if base else len(per))
             for key, vals in (("score", [p[0] for p in per]), ("exact", [p[1] for p in per])):
                 out[f"random_{key}"].append(float(np.mean(vals)) if vals else float("nan"))
