@@ -119,6 +119,7 @@ def detect(
 from .cli_analysis import register as _register_analysis; _register_analysis(app)  # noqa: E402,E702
 from .cli_scale import register as _register_scale; _register_scale(app)  # noqa: E402,E702
 from .cli_masking import register as _register_masking; _register_masking(app)  # noqa: E402,E702
+from .cli_kv import register as _register_kv; _register_kv(app)  # noqa: E402,E702
 from .cli_tasks import register as _register_tasks; _register_tasks(app)  # noqa: E402,E702
 
 def main() -> None:

@@ -1,0 +1,57 @@
+"""Figure of the KV-cache budget experiment: needle score vs measured KV bytes, one line per
+policy (random heads: one point per seed). Agg backend, PNG + SVG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are only written to files
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+if TYPE_CHECKING:
+    from .tasks.kv_eval import KVEvalResult
+
+STYLE = {"retrieval": ("tab:red", "o-"), "needle_attention": ("tab:purple", "D-"), "gain": ("tab:orange", "^-"),
+         "random": ("tab:gray", "x--"), "sink_window": ("tab:blue", "s-"), "snapkv": ("tab:green", "v-")}
+
+
+def plot_kv_eval(result: "KVEvalResult", stem: str | Path, *, title: str | None = None) -> list[Path]:
+    """Write `stem.png` and `stem.svg`: answer recall vs share of the full cache's bytes."""
+    rows = result.rows()
+    full = [r for r in rows if r["policy"] == "full"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for policy in [p for p in STYLE if any(r["policy"] == p for r in rows)]:
+        pts = sorted((100 * r["kv_share"], r["answer_recall"]) for r in rows if r["policy"] == policy)
+        color, fmt = STYLE[policy]
+        label = {"retrieval": "retrieval heads whole + sink/window", "random": "random heads whole (per seed)",
+                 "sink_window": "sink + window, every head", "snapkv": "SnapKV, every head",
+                 "needle_attention": "needle-attention heads whole", "gain": "measured-gain heads whole"}[policy]
+        if policy == "random":
+            ax.plot(*zip(*pts), "x", color=color, label=label)
+        else:
+            ax.plot(*zip(*pts), fmt, color=color, label=label)
+    if full:
+        ax.axhline(full[0]["answer_recall"], color="black", lw=1, ls=":", label="full cache")
+        ax.axhline(0.9 * full[0]["answer_recall"], color="black", lw=0.6, ls="--", alpha=0.5, label="90 % of full")
+    ax.set_xlabel("KV cache bytes after prefill (% of full, measured)")
+    ax.set_ylabel("needle answer recall (ROUGE-1)")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlim(0, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    cfg = result.config
+    ax.set_title(title or f"{result.name}: needle retrieval vs KV bytes ({cfg.get('length', '?')} tokens)", fontsize=10)
+    fig.tight_layout()
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    for fmt in ("png", "svg"):
+        p = stem.parent / f"{stem.name}.{fmt}"
+        fig.savefig(p, dpi=120, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None)
+        out.append(p)
+    plt.close(fig)
+    return out

@@ -1,0 +1,249 @@
+"""Head-sparse KV cache on tiny models: exactness, real byte savings, windows, GQA scores,
+exports, the kv-eval experiment end to end and bad CLI input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval_heads.errors import ConfigError
+from retrieval_heads.kvcache import (FullPolicy, HeadPolicy, HeadSparseCache, SinkWindowPolicy, SnapKVPolicy,
+                                     export_authors_json, export_duo_tsv, full_cache_bytes, kv_head_scores,
+                                     random_kv_scores, rank_kv_heads, read_duo_tsv, top_mask)
+from retrieval_heads.needles import Needle
+from retrieval_heads.scorefile import read_scores, write_scores
+from retrieval_heads.testing import tiny_model
+
+N_PROMPT = 120
+
+
+def _ids(lm, n=N_PROMPT, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, len(lm.tokenizer), (1, n), generator=g)
+
+
+def _greedy(lm, cache, ids, n=8):
+    """Greedy tokens and the logits of every step, prompt in one forward."""
+    toks, logits = [], []
+    with cache.attached(lm.model), torch.no_grad():
+        out = lm.model(input_ids=ids, cache=cache, use_cache=True)
+        for _ in range(n):
+            logits.append(out.logits[0, -1])
+            toks.append(int(out.logits[0, -1].argmax()))
+            out = lm.model(input_ids=torch.tensor([[toks[-1]]]), cache=cache, use_cache=True)
+    return toks, torch.stack(logits)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+def lm(request):
+    return tiny_model(request.param, attn_implementation="sdpa")
+
+
+@pytest.mark.parametrize("dense_prefill", [True, False])
+def test_all_heads_whole_is_bit_identical_to_the_full_cache(lm, dense_prefill):
+    ids = _ids(lm)
+    ref = lm.model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=2)
+    cache = FullPolicy(dense_prefill=dense_prefill).make_cache(lm.spec)
+    own = lm.model.config._attn_implementation
+    with cache.attached(lm.model):
+        out = lm.model.generate(ids, cache=cache, max_new_tokens=10, do_sample=False, pad_token_id=2)
+    assert lm.model.config._attn_implementation == own  # restored
+    assert out.tolist() == ref.tolist()
+    assert cache.nbytes() == full_cache_bytes(lm.spec, ids.shape[1] + 9)
+
+
+def test_bytes_shrink_by_the_expected_amount(lm):
+    spec, ids = lm.spec, _ids(lm)
+    L, K, D, T = spec.n_layers, spec.n_kv_heads, spec.head_dim, N_PROMPT
+    sw = SinkWindowPolicy(sink=4, window=16).make_cache(spec)
+    _greedy(lm, sw, ids, n=1)  # prompt + one decode token (it is evicted again: the window slides)
+    # keys + values float32 plus int32 positions, sink + window tokens per head
+    assert sw.nbytes() == L * K * 20 * (2 * D * 4 + 4)
+    assert (sw.tokens_per_head() == 20).all()
+    scores = np.arange(L * K, dtype=float).reshape(L, K)
+    hp = HeadPolicy(kv_scores=tuple(map(tuple, scores)), n_whole=1, sink=4, window=16).make_cache(spec)
+    _greedy(lm, hp, ids, n=1)
+    whole = (T + 1) * 2 * D * 4
+    assert hp.nbytes() == whole + (L * K - 1) * 20 * (2 * D * 4 + 4)
+    assert hp.tokens_per_head()[L - 1, K - 1] == T + 1  # the best-ranked head is whole
+    assert hp.nbytes() < full_cache_bytes(spec, T + 1)
+
+
+def test_cut_heads_see_only_sink_and_window():
+    # One layer, every head cut, no dense prefill: the last position's logits depend only on
+    # the sink and the window, so changing a token in between changes nothing.
+    lm = tiny_model("llama", attn_implementation="sdpa", num_hidden_layers=1)
+    a, b = _ids(lm, 60), _ids(lm, 60)
+    b[0, :] = a[0, :]
+    b[0, 20] = (a[0, 20] + 1) % len(lm.tokenizer)  # outside sink (4) and window (16 + itself)
+    pol = SinkWindowPolicy(sink=4, window=16, dense_prefill=False)
+    _, la = _greedy(lm, pol.make_cache(lm.spec), a, n=2)
+    _, lb = _greedy(lm, pol.make_cache(lm.spec), b, n=2)
+    assert torch.equal(la, lb)
+    _, fa = _greedy(lm, FullPolicy().make_cache(lm.spec), a, n=2)
+    _, fb = _greedy(lm, FullPolicy().make_cache(lm.spec), b, n=2)
+    assert not torch.equal(fa, fb)  # the full cache does see the change
+    c = pol.make_cache(lm.spec)
+    _greedy(lm, c, a, n=1)
+    pos = sorted(c.layers[0].ppos[0].tolist())
+    assert pos == [0, 1, 2, 3] + list(range(61 - 16, 61))
+
+
+def test_cut_heads_match_a_masked_reference():
+    # Chunked prefill: each query of a cut head attends exactly to sink + the last `window` keys.
+    lm = tiny_model("llama", attn_implementation="eager", num_hidden_layers=1)
+    ids = _ids(lm, 40)
+    sink, window = 2, 8
+    with torch.no_grad():
+        cache = SinkWindowPolicy(sink=sink, window=window, dense_prefill=False).make_cache(lm.spec)
+        with cache.attached(lm.model):
+            got = lm.model(input_ids=ids, cache=cache, use_cache=True).logits
+        n = ids.shape[1]
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        allowed = (j <= i) & ((j < sink) | (j >= i - window))
+        mask = torch.zeros(n, n).masked_fill(~allowed, float("-inf"))[None, None]
+        ref = lm.model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", [SinkWindowPolicy(sink=4, window=16), SnapKVPolicy(budget_tokens=40),
+                                    HeadPolicy(kv_scores=((1.0, 0.0), (0.0, 1.0)), n_whole=2, window=16)])
+def test_load_prefill_equals_compressing_after_own_prefill(policy):
+    lm = tiny_model("llama", attn_implementation="sdpa")
+    ids = _ids(lm)
+    a, la = _greedy(lm, policy.make_cache(lm.spec), ids)
+    dense = HeadSparseCache(np.ones((2, 2), bool), record_obs=32)
+    with dense.attached(lm.model), torch.no_grad():
+        first = lm.model(input_ids=ids, cache=dense, use_cache=True).logits[0, -1]
+    c = policy.make_cache(lm.spec).load_prefill(dense)
+    toks, tok = [], int(first.argmax())
+    with c.attached(lm.model), torch.no_grad():
+        for _ in range(8):
+            toks.append(tok)
+            tok = int(lm.model(input_ids=torch.tensor([[tok]]), cache=c, use_cache=True).logits[0, -1].argmax())
+    assert toks == a
+    assert dense.nbytes() == full_cache_bytes(lm.spec, N_PROMPT)  # untouched
+
+
+def test_snapkv_keeps_its_budget_per_head():
+    lm = tiny_model("llama", attn_implementation="sdpa")
+    c = SnapKVPolicy(budget_tokens=40, obs_window=8).make_cache(lm.spec)
+    _greedy(lm, c, _ids(lm), n=3)
+    assert (c.tokens_per_head() == 40 + 3).all()  # + the 3 decode steps fed
+    pos = c.layers[0].ppos
+    assert (pos[:, 32:40] == torch.arange(N_PROMPT - 8, N_PROMPT)).all()  # observation window kept
+
+
+def test_gqa_kv_head_score_is_the_max_of_its_query_heads():
+    lm = tiny_model("llama")  # 2 layers, 4 query heads, 2 KV heads
+    s = np.array([[0.1, 0.7, 0.2, np.nan], [np.nan, np.nan, 0.0, 0.3]])
+    kv = kv_head_scores(s, lm.spec)
+    assert kv[0].tolist() == [0.7, 0.2] and np.isnan(kv[1, 0]) and kv[1, 1] == 0.3
+    assert rank_kv_heads(kv) == [(0, 0), (1, 1), (0, 1), (1, 0)]
+    assert top_mask(kv, 2).tolist() == [[True, False], [False, True]]
+    with pytest.raises(ConfigError, match="shape"):
+        kv_head_scores(np.zeros((3, 4)), lm.spec)
+    assert np.array_equal(random_kv_scores(lm.spec, 1), random_kv_scores(lm.spec, 1))
+
+
+def test_budget_solver_stays_within_budget():
+    lm = tiny_model("llama")
+    spec = lm.spec
+    for b in (0.1, 0.25, 0.5, 0.9):
+        k = HeadPolicy.n_whole_for(spec, b, 1000, 4, 60)
+        n = spec.n_layers * spec.n_kv_heads
+        assert (k * 1000 + (n - k) * 64) <= b * n * 1000 + 1e-6
+
+
+def test_exports_round_trip(tmp_path):
+    kv = np.array([[0.5, 0.0], [0.25, 1.0], [0.0, 0.125]])
+    export_authors_json(tmp_path / "kv.json", kv)
+    back = read_scores(tmp_path / "kv.json")  # the authors' reader accepts it
+    assert back.shape == (1, 3, 2) and np.array_equal(back[0], kv)
+    whole = top_mask(kv, 2)
+    export_duo_tsv(tmp_path / "heads.tsv", whole)
+    assert (tmp_path / "heads.tsv").read_text() == "1\t0\n0\t1\n0\t0\n"
+    assert np.array_equal(read_duo_tsv(tmp_path / "heads.tsv"), whole)
+
+
+def test_bad_cache_configs():
+    with pytest.raises(ConfigError):
+        HeadSparseCache(np.ones((2, 2), bool), mode="h2o")
+    with pytest.raises(ConfigError):
+        HeadSparseCache(np.ones((2, 2), bool), window=0)
+    lm = tiny_model("gemma3")
+    with pytest.raises(ConfigError, match="sliding"):
+        with SinkWindowPolicy().make_cache(lm.spec).attached(lm.model):
+            pass
+
+
+# ----------------------------------------------------------------------------------- experiment + CLI
+NEEDLES = (Needle("the secret ingredient is smoked tamarind .", "what is the secret ingredient ?", "smoked tamarind", "stew"),)
+SCORES = np.array([[0.9, 0.0, 0.2, 0.05], [0.0, 0.6, 0.0, 0.3]])
+
+
+def test_kv_eval_end_to_end_and_resume(tmp_path, haystack_file):
+    from retrieval_heads.runs import read_records
+    from retrieval_heads.tasks.kv_eval import KVEvalConfig, KVEvalResult, kv_eval
+
+    lm = tiny_model("llama", attn_implementation="sdpa")
+    cfg = KVEvalConfig(budgets=(0.3,), policies=("sink_window", "needle_attention", "gain", "snapkv"),
+                       length=150, depths=(20.0,), needles=NEEDLES, rank_needles=NEEDLES, rank_depths=(50.0,),
+                       window=8, max_new_tokens=2, chat=False, haystack=str(haystack_file))
+    res = kv_eval(lm, SCORES, cfg, out=tmp_path / "run", show_progress=False)
+    rows = {r["condition"]: r for r in res.rows()}
+    assert set(rows) == {"full", "sink_window-b0.3", "needle_attention-b0.3", "gain-b0.3", "snapkv-b0.3"}
+    assert rows["full"]["kv_share"] == pytest.approx(1.0)
+    for cid, r in rows.items():
+        if cid != "full":
+            assert r["kv_share"] <= 0.3 + 0.02, (cid, r["kv_share"])  # positions cost a little
+    assert all(r["peak_rss_mib"] for r in rows.values())
+    n = len(read_records(tmp_path / "run" / "records.jsonl"))
+    again = kv_eval(lm, SCORES, cfg, out=tmp_path / "run", show_progress=False)  # resumes: nothing new
+    assert len(read_records(tmp_path / "run" / "records.jsonl")) == n
+    assert again.table() == res.table() == KVEvalResult.load(tmp_path / "run").table()
+    assert (tmp_path / "run" / "kv_eval.png").exists() and (tmp_path / "run" / "kv_eval.svg").exists()
+
+
+def _scores_file(tmp_path, arr):
+    p = tmp_path / "scores.json"
+    write_scores(p, np.asarray(arr)[None])
+    return p
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--budgets", "0.5,1.5"], "--budgets must lie within (0, 1)"),
+    (["--budgets", "a"], "--budgets must be a comma list"),
+    (["--policies", "h2o"], "unknown policy 'h2o'"),
+    (["--length", "50"], "length 50 must be within"),
+])
+def test_cli_bad_input(cli, tiny_llama_dir, haystack_file, tmp_path, args, match):
+    code, out, err = cli("kv-eval", "--scores", _scores_file(tmp_path, SCORES), "--model", tiny_llama_dir,
+                         "--haystack", haystack_file, "--no-chat", "--out", tmp_path / "run", "--no-progress", *args)
+    assert code != 0
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and match in lines[0], err
+
+
+def test_cli_missing_scores_and_shape(cli, tiny_llama_dir, haystack_file, tmp_path):
+    code, _, err = cli("kv-eval", "--scores", tmp_path / "nope.json", "--model", tiny_llama_dir)
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "not found" in err
+    code, _, err = cli("kv-eval", "--scores", _scores_file(tmp_path, np.ones((3, 4))), "--model", tiny_llama_dir,
+                       "--haystack", haystack_file, "--length", "200", "--no-progress", "--out", tmp_path / "r")
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "shape (3, 4)" in err
+
+
+def test_cli_export_heads(cli, tmp_path):
+    scores = _scores_file(tmp_path, SCORES)
+    code, out, err = cli("export-heads", "--scores", scores, "--out", tmp_path / "x", "--n-whole", "2", "--kv-heads", "2")
+    assert code == 0, err
+    # KV scores: layer 0 -> [0.9, 0.2], layer 1 -> [0.6, 0.3] (max over the query heads of each)
+    assert read_duo_tsv(tmp_path / "x" / "full_attention_heads.tsv").tolist() == [[True, False], [True, False]]
+    assert json.loads((tmp_path / "x" / "kv_head_scores.json").read_text())["0-0"] == [0.9]
+    code, _, err = cli("export-heads", "--scores", scores, "--out", tmp_path / "y")
+    assert code != 0 and "exactly one of --budget and --n-whole" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("export-heads", "--scores", scores, "--out", tmp_path / "y", "--n-whole", "1", "--kv-heads", "3")
+    assert code != 0 and "cannot be grouped" in err
