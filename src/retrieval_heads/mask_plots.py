@@ -35,7 +35,7 @@ def plot_mask_eval(result: "MaskEvalResult", stem: str | Path, *, title: str | N
         ax.set_ylabel(label)
         ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower left")
+    axes[0].legend(fontsize=8, loc="upper right")
     cfg = result.config
     n_heads = cfg.get("model_spec", {}).get("n_layers", 0) * cfg.get("model_spec", {}).get("n_heads", 0)
     fig.suptitle(title or f"{result.name}: masking retrieval vs random heads "
