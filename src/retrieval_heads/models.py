@@ -158,7 +158,17 @@ def resolve_alias(alias: str) -> Path:
     target = cache_dir() / "gguf" / a.gguf_name
     try:
         mod = __import__(a.package)
-        return Path(mod.assemble(output_path=target))
+        if target.exists():
+            return Path(mod.assemble(output_path=target))  # verifies the SHA-256
+        # Assemble under a private name, then rename: concurrent processes never see half a file.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            mod.assemble(output_path=tmp, overwrite=True)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
     except (FileNotFoundError, ModuleNotFoundError) as e:
         raise ModelLoadError(f"model {alias!r}: parts missing ({e}); {a.install}") from e
     except ValueError as e:
