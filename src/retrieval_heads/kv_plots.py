@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # figures are only written to files
 
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .plots import save_figure
+
 if TYPE_CHECKING:
     from .tasks.kv_eval import KVEvalResult
 
@@ -46,12 +48,4 @@ def plot_kv_eval(result: "KVEvalResult", stem: str | Path, *, title: str | None 
     cfg = result.config
     ax.set_title(title or f"{result.name}: needle retrieval vs KV bytes ({cfg.get('length', '?')} tokens)", fontsize=10)
     fig.tight_layout()
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    out = []
-    for fmt in ("png", "svg"):
-        p = stem.parent / f"{stem.name}.{fmt}"
-        fig.savefig(p, dpi=120, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None)
-        out.append(p)
-    plt.close(fig)
-    return out
+    return save_figure(fig, stem)

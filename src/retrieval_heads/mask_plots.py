@@ -13,6 +13,8 @@ matplotlib.use("Agg")  # figures are only written to files
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .plots import save_figure
+
 if TYPE_CHECKING:
     from .tasks.niah import MaskEvalResult
 
@@ -41,12 +43,4 @@ def plot_mask_eval(result: "MaskEvalResult", stem: str | Path, *, title: str | N
     fig.suptitle(title or f"{result.name}: masking retrieval vs random heads "
                  f"({cfg.get('method', '?')}, phase {cfg.get('phase', '?')}, {n_heads} heads)", fontsize=10)
     fig.tight_layout()
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    out = []
-    for fmt in ("png", "svg"):
-        p = stem.parent / f"{stem.name}.{fmt}"
-        fig.savefig(p, dpi=120, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None)
-        out.append(p)
-    plt.close(fig)
-    return out
+    return save_figure(fig, stem)

@@ -14,6 +14,8 @@ matplotlib.use("Agg")  # figures are only written to files
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .plots import save_figure
+
 if TYPE_CHECKING:
     from .tasks.task_eval import TaskEvalResult
 
@@ -51,12 +53,4 @@ def plot_task_eval(results: Sequence["TaskEvalResult"], stem: str | Path, *, met
     name = results[0].name if results else ""
     ax.set_title(title or f"{name}: masking retrieval heads vs random heads", fontsize=10)
     fig.tight_layout()
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    out = []
-    for fmt in ("png", "svg"):
-        p = stem.parent / f"{stem.name}.{fmt}"
-        fig.savefig(p, dpi=120, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None)
-        out.append(p)
-    plt.close(fig)
-    return out
+    return save_figure(fig, stem)
