@@ -136,13 +136,16 @@ def report(
     top: int = typer.Option(20, min=1, help="top heads listed per run"),
     threshold: float = typer.Option(RETRIEVAL_THRESHOLD, help="a head is a retrieval head when its score > this"),
     title: str = typer.Option("Retrieval heads report", help="page title"),
+    mask_eval: List[Path] = typer.Option([], "--mask-eval", help="mask-eval run folder(s) to include (Fig. 7, Fig. 9)"),
 ) -> None:
     """One self-contained HTML report (opens offline): tables, figures, interactive heatmaps."""
     from . import analysis as A
     from .report import write_report
+    from .tasks.niah import MaskEvalResult
 
     results = A.load_results(runs)
-    p = write_report(results, output, top_k=top, threshold=threshold, title=title)
+    masks = [MaskEvalResult.load(m) for m in mask_eval]
+    p = write_report(results, output, top_k=top, threshold=threshold, title=title, mask_evals=masks)
     typer.echo(f"report: {p} ({p.stat().st_size / 1e6:.1f} MB, self-contained)")
 
 

@@ -12,7 +12,7 @@ import io
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -113,8 +113,36 @@ def _run_section(i: int, r: DetectionResult, top_k: int, threshold: float) -> st
     return "\n".join(parts)
 
 
+def _mask_eval_section(m: Any) -> str:
+    """Causal test (paper Fig. 7 and 9): score vs K, error kinds and attention, a few examples."""
+    import tempfile
+
+    from .mask_plots import plot_mask_eval
+
+    cv = m.curves()
+    curves = pd.DataFrame({k: cv[k] for k in ("k", "top_score", "top_exact", "random_score",
+                                               "random_score_min", "random_score_max", "random_exact")})
+    errors = pd.DataFrame([{**{k: e[k] for k in ("condition", "n", "retrieved", "incomplete", "hallucination",
+                                                   "wrong_extraction")},
+                            **{f"failed attn {k}": v for k, v in e["attention_failed"].items()}} for e in m.errors()])
+    examples = pd.DataFrame([{k: x[k] for k in ("condition", "error_kind", "answer", "generated_text")} for x in m.examples()])
+    with tempfile.TemporaryDirectory() as d:
+        png = plot_mask_eval(m, Path(d) / "mask_eval")[0]
+        data = base64.b64encode(png.read_bytes()).decode("ascii")
+    cfg = m.config
+    return "\n".join([
+        f"<h2>Masking retrieval vs random heads: {html.escape(m.name)}</h2>",
+        f"<p>method {html.escape(str(cfg.get('method')))}, phase {html.escape(str(cfg.get('phase')))}; "
+        "NIAH score = ROUGE-1 recall x 100 of the answer; random heads drawn (seeded) outside the top-K set.</p>",
+        _table(curves, pct=("top_exact", "random_exact"), digits=1),
+        f'<figure><img alt="score vs K" src="data:image/png;base64,{data}"><figcaption>NIAH score vs K (Fig. 7)</figcaption></figure>',
+        "<h3>Error kinds and where the watched retrieval heads attended (failed samples, Fig. 9)</h3>",
+        _table(errors, pct=tuple(c for c in errors.columns if c.startswith("failed attn"))),
+        "<h3>Examples</h3>", _table(examples)])
+
+
 def build_report(results: Sequence[DetectionResult], *, top_k: int = 20, threshold: float = RETRIEVAL_THRESHOLD,
-                 title: str = "Retrieval heads report") -> str:
+                 title: str = "Retrieval heads report", mask_evals: Sequence[Any] = ()) -> str:
     """The whole report as one HTML string (several MB: the plotly.js bundle is inlined)."""
     import plotly.offline
 
@@ -143,6 +171,8 @@ def build_report(results: Sequence[DetectionResult], *, top_k: int = 20, thresho
                 body.append(_img(P.plot_correlation(m, method), f"{method.capitalize()} correlation of score maps"))
     for i, r in enumerate(results):
         body.append(_run_section(i, r, top_k, threshold))
+    for m in mask_evals:
+        body.append(_mask_eval_section(m))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style>"
             f"<script>{plotly.offline.get_plotlyjs()}</script></head>\n<body>\n"

@@ -105,6 +105,14 @@ def test_mask_eval_end_to_end_and_resume(lm, cfg, tmp_path, monkeypatch):
     mask_eval(lm, SCORES, cfg, out=out, show_progress=False)
     assert not calls
 
+    # the HTML report shows the curves, the error kinds per condition and examples
+    from retrieval_heads.report import build_report
+    from retrieval_heads.results import DetectionResult
+
+    page = build_report([DetectionResult("scores", SCORES[None])], mask_evals=[loaded])
+    assert "Masking retrieval vs random heads" in page and "hallucination</th>" in page
+    assert page.count("top-k2") >= 1 and "Examples</h3>" in page
+
 
 def test_masking_the_top_heads_changes_tiny_generation(lm, cfg):
     """Sanity: masking every head with zero output changes the text (the hooks are active)."""
