@@ -82,8 +82,18 @@ def verdict(value: float, target: float) -> str:
     return f"{value:5.2f} (target <= {target}: {'met' if value <= target else 'NOT met'})"
 
 
+def vm_hwm_mib() -> float:
+    """This process's peak RSS (VmHWM). Unlike ru_maxrss, which Linux carries over fork and exec
+    from the parent, VmHWM belongs to the process's own address space."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(args: argparse.Namespace) -> None:
-    """Fresh process: one contender at one length; prints its ru_maxrss (MiB) as JSON."""
+    """Fresh process: one contender at one length; prints its peak RSS (VmHWM, MiB) as JSON."""
     import torch
 
     from retrieval_heads.engines import FastEngine
@@ -93,13 +103,13 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, attn_implementation="sdpa")
     s = make_sample(lm.tokenizer, load_haystack(), DETECTION_NEEDLES[0], args.rss_length, 50.0)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = vm_hwm_mib()
     t0 = time.perf_counter()
     if args.child == "plain":
         plain_generate(lm, s, 1)
     else:
         FastEngine(lm).run(s, max_new_tokens=args.rss_new_tokens, stop=NEVER)
-    print(json.dumps({"before": base, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"before": base, "peak": vm_hwm_mib(),
                       "seconds": time.perf_counter() - t0, "tokens": len(s.prompt_ids)}))
 
 
