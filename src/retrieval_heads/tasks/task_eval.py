@@ -37,7 +37,7 @@ from ..results import CONFIG_FILE, RECORDS_FILE, DetectionResult
 from ..runs import RunFolder, read_records
 from ..scorefile import atomic_write_text
 from .base import Doc, Request, Task, get_task
-from .niah import Condition, MaskEvalConfig, build_conditions, execution_order, generate
+from .niah import Condition, MaskEvalConfig, _clean, build_conditions, execution_order, generate
 
 logger = logging.getLogger(__name__)
 
@@ -223,16 +223,6 @@ class TaskEvalResult:
                  for c in config["conditions"]]
         return cls(config["model"], config["task"]["name"], config["style"], config["metrics"], conds,
                    read_records(d / RECORDS_FILE), config, **kwargs)
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 # ----------------------------------------------------------------------------------- experiment
