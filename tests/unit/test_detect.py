@@ -144,6 +144,9 @@ def test_bad_inputs_give_one_line_and_nonzero_exit(tmp_path, cli, tiny_llama_dir
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 64)
     expect(["--model", bad, *ok], "cannot read GGUF", "m3")
+    # batch sizes the engine cannot honour
+    expect(["--model", tiny_llama_dir, *ok, "--batch-size", "0"], "batch size must be >= 1", "bs0")
+    expect(["--model", tiny_llama_dir, *ok, "--engine", "reference", "--batch-size", "2"], "one sample at a time", "bs2")
     # a length above max context (tiny model: 4096)
     expect(["--model", tiny_llama_dir, "--haystack", haystack_file, "--needles", needles_file,
             "--lengths", "5000", "--depths", "50"], "above the max context", "m4")

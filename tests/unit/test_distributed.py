@@ -118,3 +118,22 @@ def test_torchrun_two_gloo_ranks_equal_single_process(tmp_path, haystack_file):
     assert sorted(p.name for p in (tmp_path / "dist").iterdir() if p.is_dir()) == ["rank-0", "rank-1"]
     assert (tmp_path / "dist" / "retrieval_scores.json").read_text() == (tmp_path / "single" / "retrieval_scores.json").read_text()
     assert json.loads((tmp_path / "dist" / "summary.json").read_text()) == json.loads((tmp_path / "single" / "summary.json").read_text())
+
+
+def test_batched_run_equals_batch_one_and_resumes_across_batch_sizes(tmp_path, haystack_file):
+    """`batch_size` is not semantic: a batched run writes the same scores, and a run started at
+    batch 1 resumes at batch 3 (the GPU path) without a config conflict."""
+    from dataclasses import replace
+
+    lm = tiny_model("llama", attn_implementation="sdpa")
+    base = _cfg(haystack_file, engine="fast")
+    one = detect(lm, GRID, replace(base, batch_size=1), out=tmp_path / "one", show_progress=False)
+    three = detect(lm, GRID, replace(base, batch_size=3), out=tmp_path / "three", show_progress=False)
+    np.testing.assert_array_equal(one.scores, three.scores)
+    assert json.loads((tmp_path / "three" / "config.json").read_text())["batch_size"] == 3
+    records = tmp_path / "one" / "records.jsonl"
+    lines = records.read_text().splitlines(keepends=True)
+    records.write_text("".join(lines[:5]))  # as if killed after 5 samples
+    resumed = detect(lm, GRID, replace(base, batch_size=3), out=tmp_path / "one", show_progress=False)
+    np.testing.assert_array_equal(resumed.scores, one.scores)
+    assert len(read_records(records)) == len(lines)

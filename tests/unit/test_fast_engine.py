@@ -153,3 +153,52 @@ def test_stop_rule_and_eager_model_switched_to_sdpa():
     assert lm.model.config._attn_implementation == "sdpa"
     out = fast.run(s, max_new_tokens=8, stop=lambda g: len(g) == 3)
     assert len(out.generated_ids) == 3 and out.argmax.shape[0] == 3
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_batched_equals_batch_one(arch):
+    """Left-padded batches (different prompt lengths, rows that stop early) give each sample the
+    same generation and argmax as running it alone."""
+    lm = peaked(tiny_model(arch, attn_implementation="sdpa"))
+    ss = samples(lm.tokenizer, lengths=(40, 120), depths=(0.0, 100.0))  # lengths differ within a batch
+    one = FastEngine(lm, batch_size=1, prefix_reuse=False)
+    stop_at = {s.id: 3 + i % 3 for i, s in enumerate(ss)}  # rows stop at different steps
+    alone = [one.run(s, max_new_tokens=stop_at[s.id], stop=NEVER) for s in ss]
+    batched = FastEngine(lm, batch_size=3)
+    assert batched.batch_size == 3
+    outs = batched.run_batch(ss[:3], max_new_tokens=6, stop=NEVER)
+    for s, a, b in zip(ss[:3], [one.run(s, max_new_tokens=6, stop=NEVER) for s in ss[:3]], outs):
+        assert a.generated_ids == b.generated_ids, s.id
+        np.testing.assert_array_equal(a.argmax, b.argmax, err_msg=s.id)
+
+    got = {s.id: out for s, out in batched.run_many(ss, max_new_tokens=6, stop=NEVER)}
+    assert list(got) == [s.id for s in ss]  # input order kept
+    for s, a in zip(ss, alone):
+        b = got[s.id]
+        k = stop_at[s.id]
+        assert b.generated_ids[:k] == a.generated_ids, s.id
+        np.testing.assert_array_equal(b.argmax[:k], a.argmax, err_msg=s.id)
+    assert len({len(s.prompt_ids) for s in ss[:3]}) > 1
+
+
+def test_batched_rows_stop_independently():
+    lm = peaked(tiny_model("llama", attn_implementation="sdpa"))
+    ss = samples(lm.tokenizer, lengths=(40, 120), depths=(0.0,))[:2]
+
+    def stop_after_two(generated):  # stops every row after its 2nd token
+        return len(generated) >= 2
+
+    outs = FastEngine(lm, batch_size=2).run_batch(ss, max_new_tokens=6, stop=stop_after_two)
+    alone = [FastEngine(lm).run(s, max_new_tokens=6, stop=stop_after_two) for s in ss]
+    for a, b in zip(alone, outs):
+        assert len(b.generated_ids) == 2 and b.argmax.shape[0] == 2
+        assert a.generated_ids == b.generated_ids
+        np.testing.assert_array_equal(a.argmax, b.argmax)
+
+
+def test_auto_batch_size_is_one_on_cpu():
+    from retrieval_heads.engines.fast import auto_batch_size
+
+    assert auto_batch_size("cpu") == 1 and auto_batch_size("cuda:0") == 8
+    with pytest.raises(ValueError):
+        FastEngine(tiny_model("llama", attn_implementation="sdpa"), batch_size=0)

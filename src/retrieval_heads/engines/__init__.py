@@ -16,11 +16,18 @@ from .reference import ReferenceEngine
 ENGINES: dict[str, type] = {"reference": ReferenceEngine, "fast": FastEngine}
 
 
-def make_engine(name: str, lm: Any) -> Engine:
+def make_engine(name: str, lm: Any, batch_size: int | None = None) -> Engine:
+    """`batch_size`: samples per forward (fast engine only; None = 1 on a CPU, 8 on a GPU)."""
     try:
         cls = ENGINES[name]
     except KeyError:
         raise ConfigError(f"unknown engine {name!r}; choose from {', '.join(sorted(ENGINES))}") from None
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    if name == "fast":
+        return cls(lm, batch_size=batch_size)
+    if batch_size not in (None, 1):
+        raise ConfigError(f"engine {name!r} runs one sample at a time; use --engine fast for --batch-size {batch_size}")
     return cls(lm)
 
 

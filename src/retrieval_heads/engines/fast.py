@@ -23,6 +23,13 @@ position. Remaining differences to the reference come only from SDPA vs eager fl
 rounding of hidden states (~1e-6 in fp32); tests assert identical generations and copy decisions.
 
 Prefix reuse (`run_many`): see `prefix.py`.
+
+Batching (`run_batch`, `batch_size > 1`; pays on a GPU, not on a CPU where one sample already keeps
+the cores busy): prompts are left-padded to one length, each row gets its own position ids
+(counted from its first real token, so RoPE sees the same positions as at batch 1) and an
+attention mask hiding the padding; a row's recorded argmax is shifted back by its padding. A
+finished row keeps stepping (its tokens are ignored) until every row has stopped. Batching and
+prefix reuse exclude each other: rows of different lengths do not share aligned prefixes.
 """
 
 from __future__ import annotations
@@ -142,15 +149,24 @@ def capture_argmax(model: torch.nn.Module) -> Iterator[_Recorder]:
         model.set_attn_implementation(old)
 
 
+def auto_batch_size(device: torch.device | str) -> int:
+    """Batch 1 on a CPU (one sample already uses every core; padding only adds work), 8 elsewhere."""
+    return 1 if torch.device(device).type == "cpu" else 8
+
+
 class FastEngine:
-    """SDPA + KV cache generation; argmax from captured query rows. Batch 1 (CPU-friendly)."""
+    """SDPA + KV cache generation; argmax from captured query rows. Batch 1 by default on a CPU."""
 
     name = "fast"
 
-    def __init__(self, lm: LoadedModel, *, prefix_reuse: bool = True, min_reuse: int = 64) -> None:
+    def __init__(self, lm: LoadedModel, *, prefix_reuse: bool = True, min_reuse: int = 64,
+                 batch_size: int | None = None) -> None:
         self.lm = lm
         self.prefix_reuse = prefix_reuse
         self.min_reuse = min_reuse
+        self.batch_size = auto_batch_size(self.device) if batch_size is None else batch_size
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if lm.model.config._attn_implementation not in ("sdpa", IMPL_NAME):
             lm.model.set_attn_implementation("sdpa")
 
@@ -205,6 +221,60 @@ class FastEngine:
         argmax = torch.stack(steps).cpu().numpy().astype(np.int64) if steps else np.zeros((0, spec.n_layers, spec.n_heads), np.int64)
         return EngineOutput(generated_ids=generated, argmax=argmax)
 
+    @torch.no_grad()
+    def run_batch(
+        self,
+        samples: list[Sample],
+        *,
+        max_new_tokens: int,
+        stop: Callable[[list[int]], bool],
+    ) -> list[EngineOutput]:
+        """Generate greedily for several samples at once (left-padded); same outputs as `run` each."""
+        model = self.lm.model
+        device = self.device
+        n_b = len(samples)
+        lens = [len(s.prompt_ids) for s in samples]
+        width = max(lens)
+        pads = [width - n for n in lens]
+        tok = self.lm.tokenizer
+        pad_id = next((t for t in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)) if t is not None), 0)
+        ids = torch.full((n_b, width), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((n_b, width), dtype=torch.long, device=device)
+        for b, s in enumerate(samples):
+            ids[b, pads[b]:] = torch.tensor(s.prompt_ids, device=device)
+            mask[b, pads[b]:] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pad_t = torch.tensor(pads, device=device)[:, None]
+        cache = self.new_cache()
+        generated: list[list[int]] = [[] for _ in samples]
+        steps: list[list[torch.Tensor]] = [[] for _ in samples]
+        live = [True] * n_b
+        n = self.lm.spec.n_layers
+        with capture_argmax(model) as rec:
+            cur, cur_pos = ids, pos
+            for t in range(max_new_tokens):
+                out = model(input_ids=cur, attention_mask=mask, position_ids=cur_pos, cache=cache,
+                            use_cache=True, logits_to_keep=1)
+                assert len(rec.rows) == n, f"recorded {len(rec.rows)} of {n} layers"
+                # key index -> padded position -> the row's own position
+                rows = torch.stack([rec.rows[i][0] + (width + t - rec.rows[i][1]) for i in range(n)], 1) - pad_t[:, :, None]
+                rec.rows.clear()
+                tokens = out.logits[:, -1].argmax(-1)
+                for b in range(n_b):
+                    if live[b]:
+                        steps[b].append(rows[b])
+                        generated[b].append(int(tokens[b]))
+                        live[b] = not stop(generated[b])
+                if not any(live):
+                    break
+                cur = tokens[:, None]
+                cur_pos = cur_pos[:, -1:] + 1
+                mask = torch.cat([mask, mask.new_ones((n_b, 1))], dim=1)
+        spec = self.lm.spec
+        empty = np.zeros((0, spec.n_layers, spec.n_heads), np.int64)
+        return [EngineOutput(generated_ids=g, argmax=torch.stack(st).cpu().numpy().astype(np.int64) if st else empty)
+                for g, st in zip(generated, steps)]
+
     def run_many(
         self,
         samples: Iterable[Sample],
@@ -216,20 +286,31 @@ class FastEngine:
         """Run samples in the given order, reusing the KV cache of shared prompt prefixes.
 
         Yields (sample, output) in input order. Reuse is exact: only where the token ids are
-        identical (see `prefix.PrefixStore`).
+        identical (see `prefix.PrefixStore`). With `batch_size > 1`, consecutive samples run as
+        one batch instead (no prefix reuse).
         """
         from .prefix import PrefixStore
 
         samples = list(samples)
+        if self.batch_size > 1:
+            for i in range(0, len(samples), self.batch_size):
+                chunk = samples[i:i + self.batch_size]
+                yield from zip(chunk, self.run_batch(chunk, max_new_tokens=max_new_tokens, stop=stop))
+            return
         reuse = self.prefix_reuse if prefix_reuse is None else prefix_reuse
         if not reuse:
             for s in samples:
                 yield s, self.run(s, max_new_tokens=max_new_tokens, stop=stop)
             return
         store = PrefixStore(self, [s.prompt_ids for s in samples], min_reuse=self.min_reuse)
+        # prompt tokens that went through a forward (store prefills + each sample's own rest)
+        self.prefill_stats = {"prompt_tokens": sum(len(s.prompt_ids) for s in samples), "prefilled": 0}
+        own = 0
         try:
             for i, s in enumerate(samples):
                 cache, start = store.cache_for(i)
+                own += len(s.prompt_ids) - start
+                self.prefill_stats["prefilled"] = store.prefilled + own
                 yield s, self.run(s, max_new_tokens=max_new_tokens, stop=stop, cache=cache, start=start)
         finally:
             store.clear()
