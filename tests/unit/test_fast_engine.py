@@ -171,13 +171,18 @@ def test_batched_equals_batch_one(arch):
         assert a.generated_ids == b.generated_ids, s.id
         np.testing.assert_array_equal(a.argmax, b.argmax, err_msg=s.id)
 
-    got = {s.id: out for s, out in batched.run_many(ss, max_new_tokens=6, stop=NEVER)}
-    assert list(got) == [s.id for s in ss]  # input order kept
-    for s, a in zip(ss, alone):
-        b = got[s.id]
-        k = stop_at[s.id]
-        assert b.generated_ids[:k] == a.generated_ids, s.id
-        np.testing.assert_array_equal(b.argmax[:k], a.argmax, err_msg=s.id)
+    # run_many: batched prefill (no reuse) and per-row prefill from shared prefixes + batched decode
+    for reuse in (False, True):
+        eng = FastEngine(lm, batch_size=3, min_reuse=8)
+        got = {s.id: out for s, out in eng.run_many(ss, max_new_tokens=6, stop=NEVER, prefix_reuse=reuse)}
+        assert list(got) == [s.id for s in ss]  # input order kept
+        if reuse:
+            assert eng.prefill_stats["prefilled"] < 0.8 * eng.prefill_stats["prompt_tokens"]  # reuse happened
+        for s, a in zip(ss, alone):
+            b = got[s.id]
+            k = stop_at[s.id]
+            assert b.generated_ids[:k] == a.generated_ids, (reuse, s.id)
+            np.testing.assert_array_equal(b.argmax[:k], a.argmax, err_msg=f"{reuse} {s.id}")
     assert len({len(s.prompt_ids) for s in ss[:3]}) > 1
 
 
@@ -188,12 +193,14 @@ def test_batched_rows_stop_independently():
     def stop_after_two(generated):  # stops every row after its 2nd token
         return len(generated) >= 2
 
-    outs = FastEngine(lm, batch_size=2).run_batch(ss, max_new_tokens=6, stop=stop_after_two)
     alone = [FastEngine(lm).run(s, max_new_tokens=6, stop=stop_after_two) for s in ss]
-    for a, b in zip(alone, outs):
-        assert len(b.generated_ids) == 2 and b.argmax.shape[0] == 2
-        assert a.generated_ids == b.generated_ids
-        np.testing.assert_array_equal(a.argmax, b.argmax)
+    eng = FastEngine(lm, batch_size=2)
+    for outs in (eng.run_batch(ss, max_new_tokens=6, stop=stop_after_two),
+                 eng.run_batch(ss, max_new_tokens=6, stop=stop_after_two, caches=[(None, 0), (None, 0)])):
+        for a, b in zip(alone, outs):
+            assert len(b.generated_ids) == 2 and b.argmax.shape[0] == 2
+            assert a.generated_ids == b.generated_ids
+            np.testing.assert_array_equal(a.argmax, b.argmax)
 
 
 def test_auto_batch_size_is_one_on_cpu():

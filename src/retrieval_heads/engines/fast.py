@@ -174,10 +174,11 @@ class FastEngine:
     def device(self) -> torch.device:
         return next(self.lm.model.parameters()).device
 
-    def new_cache(self) -> Any:
+    def new_cache(self, full: bool = False) -> Any:
+        """The model's own cache layout; `full`: every layer keeps all keys (sliding layers too)."""
         from transformers import DynamicCache
 
-        return DynamicCache(config=self.lm.model.config)
+        return DynamicCache() if full else DynamicCache(config=self.lm.model.config)
 
     def _rows(self, rec: _Recorder, total: int) -> torch.Tensor:
         """Absolute positions `[n_layers, n_heads]` from the rows recorded for a query at total-1."""
@@ -221,6 +222,34 @@ class FastEngine:
         argmax = torch.stack(steps).cpu().numpy().astype(np.int64) if steps else np.zeros((0, spec.n_layers, spec.n_heads), np.int64)
         return EngineOutput(generated_ids=generated, argmax=argmax)
 
+    def _batch_rows(self, rec: _Recorder, total: int, pads: torch.Tensor) -> torch.Tensor:
+        """Per row, absolute positions `[batch, n_layers, n_heads]` of a left-padded batch whose
+        query sits at padded position total-1 (key index -> padded position -> the row's own)."""
+        n = self.lm.spec.n_layers
+        assert len(rec.rows) == n, f"recorded {len(rec.rows)} of {n} layers"
+        rows = torch.stack([rec.rows[i][0] + (total - rec.rows[i][1]) for i in range(n)], 1) - pads[:, None, None]
+        rec.rows.clear()
+        return rows
+
+    @staticmethod
+    def _merge_left_padded(caches: list[Any], lens: list[int]) -> Any:
+        """One cache `[batch, kv_head, width, dim]` from per-row caches (full keys for every layer),
+        each left-padded with zeros (masked out) to the longest row."""
+        from transformers import DynamicCache
+
+        width = max(lens)
+        merged = DynamicCache()
+        for i in range(len(caches[0].layers)):
+            ks, vs = [], []
+            for c, n in zip(caches, lens):
+                k, v = c.layers[i].keys, c.layers[i].values
+                assert k.shape[2] == n, "merging needs every layer's full keys (new_cache(full=True))"
+                pad = (0, 0, width - n, 0)  # left-pad the position axis
+                ks.append(torch.nn.functional.pad(k, pad))
+                vs.append(torch.nn.functional.pad(v, pad))
+            merged.update(torch.cat(ks), torch.cat(vs), i)
+        return merged
+
     @torch.no_grad()
     def run_batch(
         self,
@@ -228,38 +257,57 @@ class FastEngine:
         *,
         max_new_tokens: int,
         stop: Callable[[list[int]], bool],
+        caches: list[tuple[Any, int]] | None = None,
     ) -> list[EngineOutput]:
-        """Generate greedily for several samples at once (left-padded); same outputs as `run` each."""
+        """Generate greedily for several samples at once; the same outputs as `run` for each.
+
+        Without `caches` the prompts are prefilled together, left-padded (pays on a GPU). With
+        `caches` (per sample `(cache holding prompt_ids[:start] with full keys, or None, start)`,
+        e.g. from the prefix store) each prompt is prefilled on its own from its cached prefix and
+        only the decode steps are batched: every decode step reads all weights, which a batch
+        shares (pays on a CPU too; see benchmarks/detect_speed.py).
+        """
         model = self.lm.model
         device = self.device
         n_b = len(samples)
         lens = [len(s.prompt_ids) for s in samples]
         width = max(lens)
-        pads = [width - n for n in lens]
-        tok = self.lm.tokenizer
-        pad_id = next((t for t in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)) if t is not None), 0)
-        ids = torch.full((n_b, width), pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros((n_b, width), dtype=torch.long, device=device)
-        for b, s in enumerate(samples):
-            ids[b, pads[b]:] = torch.tensor(s.prompt_ids, device=device)
-            mask[b, pads[b]:] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        pad_t = torch.tensor(pads, device=device)[:, None]
-        cache = self.new_cache()
+        pads = torch.tensor([width - n for n in lens], device=device)
+        mask = (torch.arange(width, device=device)[None] >= pads[:, None]).long()  # 0 on padding
         generated: list[list[int]] = [[] for _ in samples]
         steps: list[list[torch.Tensor]] = [[] for _ in samples]
         live = [True] * n_b
-        n = self.lm.spec.n_layers
         with capture_argmax(model) as rec:
-            cur, cur_pos = ids, pos
+            if caches is None:
+                tok = self.lm.tokenizer
+                pad_id = next((t for t in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
+                               if t is not None), 0)
+                ids = torch.full((n_b, width), pad_id, dtype=torch.long, device=device)
+                for b, s in enumerate(samples):
+                    ids[b, width - lens[b]:] = torch.tensor(s.prompt_ids, device=device)
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)  # each row counts from its first real token
+                cache = self.new_cache()
+                out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                            logits_to_keep=1)
+                rows, tokens = self._batch_rows(rec, width, pads), out.logits[:, -1].argmax(-1)
+            else:
+                row_caches, row_steps, row_tokens = [], [], []
+                for s, (c, start) in zip(samples, caches):
+                    c = self.new_cache(full=True) if c is None else c
+                    out = model(input_ids=torch.tensor([s.prompt_ids[start:]], device=device), cache=c,
+                                use_cache=True, logits_to_keep=1)
+                    row_steps.append(self._rows(rec, total=len(s.prompt_ids)))
+                    row_tokens.append(out.logits[0, -1].argmax())
+                    row_caches.append(c)
+                cache = self._merge_left_padded(row_caches, lens)
+                del row_caches
+                rows, tokens = torch.stack(row_steps), torch.stack(row_tokens)
+            last_pos = torch.tensor(lens, device=device)[:, None] - 1
             for t in range(max_new_tokens):
-                out = model(input_ids=cur, attention_mask=mask, position_ids=cur_pos, cache=cache,
-                            use_cache=True, logits_to_keep=1)
-                assert len(rec.rows) == n, f"recorded {len(rec.rows)} of {n} layers"
-                # key index -> padded position -> the row's own position
-                rows = torch.stack([rec.rows[i][0] + (width + t - rec.rows[i][1]) for i in range(n)], 1) - pad_t[:, :, None]
-                rec.rows.clear()
-                tokens = out.logits[:, -1].argmax(-1)
+                if t:
+                    out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last_pos + t,
+                                cache=cache, use_cache=True, logits_to_keep=1)
+                    rows, tokens = self._batch_rows(rec, width + t, pads), out.logits[:, -1].argmax(-1)
                 for b in range(n_b):
                     if live[b]:
                         steps[b].append(rows[b])
@@ -267,8 +315,6 @@ class FastEngine:
                         live[b] = not stop(generated[b])
                 if not any(live):
                     break
-                cur = tokens[:, None]
-                cur_pos = cur_pos[:, -1:] + 1
                 mask = torch.cat([mask, mask.new_ones((n_b, 1))], dim=1)
         spec = self.lm.spec
         empty = np.zeros((0, spec.n_layers, spec.n_heads), np.int64)
@@ -292,25 +338,30 @@ class FastEngine:
         from .prefix import PrefixStore
 
         samples = list(samples)
-        if self.batch_size > 1:
-            for i in range(0, len(samples), self.batch_size):
-                chunk = samples[i:i + self.batch_size]
-                yield from zip(chunk, self.run_batch(chunk, max_new_tokens=max_new_tokens, stop=stop))
-            return
         reuse = self.prefix_reuse if prefix_reuse is None else prefix_reuse
+        bs = self.batch_size
         if not reuse:
-            for s in samples:
-                yield s, self.run(s, max_new_tokens=max_new_tokens, stop=stop)
+            for i in range(0, len(samples), bs):
+                chunk = samples[i:i + bs]
+                outs = (self.run_batch(chunk, max_new_tokens=max_new_tokens, stop=stop) if bs > 1
+                        else [self.run(chunk[0], max_new_tokens=max_new_tokens, stop=stop)])
+                yield from zip(chunk, outs)
             return
         store = PrefixStore(self, [s.prompt_ids for s in samples], min_reuse=self.min_reuse)
         # prompt tokens that went through a forward (store prefills + each sample's own rest)
         self.prefill_stats = {"prompt_tokens": sum(len(s.prompt_ids) for s in samples), "prefilled": 0}
         own = 0
         try:
-            for i, s in enumerate(samples):
-                cache, start = store.cache_for(i)
-                own += len(s.prompt_ids) - start
+            for i in range(0, len(samples), bs):
+                chunk = samples[i:i + bs]
+                caches = [store.cache_for(j, full=bs > 1) for j in range(i, i + len(chunk))]
+                own += sum(len(s.prompt_ids) - start for s, (_, start) in zip(chunk, caches))
                 self.prefill_stats["prefilled"] = store.prefilled + own
-                yield s, self.run(s, max_new_tokens=max_new_tokens, stop=stop, cache=cache, start=start)
+                if bs > 1:
+                    outs = self.run_batch(chunk, max_new_tokens=max_new_tokens, stop=stop, caches=caches)
+                else:
+                    (cache, start), = caches
+                    outs = [self.run(chunk[0], max_new_tokens=max_new_tokens, stop=stop, cache=cache, start=start)]
+                yield from zip(chunk, outs)
         finally:
             store.clear()

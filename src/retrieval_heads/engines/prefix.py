@@ -93,8 +93,9 @@ class PrefixStore:
         logger.debug("prefix store: %d tokens (%d new)", length, length - keep)
         return _Slot(prompt[:length].copy(), [(layer.keys, layer.values) for layer in cache.layers])
 
-    def cache_for(self, index: int) -> tuple[Any, int]:
+    def cache_for(self, index: int, full: bool = False) -> tuple[Any, int]:
         """(cache holding prompt[:start], start) for sample `index`; (None, 0) when not worth it.
+        `full`: a cache keeping every layer's keys (for merging into a batch), else the model's own.
 
         Policy: a prompt that shares fewer than `min_reuse` tokens with every slot starts a new slot
         (a new prefix family). Otherwise the closest slot is used: when the sample needs a longer
@@ -116,7 +117,7 @@ class PrefixStore:
             slot, target = self.slots[best], min(have, target)
         self._clock += 1
         slot.used = self._clock
-        cache = self.engine.new_cache()
+        cache = self.engine.new_cache(full=full)
         for i, (k, v) in enumerate(slot.layers):
             cache.update(k[:, :, :target], v[:, :, :target], i)
         return cache, target
