@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -81,6 +81,26 @@ def kv_eval_cmd(
     typer.echo(f"run folder: {out} (summary.json, table.md, records.jsonl, kv_eval.png/.svg)")
 
 
+def _measured_ranking(kv_run: Optional[Path], ranking: str, shape: tuple[int, ...]) -> Any:
+    """The KV-head scores of a ranking that `kv-eval` measured and stored in its records."""
+    import numpy as np
+
+    from .errors import ConfigError
+    from .runs import read_records
+
+    if ranking not in ("needle_attention", "gain"):
+        raise ConfigError(f"unknown ranking {ranking!r}; choose retrieval, needle_attention or gain")
+    if kv_run is None or not (kv_run / "records.jsonl").is_file():
+        raise ConfigError(f"--ranking {ranking} needs --kv-run, a kv-eval run folder with records.jsonl")
+    found = [r for r in read_records(kv_run / "records.jsonl") if r.get("kind") == "ranking" and r.get("ranking") == ranking]
+    if not found:
+        raise ConfigError(f"{kv_run} holds no {ranking} ranking (run kv-eval with --policies including {ranking})")
+    kv = np.asarray(found[-1]["kv_scores"], dtype=float)
+    if kv.shape != tuple(shape):
+        raise ConfigError(f"the {ranking} ranking in {kv_run} has shape {kv.shape}; the scores' model needs {tuple(shape)}")
+    return kv
+
+
 def export_heads_cmd(
     scores: Path = typer.Option(..., help="detection run folder or authors'-format score JSON"),
     out: Path = typer.Option(..., help="output folder"),
@@ -90,6 +110,8 @@ def export_heads_cmd(
     kv_heads: Optional[int] = typer.Option(None, help="KV heads per layer (default: from the run's model spec)"),
     sink: int = typer.Option(4, min=0),
     window: int = typer.Option(60, min=1),
+    ranking: str = typer.Option("retrieval", help="retrieval (the detection scores), or a ranking measured by kv-eval: needle_attention, gain (needs --kv-run)"),
+    kv_run: Optional[Path] = typer.Option(None, help="kv-eval run folder holding the measured ranking"),
 ) -> None:
     """Write KV-head scores in the authors' JSON format and a DuoAttention-style 0/1 head table."""
     import numpy as np
@@ -113,6 +135,8 @@ def export_heads_cmd(
     spec = ModelSpec(name=result.name, model_type="?", n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
                      head_dim=int(spec_d.get("head_dim", 64)), max_context=0, sliding_window=(None,) * n_layers)
     kv = kv_head_scores(s, spec)
+    if ranking != "retrieval":
+        kv = _measured_ranking(kv_run, ranking, kv.shape)
     if n_whole is None:
         n_whole = HeadPolicy.n_whole_for(spec, float(budget), n_tokens, sink, window)  # type: ignore[arg-type]
     if not 0 <= n_whole <= n_layers * n_kv:

@@ -247,3 +247,25 @@ def test_cli_export_heads(cli, tmp_path):
     assert code != 0 and "exactly one of --budget and --n-whole" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("export-heads", "--scores", scores, "--out", tmp_path / "y", "--n-whole", "1", "--kv-heads", "3")
     assert code != 0 and "cannot be grouped" in err
+
+
+def test_cli_export_measured_ranking(cli, tmp_path):
+    """export-heads --ranking needle_attention takes the KV-head scores a kv-eval run measured."""
+    scores = _scores_file(tmp_path, SCORES)
+    run = tmp_path / "kvrun"
+    run.mkdir()
+    measured = [[0.1, 0.7], [0.5, 0.2]]  # a different order than the retrieval scores
+    (run / "records.jsonl").write_text(json.dumps({"id": "ranking/needle_attention", "kind": "ranking",
+                                                   "ranking": "needle_attention", "kv_scores": measured}) + "\n")
+    code, _, err = cli("export-heads", "--scores", scores, "--out", tmp_path / "x", "--n-whole", "2", "--kv-heads", "2",
+                       "--ranking", "needle_attention", "--kv-run", run)
+    assert code == 0, err
+    assert read_duo_tsv(tmp_path / "x" / "full_attention_heads.tsv").tolist() == [[False, True], [True, False]]
+    assert json.loads((tmp_path / "x" / "kv_head_scores.json").read_text())["0-1"] == [0.7]
+    for extra, match in ((["--ranking", "gain", "--kv-run", run], "holds no gain ranking"),
+                         (["--ranking", "needle_attention"], "needs --kv-run"),
+                         (["--ranking", "h2o", "--kv-run", run], "unknown ranking 'h2o'")):
+        code, _, err = cli("export-heads", "--scores", scores, "--out", tmp_path / "y", "--n-whole", "1",
+                           "--kv-heads", "2", *extra)
+        assert code != 0 and match in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "y" / "kv_head_scores.json").exists()
