@@ -448,58 +448,45 @@ def kv_eval(lm: LoadedModel, scores: DetectionResult | np.ndarray, config: KVEva
 
     bar = tqdm(total=len(conditions) * (len(samples) + len(qa)), desc=f"kv-eval {lm.spec.name}", unit="run",
                disable=not show_progress)
-    for sample in samples:
-        c = split_prompt(lm, sample)
-        todo = [cd for cd in conditions if f"{cd.id}/{sample.id}" not in done]
+    def run_item(item_id: str, prompt_ids: Sequence[int], c: int, max_new: int, stop: Any,
+                 fields: Any) -> None:
+        """Every pending condition on one prompt: one dense prefill of its context, then per policy
+        compress, ask, answer; `fields(text)` scores the answer."""
+        todo = [cd for cd in conditions if f"{cd.id}/{item_id}" not in done]
         for cd in conditions:
-            if f"{cd.id}/{sample.id}" in done:
-                records.append(done[f"{cd.id}/{sample.id}"])
+            if f"{cd.id}/{item_id}" in done:
+                records.append(done[f"{cd.id}/{item_id}"])
                 bar.update(1)
         if not todo:
-            continue
-        dense = dense_prefill(lm, sample.prompt_ids[:c], record_obs=32)
+            return
+        dense = dense_prefill(lm, prompt_ids[:c], record_obs=32)
+        full = full_cache_bytes(lm.spec, c, element_size=next(lm.model.parameters()).element_size())
         for cd in todo:
             t0 = time.perf_counter()
             cache = cd.spec.make_cache(lm.spec).load_prefill(dense)
             kv_bytes = cache.nbytes()
-            gen = answer_on(lm, cache, sample.prompt_ids[c:], config.max_new_tokens, stop)
+            gen = answer_on(lm, cache, prompt_ids[c:], max_new, stop)
             text = lm.tokenizer.decode(gen, skip_special_tokens=True)
-            emit({"id": f"{cd.id}/{sample.id}", "kind": "eval", "condition": cd.id, "policy": cd.policy,
+            emit({"id": f"{cd.id}/{item_id}", "kind": "eval", "condition": cd.id, "policy": cd.policy,
                   "budget": cd.budget, "seed": cd.seed, "n_whole": getattr(cd.spec, "n_whole", None),
-                  "sample_id": sample.id, **sample.params(), "context_tokens": c,
-                  "prompt_tokens": len(sample.prompt_ids), "answer": sample.needle.answer, "generated_text": text,
-                  "generated_ids": gen, "answer_recall": answer_recall(sample.needle.answer, text),
-                  "exact": exact_match(sample.needle.answer, text), "kv_bytes": kv_bytes,
-                  "kv_share": kv_bytes / full_bytes, "kv_bytes_end": cache.nbytes(),
-                  "seconds": round(time.perf_counter() - t0, 3)})
-            bar.update(1)
-        del dense
-    for item in qa:
-        todo = [cd for cd in conditions if f"{cd.id}/{item.id}" not in done]
-        for cd in conditions:
-            if f"{cd.id}/{item.id}" in done:
-                records.append(done[f"{cd.id}/{item.id}"])
-                bar.update(1)
-        if not todo:
-            continue
-        c = item.context_len
-        dense = dense_prefill(lm, item.prompt_ids[:c], record_obs=32)
-        qa_full = full_cache_bytes(lm.spec, c, element_size=next(lm.model.parameters()).element_size())
-        for cd in todo:
-            t0 = time.perf_counter()
-            cache = cd.spec.make_cache(lm.spec).load_prefill(dense)
-            kv_bytes = cache.nbytes()
-            gen = answer_on(lm, cache, item.prompt_ids[c:], item.max_new_tokens, StopStrings(lm.tokenizer, item.stop))
-            text = lm.tokenizer.decode(gen, skip_special_tokens=True)
-            pred = extract_qa_answer(text, "answer-only")
-            emit({"id": f"{cd.id}/{item.id}", "kind": "eval", "task": "extractive-qa", "condition": cd.id,
-                  "policy": cd.policy, "budget": cd.budget, "seed": cd.seed, "n_whole": getattr(cd.spec, "n_whole", None),
-                  "sample_id": item.id, "context_tokens": c, "prompt_tokens": len(item.prompt_ids),
-                  "answers": list(item.answers), "generated_text": text, "prediction": pred, "generated_ids": gen,
-                  **qa_scores(pred, item.answers), "kv_bytes": kv_bytes, "kv_share": kv_bytes / qa_full,
+                  "sample_id": item_id, "context_tokens": c, "prompt_tokens": len(prompt_ids), **fields(text),
+                  "generated_text": text, "generated_ids": gen, "kv_bytes": kv_bytes, "kv_share": kv_bytes / full,
                   "kv_bytes_end": cache.nbytes(), "seconds": round(time.perf_counter() - t0, 3)})
             bar.update(1)
-        del dense
+
+    for sample in samples:
+        ans = sample.needle.answer
+        run_item(sample.id, sample.prompt_ids, split_prompt(lm, sample), config.max_new_tokens, stop,
+                 lambda text, s=sample, a=ans: {**s.params(), "answer": a, "answer_recall": answer_recall(a, text),
+                                                "exact": exact_match(a, text)})
+    for item in qa:
+        def qa_fields(text: str, it: QAItem = item) -> dict[str, Any]:
+            pred = extract_qa_answer(text, "answer-only")
+            return {"task": "extractive-qa", "answers": list(it.answers), "prediction": pred,
+                    **qa_scores(pred, it.answers)}
+
+        run_item(item.id, item.prompt_ids, item.context_len, item.max_new_tokens,
+                 StopStrings(lm.tokenizer, item.stop), qa_fields)
     bar.close()
     if config.memory_probe:
         ids = samples[0].prompt_ids
