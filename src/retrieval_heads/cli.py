@@ -78,7 +78,7 @@ def detect(
     chat: bool = typer.Option(True, "--chat/--no-chat", help="use the model's chat template when it has one"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps"),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
-    batch_size: Optional[int] = typer.Option(None, help="fast engine: samples per forward, left-padded (default: 1 on a CPU, 8 on a GPU; no prefix reuse when > 1)"),
+    batch_size: Optional[int] = typer.Option(None, help="fast engine: samples per batch, left-padded; each still prefilled from its shared prefix, then decoded together (default: 1 on a CPU, 8 on a GPU)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     top: int = typer.Option(10, help="heads shown in the summary"),
     shard: Optional[str] = typer.Option(None, help="run only shard i/n of the grid (merge shards with `merge`)"),

@@ -182,12 +182,9 @@ class FastEngine:
         return DynamicCache() if full else DynamicCache(config=self.lm.model.config)
 
     def _rows(self, rec: _Recorder, total: int) -> torch.Tensor:
-        """Absolute positions `[n_layers, n_heads]` from the rows recorded for a query at total-1."""
-        n = self.lm.spec.n_layers
-        assert len(rec.rows) == n, f"recorded {len(rec.rows)} of {n} layers"
-        out = [rec.rows[i][0][0] + (total - rec.rows[i][1]) for i in range(n)]
-        rec.rows.clear()
-        return torch.stack(out)
+        """Absolute positions `[n_layers, n_heads]` from the rows recorded for a query at total-1
+        (batch of one, no padding)."""
+        return self._batch_rows(rec, total, torch.zeros(1, dtype=torch.long, device=self.device))[0]
 
     @torch.no_grad()
     def run(

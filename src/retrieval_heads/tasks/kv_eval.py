@@ -448,6 +448,7 @@ def kv_eval(lm: LoadedModel, scores: DetectionResult | np.ndarray, config: KVEva
 
     bar = tqdm(total=len(conditions) * (len(samples) + len(qa)), desc=f"kv-eval {lm.spec.name}", unit="run",
                disable=not show_progress)
+
     def run_item(item_id: str, prompt_ids: Sequence[int], c: int, max_new: int, stop: Any,
                  fields: Any) -> None:
         """Every pending condition on one prompt: one dense prefill of its context, then per policy
