@@ -31,7 +31,8 @@ def child(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from retrieval_heads.kvcache import FullPolicy, HeadPolicy, SinkWindowPolicy, kv_head_scores
+    from retrieval_heads.heads import kv_head_scores
+    from retrieval_heads.kvcache import FullPolicy, HeadPolicy, SinkWindowPolicy
     from retrieval_heads.models import load_model
     from retrieval_heads.needles import EVALUATION_NEEDLES, load_haystack, make_sample
     from retrieval_heads.results import DetectionResult
@@ -44,14 +45,15 @@ def child(args: argparse.Namespace) -> None:
     if args.child == "full":
         policy = FullPolicy(dense_prefill=False)
     elif args.child == "sink_window":
-        policy = SinkWindowPolicy.for_budget(args.budget, n_ctx, dense_prefill=False)
+        policy = SinkWindowPolicy.for_budget(lm.spec, args.budget, n_ctx, dense_prefill=False)
     else:
         if args.child == "retrieval":
             kv = kv_head_scores(DetectionResult.load(args.scores).scores, lm.spec)
         else:
             recs = read_records(Path(args.kv_run) / "records.jsonl")
             kv = np.asarray(next(r["kv_scores"] for r in recs if r.get("ranking") == args.child), dtype=float)
-        policy = HeadPolicy.for_budget(lm.spec, kv, args.budget, n_ctx, name=args.child, dense_prefill=False)
+        policy = HeadPolicy.for_budget(lm.spec, args.budget, n_ctx, ranking=kv, name=args.child,
+                                       dense_prefill=False)
     cache = policy.make_cache(lm.spec)
     base = vm("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: measure from here

@@ -11,7 +11,6 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be fetched from a hub in tests
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 HAYSTACK = (
     "the startup essay was good . people write money idea . "

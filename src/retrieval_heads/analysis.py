@@ -21,6 +21,7 @@ import pandas as pd
 from scipy import stats
 
 from .errors import DataError
+from .heads import rank_heads
 from .results import RETRIEVAL_THRESHOLD, DetectionResult, sparsity
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ def rank_stability(result: DetectionResult, k: int = 10, n_points: int = 20) -> 
     score, and overlap = share of the final top-k that is in the top-k at n_samples. Samples are
     taken in run order (the order of the score lists in the authors' files).
     """
+    if not result.has_per_sample:
+        raise DataError(f"{result.name}: only aggregate scores (a reference map), no per-sample scores to follow")
     per = result.per_sample  # [n_kept, L, H]
     n = per.shape[0]
     if n == 0:
@@ -118,8 +121,7 @@ def rank_stability(result: DetectionResult, k: int = 10, n_points: int = 20) -> 
     for m in steps:
         mean = cum[m - 1] / m
         ranks = _descending_ranks(mean)
-        top_now = {(int(i // mean.shape[1]), int(i % mean.shape[1]))
-                   for i in np.argsort(-mean.ravel(), kind="stable")[:k]}
+        top_now = set(rank_heads(mean)[:k])
         overlap = len(final_set & top_now) / max(len(final_set), 1)
         for fr, h in enumerate(final, 1):
             rows.append({"n_samples": int(m), "label": head_label(h.layer, h.head), "layer": h.layer,

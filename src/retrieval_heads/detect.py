@@ -10,15 +10,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 
 from . import __version__
-from .distributed import Shard, torchrun_rank
-from .engines import StopRule, make_engine
+from .distributed import Shard, barrier, init_process_group, merge_runs, torchrun_rank
+from .decoding import StopRule
+from .engines import make_engine
 from .errors import ConfigError
 from .models import LoadedModel, ModelSpec
 from .needles import DETECTION_NEEDLES, Needle, Sample, load_haystack, make_sample
@@ -171,8 +172,6 @@ def detect(
 
 def _detect_distributed(lm: LoadedModel, grid: Grid | None, config: DetectConfig, out: Path,
                         ranks: tuple[int, int], overwrite: bool, show_progress: bool) -> DetectionResult:
-    from .distributed import barrier, init_process_group, merge_runs
-
     rank, world = ranks
     init_process_group(str(next(lm.model.parameters()).device))
     _detect(lm, grid, config, out=out / f"rank-{rank}", overwrite=overwrite,
@@ -221,11 +220,8 @@ def _detect(
                 f"sample {sample.id}: prompt of {len(sample.prompt_ids)} tokens + {config.max_new_tokens} new tokens "
                 f"exceeds the max context of {lm.spec.name} ({lm.spec.max_context})"
             )
-    # Engines with `run_many` (fast: prefix reuse across samples) yield outputs in input order.
-    if hasattr(engine, "run_many"):
-        outputs = engine.run_many(pending, max_new_tokens=config.max_new_tokens, stop=stop)
-    else:
-        outputs = ((s, engine.run(s, max_new_tokens=config.max_new_tokens, stop=stop)) for s in pending)
+    # `run_many` yields (sample, output) in input order (fast: prefix reuse across samples).
+    outputs = engine.run_many(pending, max_new_tokens=config.max_new_tokens, stop=stop)
     t0 = time.perf_counter()
     for sample in samples:
         if sample.id in done:

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ConfigError, DataError, RunConflictError
-from .results import CONFIG_FILE, RECORDS_FILE, DetectionResult
-from .runs import read_records, semantic
+from .needles import sample_id
+from .results import DetectionResult
+from .runs import CONFIG_FILE, RECORDS_FILE, read_records, semantic
 from .scorefile import atomic_write_text
 
 
@@ -66,8 +67,6 @@ def barrier() -> None:
 
 def grid_order(config: dict[str, Any]) -> list[str]:
     """Sample ids of a run's grid in the order a single process runs them."""
-    from .needles import sample_id
-
     g = config["grid"]
     return [sample_id(n["id"], int(L), float(d)) for n in g["needles"] for L in g["lengths"] for d in g["depths"]]
 

@@ -29,19 +29,19 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+from .heads import Head
+from .models import attention_modules, spec_from_config
 
 Method = Literal["uniform", "zero", "mean"]
 Phase = Literal["all", "decode"]
 METHODS: tuple[str, ...] = ("uniform", "zero", "mean")
 PHASES: tuple[str, ...] = ("all", "decode")
-
-Head = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -61,43 +61,11 @@ class AttentionParts:
     head_dim: int
 
 
-def decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
-    """The decoder layers of a causal LM (`model.model.layers`, `transformer.h`, ...)."""
-    n_layers = _n_layers(model)
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == n_layers and name.rsplit(".", 1)[-1] in ("layers", "h", "layer", "blocks"):
-            if all(_attention_of(m) is not None for m in mod):
-                return list(mod)
-    raise ConfigError(f"{type(model).__name__}: cannot find its {n_layers} decoder layers to mask heads in")
-
-
-def _n_layers(model: nn.Module) -> int:
-    c = model.config
-    c = c.get_text_config() if hasattr(c, "get_text_config") else c
-    return int(getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer"))
-
-
-def _n_heads(model: nn.Module) -> int:
-    c = model.config
-    c = c.get_text_config() if hasattr(c, "get_text_config") else c
-    return int(getattr(c, "num_attention_heads", None) or getattr(c, "n_head"))
-
-
-def _attention_of(layer: nn.Module) -> nn.Module | None:
-    for name in ("self_attn", "attn", "attention"):
-        mod = getattr(layer, name, None)
-        if isinstance(mod, nn.Module):
-            return mod
-    return None
-
-
 def attention_parts(model: nn.Module) -> list[AttentionParts]:
     """Per layer, the modules to hook. Raises ConfigError for an unsupported attention layout."""
-    n_heads = _n_heads(model)
+    n_heads = spec_from_config(model.config, type(model).__name__).n_heads
     out = []
-    for l, layer in enumerate(decoder_layers(model)):
-        attn = _attention_of(layer)
-        assert attn is not None
+    for l, attn in enumerate(attention_modules(model)):
         if hasattr(attn, "q_proj") and hasattr(attn, "o_proj"):
             q, o, offset = attn.q_proj, attn.o_proj, 0
         elif hasattr(attn, "c_attn") and hasattr(attn, "c_proj"):  # GPT-2: fused [q | k | v]

@@ -13,11 +13,12 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
-from .errors import ModelLoadError
+from .errors import ConfigError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +70,23 @@ class ModelSpec:
     def shape(self) -> tuple[int, int]:
         return (self.n_layers, self.n_heads)
 
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 without grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
     def kv_head_of(self, head: int) -> int:
         # HF repeat_kv: query head h reads KV head h // (n_heads / n_kv_heads).
-        return head // (self.n_heads // self.n_kv_heads)
+        return head // self.group_size
+
+    def query_heads_of(self, kv_head: int) -> list[int]:
+        """The query heads that read `kv_head`, in HF `repeat_kv` order."""
+        return list(range(kv_head * self.group_size, (kv_head + 1) * self.group_size))
+
+    @property
+    def global_attention(self) -> bool:
+        """True when every layer attends over the whole context (no sliding-window layer)."""
+        return all(w is None for w in self.sliding_window)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -126,6 +141,53 @@ def spec_from_config(config: Any, name: str) -> ModelSpec:
         max_context=int(max_ctx),
         sliding_window=windows,
     )
+
+
+# ----------------------------------------------------------------------------------- attention modules
+def _text_layers(model: Any) -> int:
+    return int(getattr(_text_config(model.config), "num_hidden_layers", None) or getattr(_text_config(model.config), "n_layer"))
+
+
+def _attention_of(layer: Any) -> Any:
+    from torch import nn
+
+    for name in ("self_attn", "attn", "attention"):
+        mod = getattr(layer, name, None)
+        if isinstance(mod, nn.Module):
+            return mod
+    return None
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The decoder layers of a causal LM (`model.model.layers`, `transformer.h`, ...), in order."""
+    from torch import nn
+
+    n_layers = _text_layers(model)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n_layers and name.rsplit(".", 1)[-1] in ("layers", "h", "layer", "blocks"):
+            if all(_attention_of(m) is not None for m in mod):
+                return list(mod)
+    raise ConfigError(f"{type(model).__name__}: cannot find its {n_layers} decoder layers and their attention modules")
+
+
+def attention_modules(model: Any) -> list[Any]:
+    """The self-attention module of each decoder layer, in layer order: the modules that masking
+    hooks and that call the attention function."""
+    return [_attention_of(layer) for layer in decoder_layers(model)]
+
+
+@contextmanager
+def attention_implementation(model: Any, impl: str) -> Iterator[Any]:
+    """Run `model` with attention implementation `impl` inside the block; the model's own is
+    restored on exit, also after an error. Nested blocks restore in order."""
+    own = model.config._attn_implementation
+    if own != impl:
+        model.set_attn_implementation(impl)
+    try:
+        yield model
+    finally:
+        if model.config._attn_implementation != own:
+            model.set_attn_implementation(own)
 
 
 def cache_dir() -> Path:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import decoding
 from .errors import ConfigError, DataError, NeedleNotFoundError
 from .models import package_dir
 
@@ -213,26 +214,13 @@ def _fit_haystack(tokenizer: Any, haystack: str, n_tokens: int) -> str:
 
 
 def build_prompt(tokenizer: Any, document: str, question: str, chat: bool) -> tuple[str, int]:
-    """Prompt text and the character offset where the document starts in it."""
-    user = document + QUESTION_TEMPLATE.format(question=question)
-    if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        bos = tokenizer.bos_token if getattr(tokenizer, "bos_token", None) and _adds_no_bos(tokenizer) else ""
-        text = bos + user
+    """Prompt text (`decoding.build_prompt` of document + question) and the character offset where
+    the document starts in it."""
+    text = decoding.build_prompt(tokenizer, document + QUESTION_TEMPLATE.format(question=question), chat=chat)
     start = text.find(document)
     if start < 0:
         raise NeedleNotFoundError("the chat template altered the document text")
     return text, start
-
-
-def _adds_no_bos(tokenizer: Any) -> bool:
-    # We tokenize the final prompt without special tokens (chat templates already contain them),
-    # so a plain prompt gets the BOS token as text when the tokenizer would normally add one.
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
 def sample_id(needle_id: str, length: int, depth: float) -> str:

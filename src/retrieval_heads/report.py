@@ -89,7 +89,7 @@ def interactive_heatmap(result: DetectionResult, div_id: str) -> str:
 
 
 def _run_section(i: int, r: DetectionResult, top_k: int, threshold: float) -> str:
-    from . import plots as P
+    from .plots import detection as P
 
     n_layers, n_heads = r.shape
     n_samples = len(r.records) if r.records else r.n_kept
@@ -104,8 +104,9 @@ def _run_section(i: int, r: DetectionResult, top_k: int, threshold: float) -> st
     parts.append(_table(A.top_heads(r, top_k).drop(columns=["model"])))
     parts.append(_img(P.plot_heatmap(r), f"{r.name}: layer x head retrieval scores (Fig. 5)"))
     parts.append(_img(P.plot_score_vs_frequency(r, top_k), f"{r.name}: retrieval score vs activation frequency (Fig. 4)"))
-    parts.append(_img(P.plot_rank_stability(A.rank_stability(r, min(10, top_k)), r.name),
-                      f"{r.name}: rank of the top heads as samples accumulate (Fig. 13)"))
+    if r.has_per_sample:  # reference maps hold aggregates only
+        parts.append(_img(P.plot_rank_stability(A.rank_stability(r, min(10, top_k)), r.name),
+                          f"{r.name}: rank of the top heads as samples accumulate (Fig. 13)"))
     if A.has_records(r):
         grid = A.niah_grid(r)
         parts.append("<h3>Needle retrieval (mean answer recall) over depth x length</h3>")
@@ -117,7 +118,7 @@ def _mask_eval_section(m: Any) -> str:
     """Causal test (paper Fig. 7 and 9): score vs K, error kinds and attention, a few examples."""
     import tempfile
 
-    from .mask_plots import plot_mask_eval
+    from .plots.mask import plot_mask_eval
 
     cv = m.curves()
     curves = pd.DataFrame({k: cv[k] for k in ("k", "top_score", "top_exact", "random_score",
@@ -146,7 +147,7 @@ def build_report(results: Sequence[DetectionResult], *, top_k: int = 20, thresho
     """The whole report as one HTML string (several MB: the plotly.js bundle is inlined)."""
     import plotly.offline
 
-    from . import plots as P
+    from .plots import detection as P
 
     table = A.sparsity_table(results, threshold)
     body = [f"<h1>{html.escape(title)}</h1>",

@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError
-from .scorefile import atomic_write_text, read_scores, write_scores
+from .heads import top_heads
+from .runs import CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, read_records
+from .reference import is_reference, is_reference_map, parse_reference_map, reference_path
+from .scorefile import atomic_write_text, parse_scores, read_json, read_scores, write_scores
 from .scoring import aggregate
 
 SCORES_FILE = "retrieval_scores.json"  # authors' format
-RECORDS_FILE = "records.jsonl"
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
 
 RETRIEVAL_THRESHOLD = 0.1  # paper: a head is a retrieval head when its score > 0.1
 
@@ -53,12 +53,26 @@ class DetectionResult:
 
     per_sample: `[n_kept, n_layers, n_heads]`, the kept samples' scores in run order.
     records: the per-sample records (all samples, kept or not) when loaded from a run folder.
+    aggregates: (retrieval score, activation frequency, n_kept) of a result known only by its
+    aggregates (the shipped reference maps); `per_sample` is then empty `[0, L, H]`.
     """
 
     name: str
     per_sample: np.ndarray
     records: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    aggregates: tuple[np.ndarray, np.ndarray, int] | None = None
+
+    @classmethod
+    def from_aggregate(cls, name: str, scores: np.ndarray, activation_frequency: np.ndarray, n_kept: int,
+                       config: dict[str, Any] | None = None) -> "DetectionResult":
+        s, f = np.asarray(scores, dtype=float), np.asarray(activation_frequency, dtype=float)
+        return cls(name, np.zeros((0, *s.shape)), [], dict(config or {}), (s, f, int(n_kept)))
+
+    @property
+    def has_per_sample(self) -> bool:
+        """Whether per-sample scores exist (rank stability and bootstrap need them)."""
+        return self.aggregates is None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -66,23 +80,20 @@ class DetectionResult:
 
     @property
     def scores(self) -> np.ndarray:
-        return aggregate(self.per_sample)[0]
+        return self.aggregates[0] if self.aggregates else aggregate(self.per_sample)[0]
 
     @property
     def activation_frequency(self) -> np.ndarray:
-        return aggregate(self.per_sample)[1]
+        return self.aggregates[1] if self.aggregates else aggregate(self.per_sample)[1]
 
     @property
     def n_kept(self) -> int:
-        return int(self.per_sample.shape[0])
+        return self.aggregates[2] if self.aggregates else int(self.per_sample.shape[0])
 
     def top(self, k: int = 20) -> list[HeadScore]:
-        """The k heads with the highest retrieval score (ties: lower layer, then lower head)."""
+        """The k heads with the highest retrieval score (NaN last; ties: lower layer, then lower head)."""
         s, f = self.scores, self.activation_frequency
-        flat = np.nan_to_num(s, nan=-np.inf).ravel()
-        order = np.lexsort((np.arange(flat.size), -flat))[:k]
-        n_heads = s.shape[1]
-        return [HeadScore(int(i // n_heads), int(i % n_heads), float(s.flat[i]), float(f.flat[i])) for i in order]
+        return [HeadScore(l, h, float(s[l, h]), float(f[l, h])) for l, h in top_heads(s, k)]
 
     def retrieval_heads(self, threshold: float = RETRIEVAL_THRESHOLD) -> list[tuple[int, int]]:
         return [(int(l), int(h)) for l, h in zip(*np.nonzero(np.nan_to_num(self.scores) > threshold))]
@@ -114,11 +125,12 @@ class DetectionResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "DetectionResult":
-        """From a run folder (records + config) or an authors'-format JSON file."""
+        """From a run folder (records + config), an authors'-format JSON file, or a shipped
+        reference map (`ref:<name>`, see `retrieval_heads.reference`)."""
+        if is_reference(path):
+            path = reference_path(str(path))
         p = Path(path)
         if p.is_dir():
-            from .runs import read_records  # local import: runs imports this module
-
             records = read_records(p / RECORDS_FILE)
             cfg_path = p / CONFIG_FILE
             config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
@@ -129,7 +141,12 @@ class DetectionResult:
             raise DataError(f"{p}: no records or score file in this folder")
         if not p.exists():
             raise DataError(f"{p}: not found")
-        return cls(p.stem, read_scores(p))
+        obj = read_json(p)
+        if is_reference_map(obj):
+            scores, freq, n_kept, provenance = parse_reference_map(obj, str(p))
+            return cls.from_aggregate(provenance.get("name") or p.stem, scores, freq, n_kept,
+                                      {"model": provenance.get("name") or p.stem, "reference": provenance})
+        return cls(p.stem, parse_scores(obj, str(p)))
 
     @classmethod
     def from_records(cls, name: str, records: list[dict[str, Any]], config: dict[str, Any] | None = None) -> "DetectionResult":

@@ -15,10 +15,15 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import DataError, RunConflictError
-from .results import CONFIG_FILE, RECORDS_FILE
 from .scorefile import atomic_write_text
 
 logger = logging.getLogger(__name__)
+
+# The files of every run folder (detection and experiments alike).
+CONFIG_FILE = "config.json"
+RECORDS_FILE = "records.jsonl"
+SUMMARY_FILE = "summary.json"
+TABLE_FILE = "table.md"
 
 # Config keys that do not change results (how the run is executed, not what it computes).
 NON_SEMANTIC_KEYS = frozenset({"show_progress", "device", "batch_size", "out", "overwrite"})

@@ -56,6 +56,11 @@ def parse_scores(obj: Any, source: str = "<scores>") -> np.ndarray:
 
 def read_scores(path: str | Path) -> np.ndarray:
     """Read and validate an authors'-format file; returns `[n_samples, n_layers, n_heads]`."""
+    return parse_scores(read_json(path), str(path))
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content; unreadable or invalid files are one clear DataError."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -67,7 +72,7 @@ def read_scores(path: str | Path) -> np.ndarray:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{p}: not valid JSON ({e.msg} at line {e.lineno}; truncated?)") from None
-    return parse_scores(obj, str(p))
+    return obj
 
 
 def scores_to_obj(per_sample: np.ndarray) -> dict[str, list[float]]:

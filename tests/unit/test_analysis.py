@@ -20,19 +20,19 @@ from retrieval_heads.cli import app, main
 from retrieval_heads.errors import DataError
 from retrieval_heads.results import DetectionResult
 
-REF = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference"
-OFFICIAL = REF / "official_head_scores"
-HEADKV = REF / "headkv_head_scores"
+# The authors' and HeadKV's published maps, shipped as compact derived data (retrieval_heads.reference)
+REF = Path(__file__).resolve().parents[2] / "src" / "retrieval_heads" / "data" / "reference"
+HEADKV_NAMES = ["Meta-Llama-3-8B-Instruct", "Mistral-7B-Instruct-v0.2"]
 SEVEN = ["llama-2-7b-80k", "llama-2-13b-64k", "Mistral-7B-v0.2-hf", "Mixtral-8x7B-v0.1", "Yi-6B-200K",
          "Qwen1.5-14B", "Qwen1.5-14B-Chat"]
 
-needs_ref = pytest.mark.skipif(not OFFICIAL.is_dir(), reason=f"authors' score files not found at {OFFICIAL}")
 
 
 # ---------------------------------------------------------------- independent helpers (no package code)
 def _raw_scores(path: Path) -> dict[tuple[int, int], float]:
     obj = json.loads(path.read_text())
-    return {tuple(int(x) for x in k.split("-")): sum(v) / len(v) for k, v in obj.items()}
+    m = obj["retrieval_score"]
+    return {(l, h): float(m[l][h]) for l in range(len(m)) for h in range(len(m[0]))}
 
 
 def _vector(raw: dict[tuple[int, int], float]) -> np.ndarray:
@@ -41,14 +41,12 @@ def _vector(raw: dict[tuple[int, int], float]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def authors() -> dict[str, DetectionResult]:
-    files = [OFFICIAL / f"{n}.json" for n in SEVEN] + sorted(HEADKV.glob("*.json"))
-    return {r.name: r for r in A.load_results(files)}
+    return {r.name: r for r in A.load_results([f"ref:{n}" for n in SEVEN + HEADKV_NAMES])}
 
 
 @pytest.fixture(scope="module")
 def raw() -> dict[str, dict[tuple[int, int], float]]:
-    files = [OFFICIAL / f"{n}.json" for n in SEVEN] + sorted(HEADKV.glob("*.json"))
-    return {f.stem: _raw_scores(f) for f in files}
+    return {n: _raw_scores(REF / f"{n}.json") for n in SEVEN + HEADKV_NAMES}
 
 
 def _run_folder(path: Path, seed: int = 0, n_layers: int = 3, n_heads: int = 4) -> Path:
@@ -78,7 +76,6 @@ def _cli_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
 
 # ---------------------------------------------------------------- the authors' files
-@needs_ref
 def test_sparsity_matches_independent_computation(authors, raw) -> None:
     table = A.sparsity_table(list(authors.values())).set_index("model")
     for name, scores in raw.items():
@@ -98,7 +95,6 @@ def test_sparsity_matches_independent_computation(authors, raw) -> None:
     assert seven[">0.5"].between(0.0006, 0.0069).all()
 
 
-@needs_ref
 @pytest.mark.parametrize("method", ["pearson", "spearman"])
 def test_correlations_match_independent_computation(authors, raw, method) -> None:
     names = ["Mistral-7B-v0.2-hf", "Mixtral-8x7B-v0.1", "llama-2-7b-80k", "Yi-6B-200K",
@@ -116,7 +112,6 @@ def test_correlations_match_independent_computation(authors, raw, method) -> Non
     assert pairs.loc[0, "pearson_p"] < 1e-10
 
 
-@needs_ref
 def test_correlations_show_the_papers_picture(authors) -> None:
     p32 = A.correlation_matrix([authors[n] for n in ("Mistral-7B-v0.2-hf", "Mixtral-8x7B-v0.1", "llama-2-7b-80k",
                                                       "Yi-6B-200K", "Mistral-7B-Instruct-v0.2",
@@ -134,19 +129,34 @@ def test_correlations_show_the_papers_picture(authors) -> None:
     assert s32.iloc[0, 1] > 0.8 and abs(s32.iloc[0, 2]) < 0.2
 
 
-@needs_ref
 def test_shape_mismatch_is_a_clear_error(authors, monkeypatch, capsys) -> None:
     with pytest.raises(A.ShapeMismatchError, match="32x32.*40x40|40x40.*32x32"):
         A.correlation_matrix([authors["Mistral-7B-v0.2-hf"], authors["Qwen1.5-14B"]])
-    code, _, err = _cli_main(monkeypatch, capsys, "compare", str(OFFICIAL / "Yi-6B-200K.json"),
-                             str(OFFICIAL / "Qwen1.5-14B.json"))
+    code, _, err = _cli_main(monkeypatch, capsys, "compare", "ref:Yi-6B-200K", str(REF / "Qwen1.5-14B.json"))
     assert code == 2 and err.count("\n") == 1 and "differ in shape" in err
 
 
-@needs_ref
+def test_reference_maps_ship_with_provenance_and_load_as_results() -> None:
+    from retrieval_heads.reference import reference_names
+
+    assert set(SEVEN + HEADKV_NAMES) <= set(reference_names())
+    for name in SEVEN + HEADKV_NAMES:
+        obj = json.loads((REF / f"{name}.json").read_text())
+        assert obj["repository"] in ("nightdessert/Retrieval_Head", "FYYFU/HeadKV") and len(obj["raw_sha256"]) == 64
+        r = DetectionResult.load(f"ref:{name}")
+        assert r.n_kept == obj["n_kept"] > 100 and not r.has_per_sample
+        assert np.array_equal(r.scores, np.asarray(obj["retrieval_score"]))
+    assert DetectionResult.load("ref:Mistral-7B-v0.2-hf").config["reference"]["commit"] == \
+        "7ea1f00a85825f0b3619a233f924c698b9d03a9f"
+    with pytest.raises(DataError, match="no reference map"):
+        DetectionResult.load("ref:no-such-model")
+    with pytest.raises(DataError, match="no per-sample"):
+        A.rank_stability(DetectionResult.load("ref:Yi-6B-200K"))
+
+
 def test_compare_cli_writes_matrices(tmp_path) -> None:
-    res = CliRunner().invoke(app, ["compare", str(OFFICIAL / "Mistral-7B-v0.2-hf.json"),
-                                   str(OFFICIAL / "Mixtral-8x7B-v0.1.json"), str(OFFICIAL / "llama-2-7b-80k.json"),
+    res = CliRunner().invoke(app, ["compare", "ref:Mistral-7B-v0.2-hf", str(REF / "Mixtral-8x7B-v0.1.json"),
+                                   "ref:llama-2-7b-80k",
                                    "-o", str(tmp_path), "--no-figures"])
     assert res.exit_code == 0, res.output
     saved = json.loads((tmp_path / "correlation.json").read_text())
@@ -241,7 +251,7 @@ def test_analyze_cli_writes_tables_and_figures(tmp_path) -> None:
 def test_figures_have_titles_labels_and_colorbars(tmp_path) -> None:
     import matplotlib.pyplot as plt
 
-    from retrieval_heads import plots as P
+    from retrieval_heads.plots import detection as P
 
     r = A.load_results([_run_folder(tmp_path / "run")])[0]
     figs = {

@@ -91,7 +91,8 @@ def test_prefix_store_prefills_each_shared_token_once():
 
     lm = tiny_model("llama", attn_implementation="sdpa")
     ss = samples(lm.tokenizer)
-    store = PrefixStore(FastEngine(lm), [s.prompt_ids for s in ss], min_reuse=8)
+    eng = FastEngine(lm)
+    store = PrefixStore(lm.model, lambda full: eng.new_cache(full=full), [s.prompt_ids for s in ss], min_reuse=8)
     starts = [store.cache_for(i)[1] for i in range(len(ss))]
     assert max(starts) > 60  # the long depth-100 samples reuse most of their haystack
     assert all(st < len(s.prompt_ids) for st, s in zip(starts, ss))
@@ -146,13 +147,23 @@ def test_capture_restores_attention_implementation():
     assert lm.model.config._attn_implementation == "sdpa"
 
 
-def test_stop_rule_and_eager_model_switched_to_sdpa():
+def test_stop_rule_and_eager_model_left_as_it_was():
+    """An engine switches the attention implementation only inside its calls and restores it."""
     lm = peaked(tiny_model("qwen2"))  # loaded eager
     s = samples(lm.tokenizer, lengths=(60,), depths=(50.0,), needles=NEEDLES[:1])[0]
     fast = FastEngine(lm)
-    assert lm.model.config._attn_implementation == "sdpa"
     out = fast.run(s, max_new_tokens=8, stop=lambda g: len(g) == 3)
     assert len(out.generated_ids) == 3 and out.argmax.shape[0] == 3
+    assert lm.model.config._attn_implementation == "eager"
+    list(fast.run_many([s, s], max_new_tokens=3, stop=NEVER))
+    ReferenceEngine(lm).run(s, max_new_tokens=3, stop=NEVER)
+    assert lm.model.config._attn_implementation == "eager"
+    sdpa = peaked(tiny_model("qwen2", attn_implementation="sdpa"))
+    ref = ReferenceEngine(sdpa).run(s, max_new_tokens=3, stop=NEVER)
+    assert sdpa.model.config._attn_implementation == "sdpa"
+    got = fast.run(s, max_new_tokens=3, stop=NEVER)
+    assert got.generated_ids == ref.generated_ids
+    np.testing.assert_array_equal(got.argmax, ref.argmax)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

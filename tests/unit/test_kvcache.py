@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from retrieval_heads.errors import ConfigError
-from retrieval_heads.kvcache import (FullPolicy, HeadPolicy, HeadSparseCache, SinkWindowPolicy, SnapKVPolicy,
-                                     export_authors_json, export_duo_tsv, full_cache_bytes, kv_head_scores,
-                                     random_kv_scores, rank_kv_heads, read_duo_tsv, top_mask)
+from retrieval_heads.heads import rank_heads
+from retrieval_heads.kvcache import (FullPolicy, HeadPolicy, HeadSparseCache, KVPolicy, SinkWindowEviction,
+                                     SinkWindowPolicy, SnapKVEviction, SnapKVPolicy, Step, export_authors_json,
+                                     export_duo_tsv, full_cache_bytes, kv_head_scores, query_heads, random_kv_scores,
+                                     read_duo_tsv, top_mask)
 from retrieval_heads.needles import Needle
+from retrieval_heads.plots.kv import plot_kv_eval
 from retrieval_heads.scorefile import read_scores, write_scores
 from retrieval_heads.testing import tiny_model
 
@@ -64,7 +67,7 @@ def test_bytes_shrink_by_the_expected_amount(lm):
     assert sw.nbytes() == L * K * 20 * (2 * D * 4 + 4)
     assert (sw.tokens_per_head() == 20).all()
     scores = np.arange(L * K, dtype=float).reshape(L, K)
-    hp = HeadPolicy(kv_scores=tuple(map(tuple, scores)), n_whole=1, sink=4, window=16).make_cache(spec)
+    hp = HeadPolicy(whole=top_mask(scores, 1), rest=SinkWindowPolicy(sink=4, window=16)).make_cache(spec)
     _greedy(lm, hp, ids, n=1)
     whole = (T + 1) * 2 * D * 4
     assert hp.nbytes() == whole + (L * K - 1) * 20 * (2 * D * 4 + 4)
@@ -110,7 +113,8 @@ def test_cut_heads_match_a_masked_reference():
 
 
 @pytest.mark.parametrize("policy", [SinkWindowPolicy(sink=4, window=16), SnapKVPolicy(budget_tokens=40),
-                                    HeadPolicy(kv_scores=((1.0, 0.0), (0.0, 1.0)), n_whole=2, window=16)])
+                                    HeadPolicy(whole=top_mask(np.array([[1.0, 0.0], [0.0, 1.0]]), 2),
+                                               rest=SinkWindowPolicy(window=16))])
 def test_load_prefill_equals_compressing_after_own_prefill(policy):
     lm = tiny_model("llama", attn_implementation="sdpa")
     ids = _ids(lm)
@@ -142,7 +146,7 @@ def test_gqa_kv_head_score_is_the_max_of_its_query_heads():
     s = np.array([[0.1, 0.7, 0.2, np.nan], [np.nan, np.nan, 0.0, 0.3]])
     kv = kv_head_scores(s, lm.spec)
     assert kv[0].tolist() == [0.7, 0.2] and np.isnan(kv[1, 0]) and kv[1, 1] == 0.3
-    assert rank_kv_heads(kv) == [(0, 0), (1, 1), (0, 1), (1, 0)]
+    assert rank_heads(kv) == [(0, 0), (1, 1), (0, 1), (1, 0)]
     assert top_mask(kv, 2).tolist() == [[True, False], [False, True]]
     with pytest.raises(ConfigError, match="shape"):
         kv_head_scores(np.zeros((3, 4)), lm.spec)
@@ -171,13 +175,138 @@ def test_exports_round_trip(tmp_path):
 
 def test_bad_cache_configs():
     with pytest.raises(ConfigError):
-        HeadSparseCache(np.ones((2, 2), bool), mode="h2o")
+        HeadSparseCache(np.ones((2, 2), bool), eviction="h2o")
     with pytest.raises(ConfigError):
-        HeadSparseCache(np.ones((2, 2), bool), window=0)
+        HeadSparseCache(np.ones((2, 2), bool), SinkWindowEviction(window=0))
+    with pytest.raises(ConfigError, match="budget"):
+        SnapKVEviction(budget=0)
+    with pytest.raises(ConfigError, match="dense prefill"):
+        SnapKVPolicy(budget_tokens=8, dense_prefill=False).make_cache(tiny_model("llama").spec)
     lm = tiny_model("gemma3")
     with pytest.raises(ConfigError, match="sliding"):
         with SinkWindowPolicy().make_cache(lm.spec).attached(lm.model):
             pass
+
+
+# ----------------------------------------------------------------------------------- policies, evictions
+POLICY_CLASSES = (FullPolicy, SinkWindowPolicy, SnapKVPolicy, HeadPolicy)
+
+
+def test_every_policy_has_one_for_budget_signature():
+    import inspect
+
+    sigs = {cls: inspect.signature(cls.for_budget) for cls in POLICY_CLASSES}
+    assert len({str(sig) .replace(f"'{cls.__name__}'", "P") for cls, sig in sigs.items()}) == 1, sigs
+    lm = tiny_model("llama")
+    spec, n = lm.spec, 1000
+    ranking = np.array([[0.1, 0.9], [0.5, np.nan]])
+    for cls in POLICY_CLASSES:
+        p = cls.for_budget(spec, 0.3, n, sink=4, window=60, ranking=ranking, name="x", dense_prefill=True)
+        assert isinstance(p, cls) and isinstance(p, KVPolicy) and p.describe()["policy"] == "x"
+        p.make_cache(spec)
+    # Sizes and describe() keys as before (they go into run configs).
+    assert SinkWindowPolicy.for_budget(spec, 0.3, n, sink=4, window=60).describe() == \
+        {"policy": "sink_window", "sink": 4, "window": 296}
+    assert SnapKVPolicy.for_budget(spec, 0.3, n).describe() == {"policy": "snapkv", "budget_tokens": 300, "obs_window": 32}
+    hp = HeadPolicy.for_budget(spec, 0.3, n, sink=4, window=60, ranking=ranking, name="retrieval")
+    assert hp.describe() == {"policy": "retrieval", "sink": 4, "window": 60,
+                             "n_whole": HeadPolicy.n_whole_for(spec, 0.3, n, 4, 60)}
+    assert FullPolicy().describe() == {"policy": "full", "sink": 4, "window": 64}
+    assert FullPolicy().n_whole is None and SinkWindowPolicy().n_whole is None and hp.n_whole == 1
+    assert hp.whole_mask(spec).tolist() == [[False, True], [False, False]]
+    with pytest.raises(ConfigError, match="ranking"):
+        HeadPolicy.for_budget(spec, 0.3, n)
+    with pytest.raises(ConfigError, match="shape"):
+        HeadPolicy.for_budget(spec, 0.3, n, ranking=np.zeros((3, 2)))
+
+
+def test_nan_is_never_ranked_above_a_scored_head():
+    # Scores below -1 once lost to NaN (NaN became -1.0); NaN means "not scored" and ranks last.
+    spec = tiny_model("llama").spec  # 2 layers x 2 KV heads
+    ranking = np.array([[np.nan, -2.0], [-3.0, np.nan]])
+    budget = 0.55  # two whole KV heads at 1000 tokens with sink + window = 64
+    assert HeadPolicy.n_whole_for(spec, budget, 1000, 4, 60) == 2
+    hp = HeadPolicy.for_budget(spec, budget, 1000, sink=4, window=60, ranking=ranking)
+    assert hp.whole_mask(spec).tolist() == [[False, True], [True, False]]
+    assert np.isnan(ranking).sum() == 2  # the caller's scores are untouched
+    assert HeadPolicy.for_budget(spec, 0.45, 1000, sink=4, window=60, ranking=ranking).whole_mask(spec).tolist() == \
+        [[False, True], [False, False]]
+
+
+def test_head_policy_composes_with_any_rest():
+    lm = tiny_model("llama", attn_implementation="sdpa")
+    whole = np.array([[True, False], [False, False]])
+    snap = HeadPolicy(name="retrieval+snapkv", whole=whole, rest=SnapKVPolicy(budget_tokens=40, obs_window=8))
+    assert snap.describe() == {"policy": "retrieval+snapkv", "budget_tokens": 40, "obs_window": 8, "n_whole": 1}
+    assert isinstance(snap.eviction(), SnapKVEviction) and hash(snap) == hash(HeadPolicy(
+        name="retrieval+snapkv", whole=whole.tolist(), rest=SnapKVPolicy(budget_tokens=40, obs_window=8)))
+    c = snap.make_cache(lm.spec)
+    _greedy(lm, c, _ids(lm), n=3)
+    assert c.tokens_per_head().tolist() == [[N_PROMPT + 3, 43], [43, 43]]
+    sw = HeadPolicy(whole=whole, rest=SinkWindowPolicy(sink=2, window=10)).make_cache(lm.spec)
+    _greedy(lm, sw, _ids(lm), n=3)
+    assert sw.tokens_per_head().tolist() == [[N_PROMPT + 3, 12], [12, 12]]
+    with pytest.raises(ConfigError, match="shape"):
+        HeadPolicy(whole=[True, False])
+
+
+def test_query_heads_is_the_spec_gqa_map():
+    spec = tiny_model("llama").spec  # 4 query heads, 2 KV heads
+    for kv in range(spec.n_kv_heads):
+        assert query_heads(torch.tensor([kv]), spec.group_size).tolist() == spec.query_heads_of(kv)
+    assert query_heads(torch.tensor([0, 1]), spec.group_size).tolist() == [0, 1, 2, 3]
+
+
+def test_attached_restores_the_attention_implementation_after_an_error():
+    lm = tiny_model("llama", attn_implementation="sdpa")
+    cache = SinkWindowPolicy(sink=2, window=8).make_cache(lm.spec)
+    with pytest.raises(RuntimeError, match="boom"):
+        with cache.attached(lm.model, lm.spec):
+            assert lm.model.config._attn_implementation != "sdpa"
+            raise RuntimeError("boom")
+    assert lm.model.config._attn_implementation == "sdpa"
+    with pytest.raises(ConfigError, match="layers"):
+        with HeadSparseCache(np.ones((3, 2), bool)).attached(lm.model):
+            pass
+
+
+def test_each_update_is_consumed_by_one_attention_step():
+    lm = tiny_model("llama", attn_implementation="sdpa")
+    cache = SinkWindowPolicy(sink=2, window=8).make_cache(lm.spec)
+    seen = []
+    own = cache.layers[0].update
+
+    def update(*a, **kw):
+        out = own(*a, **kw)
+        seen.append(cache.layers[0].pending)
+        return out
+
+    cache.layers[0].update = update
+    _greedy(lm, cache, _ids(lm, 20), n=2)
+    assert seen == [Step.DENSE, Step.SPARSE, Step.SPARSE]
+    assert all(layer.pending is None for layer in cache.layers)  # the attention function consumed each step
+
+
+def test_kv_eval_scores_each_task_by_its_primary_metric():
+    from retrieval_heads.experiments.kv_eval import QA_TASK, TASK_TITLES
+    from retrieval_heads.tasks.registry import TASKS
+
+    assert [TASKS[t].metrics[0].name for t in TASK_TITLES] == ["answer_recall", "f1"] and QA_TASK in TASK_TITLES
+
+
+def test_split_at_marks_the_question():
+    from retrieval_heads.kvcache.measure import split_at
+
+    lm = tiny_model("llama")
+    prompt = "a b c\n\nQuestion: d e"
+    ids, split = split_at(lm.tokenizer, prompt, "\n\nQuestion: ")
+    enc = lm.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    assert list(ids) == enc["input_ids"]
+    starts = [s for s, _ in enc["offset_mapping"]]
+    c = prompt.index("\n\nQuestion: ")
+    assert starts[split] >= c and starts[split - 1] < c  # the first token of the question part
+    with pytest.raises(ConfigError, match="cannot split"):
+        split_at(lm.tokenizer, "no question here", "\n\nQuestion: ")
 
 
 # ----------------------------------------------------------------------------------- experiment + CLI
@@ -187,7 +316,7 @@ SCORES = np.array([[0.9, 0.0, 0.2, 0.05], [0.0, 0.6, 0.0, 0.3]])
 
 def test_kv_eval_end_to_end_and_resume(tmp_path, haystack_file):
     from retrieval_heads.runs import read_records
-    from retrieval_heads.tasks.kv_eval import KVEvalConfig, KVEvalResult, kv_eval
+    from retrieval_heads.experiments.kv_eval import KVEvalConfig, KVEvalResult, kv_eval
 
     lm = tiny_model("llama", attn_implementation="sdpa")
     cfg = KVEvalConfig(budgets=(0.3,), policies=("sink_window", "needle_attention", "gain", "snapkv"),
@@ -205,6 +334,9 @@ def test_kv_eval_end_to_end_and_resume(tmp_path, haystack_file):
     again = kv_eval(lm, SCORES, cfg, out=tmp_path / "run", show_progress=False)  # resumes: nothing new
     assert len(read_records(tmp_path / "run" / "records.jsonl")) == n
     assert again.table() == res.table() == KVEvalResult.load(tmp_path / "run").table()
+    # Experiments never draw (the CLI does): the figure comes from the run folder alone.
+    assert not (tmp_path / "run" / "kv_eval.png").exists()
+    plot_kv_eval(KVEvalResult.load(tmp_path / "run"), tmp_path / "run" / "kv_eval")
     assert (tmp_path / "run" / "kv_eval.png").exists() and (tmp_path / "run" / "kv_eval.svg").exists()
 
 
@@ -273,7 +405,7 @@ def test_cli_export_measured_ranking(cli, tmp_path):
 
 def test_kv_eval_extractive_qa(tmp_path, haystack_file):
     """--qa N adds SQuAD examples: compressed context, question after it, F1 per policy, own table."""
-    from retrieval_heads.tasks.kv_eval import KVEvalConfig, KVEvalResult, kv_eval, qa_items
+    from retrieval_heads.experiments.kv_eval import KVEvalConfig, KVEvalResult, kv_eval, qa_items
 
     from .test_tasks import SQUAD
 
@@ -297,4 +429,5 @@ def test_kv_eval_extractive_qa(tmp_path, haystack_file):
     assert all(0 <= r["f1"] <= 1 and r["prediction"] is not None for r in recs)
     assert "extractive QA" in res.table() and "needle retrieval" in res.table()
     assert KVEvalResult.load(tmp_path / "run").table() == res.table()
+    plot_kv_eval(KVEvalResult.load(tmp_path / "run"), tmp_path / "run" / "kv_eval")
     assert (tmp_path / "run" / "kv_eval.png").exists()

@@ -12,9 +12,13 @@ from retrieval_heads.needles import Needle, make_sample
 from retrieval_heads.runs import read_records
 from retrieval_heads.scorefile import write_scores
 from retrieval_heads.tasks import niah
-from retrieval_heads.tasks.niah import (MaskEvalConfig, MaskEvalResult, build_conditions, content_recall,
-                                        error_kind, exact_match, generate, mask_eval, random_heads, ranking)
-from retrieval_heads.engines import StopRule
+from retrieval_heads.tasks.base import Doc, Request
+from retrieval_heads.tasks.niah import content_recall, error_kind, exact_match
+from retrieval_heads.experiments import conditions
+from retrieval_heads.experiments.conditions import build_conditions, generate
+from retrieval_heads.experiments.mask_eval import MaskEvalConfig, MaskEvalResult, mask_eval
+from retrieval_heads.heads import random_heads, rank_heads
+from retrieval_heads.decoding import StopRule
 from retrieval_heads.testing import tiny_model
 
 NEEDLES = (
@@ -37,27 +41,27 @@ def cfg(haystack_file):
 
 def test_random_heads_exclude_the_top_set_and_are_seeded():
     scores = np.random.default_rng(0).random((6, 8))
-    order = ranking(scores)
+    order = rank_heads(scores)
     assert order[0] == np.unravel_index(scores.argmax(), scores.shape)
     for k in (1, 5, 10, 24):
         top = set(order[:k])
         for seed in range(5):
-            r = random_heads(order, k, seed)
+            r = random_heads(order[k:], k, seed)
             assert len(r) == len(set(r)) == k and not top & set(r)
-            assert r == random_heads(order, k, seed)  # reproducible from the recorded seed
+            assert r == random_heads(order[k:], k, seed)  # reproducible from the recorded seed
         if k < 24:  # k = 24 of 48 heads takes every outside head
-            assert len({random_heads(order, k, s) for s in range(5)}) > 1
+            assert len({random_heads(order[k:], k, s) for s in range(5)}) > 1
 
 
 def test_conditions(cfg):
-    conds = build_conditions(SCORES, cfg)
+    conds = build_conditions(SCORES, cfg.ks, cfg.random_seeds, cfg.watch)
     assert [c.id for c in conds] == ["base", "top-k2", "random-k2-s0", "random-k2-s1",
                                      "top-k3", "random-k3-s0", "random-k3-s1"]
     top3 = next(c for c in conds if c.id == "top-k3")
     assert set(top3.heads) == {(0, 0), (1, 1), (1, 3)}
     for c in conds:
         if c.kind == "random":
-            assert not set(c.heads) & set(ranking(SCORES)[: c.k])
+            assert not set(c.heads) & set(rank_heads(SCORES)[: c.k])
         assert not set(c.watch) & set(c.heads) and len(c.watch) == 3  # watched heads are unmasked
     assert conds[0].watch == ((0, 0), (1, 1), (1, 3))
 
@@ -66,7 +70,8 @@ def test_conditions(cfg):
                                       ((-1,), ">= 0")])
 def test_bad_k(cfg, ks, match):
     with pytest.raises(ConfigError, match=match):
-        build_conditions(SCORES, MaskEvalConfig(**{**cfg.__dict__, "ks": ks}))
+        c = MaskEvalConfig(**{**cfg.__dict__, "ks": ks})
+        build_conditions(SCORES, c.ks, c.random_seeds, c.watch)
 
 
 def test_mask_eval_end_to_end_and_resume(lm, cfg, tmp_path, monkeypatch):
@@ -74,7 +79,7 @@ def test_mask_eval_end_to_end_and_resume(lm, cfg, tmp_path, monkeypatch):
     res = mask_eval(lm, SCORES, cfg, out=out, show_progress=False)
     n = 7 * 2 * 2  # conditions x samples
     assert len(res.records) == n
-    for name in ("config.json", "records.jsonl", "summary.json", "table.md", "mask_eval.png", "mask_eval.svg"):
+    for name in ("config.json", "records.jsonl", "summary.json", "table.md"):  # the CLI draws mask_eval.png/.svg
         assert (out / name).exists(), name
     config = json.loads((out / "config.json").read_text())
     assert config["random_seeds"] == [0, 1]
@@ -92,8 +97,8 @@ def test_mask_eval_end_to_end_and_resume(lm, cfg, tmp_path, monkeypatch):
     lines = (out / "records.jsonl").read_text().splitlines(keepends=True)
     (out / "records.jsonl").write_text("".join(lines[:-3]) + lines[-3][:20])
     calls = []
-    real = niah.generate
-    monkeypatch.setattr(niah, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = conditions.generate
+    monkeypatch.setattr(conditions, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = mask_eval(lm, SCORES, cfg, out=out, show_progress=False)
     assert len(calls) == 3
     assert [r["generated_text"] for r in again.records] == [r["generated_text"] for r in res.records]
@@ -131,8 +136,8 @@ def test_sdpa_prefill_eager_decode_matches_eager(arch, haystack_file):
     b = tiny_model(arch, attn_implementation="eager")
     s = make_sample(a.tokenizer, load_haystack(haystack_file), NEEDLES[0], 80, 50, chat=False)
     watch = [(0, 1), (1, 2)]
-    ga, wa = generate(a, s, 6, StopRule(a.tokenizer), watch)
-    gb, wb = generate(b, s, 6, StopRule(b.tokenizer), watch)
+    ga, wa = generate(a, s.prompt_ids, 6, StopRule(a.tokenizer), watch)
+    gb, wb = generate(b, s.prompt_ids, 6, StopRule(b.tokenizer), watch)
     assert ga == gb and np.array_equal(wa, wb)
     assert a.model.config._attn_implementation == "sdpa"  # restored after decoding
 
@@ -201,9 +206,9 @@ def test_cli_runs(cli, tiny_llama_dir, needles_file, haystack_file, tmp_path):
 
 
 def test_execution_order_and_partial_curves(cfg):
-    from retrieval_heads.tasks.niah import execution_order
+    from retrieval_heads.experiments.conditions import execution_order
 
-    conds = build_conditions(SCORES, cfg)
+    conds = build_conditions(SCORES, cfg.ks, cfg.random_seeds, cfg.watch)
     assert [c.id for c in execution_order(conds)] == ["base", "top-k2", "random-k2-s0", "top-k3", "random-k3-s0",
                                                       "random-k2-s1", "random-k3-s1"]
     recs = [{"condition": c, "niah_score": s, "exact": s == 100, "error_kind": "retrieved"}
@@ -212,3 +217,72 @@ def test_execution_order_and_partial_curves(cfg):
     cv = MaskEvalResult("x", conds, recs).curves()  # seed 1 not run yet: random = seed 0 alone
     assert cv["top_score"] == [100.0, 0.0, 50.0] and cv["random_score"] == [100.0, 100.0, 80.0]
     assert cv["random_draws"] == [0, 1, 1]
+
+
+# ------------------------------------------------------------------------------------- the niah task
+@pytest.mark.parametrize("chat", [False, True])
+def test_niah_task_docs_are_the_needle_samples(haystack_file, chat):
+    from retrieval_heads.needles import load_haystack
+    from retrieval_heads.tasks.registry import get_task
+    from retrieval_heads.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    if chat:
+        tok.chat_template = ("{% for m in messages %}<|user|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    task = get_task("niah", needles=NEEDLES, lengths=(80, 120), depths=(10.0, 90.0), path=str(haystack_file),
+                    max_new_tokens=7)
+    assert isinstance(task, niah.NIAH) and task.size == 8
+    with pytest.raises(ConfigError, match="prepare"):
+        task.docs(task.size, 0, len)
+    task.prepare(tok, chat)
+    docs = task.docs(task.size, 0, len)
+    assert [d.id for d in docs] == [f"{n.id}-L{L}-D{d:g}" for n in NEEDLES for L in (80, 120) for d in (10.0, 90.0)]
+    assert len(task.docs(3, 0, len)) == 3
+    hay = load_haystack(haystack_file)
+    for d in docs:
+        s = d.fields["sample"]
+        assert s == make_sample(tok, hay, s.needle, s.length, s.depth, chat=chat)
+        assert d.answers == (s.needle.answer,)
+        req = task.request(d, "answer-only")
+        # the one prompt path rebuilds the sample's prompt and ids exactly: the needle span holds
+        assert req.prompt(tok, chat) == s.prompt and s.needle.question in req.user
+        assert tuple(tok(req.prompt(tok, chat), add_special_tokens=False)["input_ids"]) == s.prompt_ids
+        assert req.max_new_tokens == 7 and req.assistant_prefix == ""
+    with pytest.raises(ConfigError, match="no prompt style"):
+        task.request(docs[0], "cot")
+    assert task.config()["lengths"] == [80, 120] and task.config()["needles"][0]["id"] == "stew"
+
+
+def test_niah_task_scores_the_whole_response(lm):
+    task = niah.NIAH(needles=NEEDLES)
+    doc = Doc("x", {}, ("smoked tamarind",))
+    assert task.extract_answer(" smoked tamarind .\n", doc, "answer-only") == " smoked tamarind .\n"
+    assert task.score(doc, "it is smoked tamarind") == {"answer_recall": 1.0, "exact": 1.0}
+    assert task.score(doc, "tamarind smoked") == {"answer_recall": 1.0, "exact": 0.0}
+    assert task.score(doc, "smoked fish")["answer_recall"] == 0.5
+    req = Request("x", "q", stop=("\n",))
+    stop = task.stop_rule(lm.tokenizer, req)
+    assert isinstance(stop, StopRule) and stop.cut("a\nb") == "a\nb"  # the authors' rule, nothing cut
+    assert [m.name for m in task.metrics] == ["answer_recall", "exact"]
+    with pytest.raises(ConfigError, match="no needles"):
+        niah.NIAH(needles=())
+
+
+def test_task_eval_runs_niah_like_mask_eval(lm, cfg):
+    """One loop: task-eval on the niah task answers exactly as mask-eval does (nothing masked)."""
+    from retrieval_heads.experiments.task_eval import TaskEvalConfig, task_eval
+
+    mcfg = MaskEvalConfig(**{**cfg.__dict__, "ks": (0, 2), "random_seeds": (), "watch": 0})
+    masked = mask_eval(lm, SCORES, mcfg, show_progress=False)
+    tcfg = TaskEvalConfig(task="niah", k=2, random_seeds=(), chat=False, limit=4,
+                          task_args={"needles": NEEDLES, "lengths": (80,), "depths": (10.0, 90.0),
+                                     "path": cfg.haystack, "max_new_tokens": 5})
+    res = task_eval(lm, SCORES, tcfg, show_progress=False)
+    assert res.metrics == ["answer_recall", "exact"] and res.config["task"]["name"] == "niah"
+    by_id = {r["id"]: r for r in masked.records}
+    assert len(res.records) == len(masked.records) == 8
+    for r in res.records:
+        m = by_id[r["id"]]
+        assert r["generated_text"] == m["generated_text"] and r["prompt_tokens"] == m["prompt_tokens"]
+        assert r["scores"] == {"answer_recall": m["answer_recall"], "exact": float(m["exact"])}

@@ -94,6 +94,18 @@ def test_result_from_records_keeps_only_retrieved_samples():
     assert r.retrieval_heads() == [(0, 0), (1, 0)]
 
 
+def test_top_is_the_one_head_ranking_ties_by_lower_layer_then_head_nan_last():
+    from retrieval_heads.heads import rank_heads
+
+    per = np.array([[[0.2, np.nan, 0.5], [0.5, 0.2, 0.0]]])  # one kept sample, 2 layers x 3 heads
+    r = DetectionResult("m", per)
+    top = r.top(6)
+    assert [(h.layer, h.head) for h in top] == [(0, 2), (1, 0), (0, 0), (1, 1), (1, 2), (0, 1)]
+    assert [(h.layer, h.head) for h in top] == rank_heads(r.scores)
+    assert np.isnan(top[-1].score) and top[0].score == 0.5 and top[0].activation_frequency == 1.0
+    assert [(h.layer, h.head) for h in r.top(2)] == [(0, 2), (1, 0)]
+
+
 def test_score_file_roundtrip_and_validation(tmp_path):
     per = np.random.default_rng(0).random((3, 2, 4))
     p = tmp_path / "s.json"

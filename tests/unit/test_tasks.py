@@ -14,13 +14,14 @@ import pytest
 
 from retrieval_heads.errors import ConfigError, DataError
 from retrieval_heads.scorefile import write_scores
-from retrieval_heads.tasks import task_eval as te
-from retrieval_heads.tasks.base import TASKS, get_task, package_file, task_names
+from retrieval_heads.decoding import StopStrings, build_prompt
+from retrieval_heads.experiments import conditions
+from retrieval_heads.tasks.base import Metric, Request, Task, package_file
+from retrieval_heads.tasks.registry import TASKS, get_task, register_task, task_names
 from retrieval_heads.tasks.qa import exact_score, extract_qa_answer, f1_score, normalize_answer, qa_scores
 from retrieval_heads.tasks.reasoning import (extract_letter, extract_number, load_mmlu, make_chain,
                                              numbers_equal)
-from retrieval_heads.tasks.task_eval import (StopStrings, TaskEvalConfig, TaskEvalResult, bootstrap_ci,
-                                             build_prompt, task_eval)
+from retrieval_heads.experiments.task_eval import TaskEvalConfig, TaskEvalResult, bootstrap_ci, task_eval
 from retrieval_heads.testing import tiny_model
 
 WORDS = lambda s: len(s.split())  # noqa: E731  (a token counter for the loaders)
@@ -192,15 +193,27 @@ def test_answer_only_and_cot_prompts():
 def test_chat_template_and_plain_prompt():
     class Tok:
         bos_token = "<s>"
+        bos_token_id = 1
         chat_template = "x"
+
+        def __call__(self, text, add_special_tokens=True):  # a tokenizer that adds BOS
+            return {"input_ids": [1, 7] if add_special_tokens else [7]}
 
         def apply_chat_template(self, messages, tokenize, add_generation_prompt):
             assert add_generation_prompt and not tokenize
             return f"<user>{messages[0]['content']}</user><assistant>"
 
-    req = te.Request("d", "Q?", "The answer is", 8, ("\n",))
-    assert build_prompt(Tok(), req, True) == "<user>Q?</user><assistant>The answer is"
-    assert build_prompt(Tok(), req, False) == "<s>Q?\n\nThe answer is"
+    req = Request("d", "Q?", "The answer is", 8, ("\n",))
+    assert req.prompt(Tok(), True) == "<user>Q?</user><assistant>The answer is"
+    assert req.prompt(Tok(), False) == "<s>Q?\n\nThe answer is"
+    assert build_prompt(Tok(), "Q?", chat=False, assistant_prefix="The answer is", plain_separator="\n\n") == \
+        "<s>Q?\n\nThe answer is"
+
+    class NoBos(Tok):  # BOS only when the tokenizer itself adds one (the one prompt builder's rule)
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [7]}
+
+    assert req.prompt(NoBos(), False) == "Q?\n\nThe answer is"
 
 
 def test_stop_strings(lm):
@@ -300,7 +313,7 @@ def test_task_eval_end_to_end_and_resume(lm, data, tmp_path, monkeypatch):
                          task_args={"path": str(data / "squad.json"), "context_tokens": 100}, chat=False)
     res = task_eval(lm, SCORES, cfg, out=out, show_progress=False)
     assert len(res.records) == 3 * 2  # (none, top, random) x docs
-    for name in ("config.json", "records.jsonl", "summary.json", "table.md", "task_eval.png", "task_eval.svg"):
+    for name in ("config.json", "records.jsonl", "summary.json", "table.md"):  # the CLI draws task_eval.png/.svg
         assert (out / name).exists(), name
     config = json.loads((out / "config.json").read_text())
     assert config["task"]["name"] == "extractive-qa" and config["random_seeds"] == [0]
@@ -320,7 +333,7 @@ def test_task_eval_end_to_end_and_resume(lm, data, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("generated again")
 
-    monkeypatch.setattr(te, "generate", boom)
+    monkeypatch.setattr(conditions, "generate", boom)
     again = task_eval(lm, SCORES, cfg, out=out, show_progress=False)
     assert again.records == res.records and again.table() == table
     loaded = TaskEvalResult.load(out)
@@ -336,13 +349,13 @@ def test_task_eval_end_to_end_and_resume(lm, data, tmp_path, monkeypatch):
 
 def test_each_condition_masks_its_heads(lm, monkeypatch):
     seen = []
-    real = te.mask_heads
+    real = conditions.mask_heads
 
     def recorder(model, heads, method, **kw):
         seen.append((tuple(sorted(heads)), method, kw["phase"]))
         return real(model, heads, method, **kw)
 
-    monkeypatch.setattr(te, "mask_heads", recorder)
+    monkeypatch.setattr(conditions, "mask_heads", recorder)
     cfg = TaskEvalConfig(task="arith-chain", style="answer-only", k=2, random_seeds=(3,), limit=1, chat=False,
                          method="zero", phase="decode")
     res = task_eval(lm, SCORES, cfg, show_progress=False)
@@ -418,3 +431,42 @@ def test_real_data_packages(name, package):
     assert len(docs) == 3 and all(d.answers and d.answers[0] for d in docs)
     for style in task.prompt_styles:
         assert docs[0].fields["question"].strip()[:30] in task.request(docs[0], style).user
+
+
+# ----------------------------------------------------------------------------------- registry
+def test_registry_holds_the_builtin_tasks_and_registers_new_ones(monkeypatch):
+    assert task_names() == ["arith-chain", "extractive-qa", "gsm8k", "hotpotqa", "mmlu", "niah"]
+    monkeypatch.setattr("retrieval_heads.tasks.registry.TASKS", dict(TASKS))
+    from retrieval_heads.tasks import registry
+
+    @register_task("echo")
+    class Echo(Task):
+        metrics = (Metric("match"),)
+
+        def docs(self, limit, seed, count_tokens):
+            return []
+
+        def request(self, doc, style):
+            return Request(doc.id, doc.fields["q"])
+
+        def extract_answer(self, text, doc, style):
+            return text
+
+        def score(self, doc, prediction):
+            return {"match": float(prediction in doc.answers)}
+
+    assert Echo.name == "echo" and isinstance(registry.get_task("echo"), Echo) and "echo" in registry.task_names()
+    with pytest.raises(ValueError, match="registered twice"):
+        register_task("echo")(Echo)
+    assert "echo" not in TASKS  # the module's own table is untouched
+
+
+def test_task_base_imports_no_task():
+    """The task modules build on `tasks.base`; only the registry imports them (no cycle)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, retrieval_heads.tasks.base as b; "
+            "assert not {'retrieval_heads.tasks.qa', 'retrieval_heads.tasks.reasoning', 'retrieval_heads.tasks.niah', "
+            "'retrieval_heads.tasks.registry'} & set(sys.modules), sorted(m for m in sys.modules if 'tasks' in m)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
-from .base import Engine, EngineOutput, StopRule
+from ..decoding import StopRule
+from .base import Engine, EngineOutput
 from .fast import FastEngine
 from .reference import ReferenceEngine
 

@@ -43,9 +43,11 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from ..models import LoadedModel
+from ..decoding import greedy
+from ..models import LoadedModel, attention_implementation, attention_modules
 from ..needles import Sample
 from .base import EngineOutput
+from .prefix import PrefixStore
 
 IMPL_NAME = "retrieval_heads_argmax"
 
@@ -122,15 +124,9 @@ def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
-    if IMPL_NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+    if IMPL_NAME not in ALL_MASK_ATTENTION_FUNCTIONS:  # the mapping holds every registered name
         AttentionInterface.register(IMPL_NAME, argmax_attention)
         AttentionMaskInterface.register(IMPL_NAME, sdpa_mask)
-
-
-def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The self-attention module of each layer, in layer order (modules holding `layer_idx`)."""
-    mods = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
-    return sorted(mods, key=lambda m: m.layer_idx)
 
 
 @contextmanager
@@ -139,14 +135,12 @@ def capture_argmax(model: torch.nn.Module) -> Iterator[_Recorder]:
     _register()
     mods = attention_modules(model)
     rec = _Recorder(layer_of={id(m): i for i, m in enumerate(mods)})
-    old = model.config._attn_implementation
-    model.set_attn_implementation(IMPL_NAME)
     token = _RECORDER.set(rec)
     try:
-        yield rec
+        with attention_implementation(model, IMPL_NAME):
+            yield rec
     finally:
         _RECORDER.reset(token)
-        model.set_attn_implementation(old)
 
 
 def auto_batch_size(device: torch.device | str) -> int:
@@ -168,8 +162,6 @@ class FastEngine:
         self.batch_size = auto_batch_size(self.device) if batch_size is None else batch_size
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if lm.model.config._attn_implementation not in ("sdpa", IMPL_NAME):
-            lm.model.set_attn_implementation("sdpa")
 
     @property
     def device(self) -> torch.device:
@@ -204,18 +196,10 @@ class FastEngine:
         if not 0 <= start < n:
             raise ValueError(f"start {start} must be below the prompt length {n}")
         cache = self.new_cache() if cache is None else cache
-        generated: list[int] = []
         steps: list[torch.Tensor] = []
         with capture_argmax(model) as rec:
-            cur = ids[:, start:]
-            for t in range(max_new_tokens):
-                out = model(input_ids=cur, cache=cache, use_cache=True, logits_to_keep=1)  # cache grows in place
-                steps.append(self._rows(rec, total=n + t))
-                token = int(out.logits[0, -1].argmax())
-                generated.append(token)
-                if stop(generated):
-                    break
-                cur = torch.tensor([[token]], device=device)
+            generated, _ = greedy(model, ids[:, start:], cache=cache, max_new_tokens=max_new_tokens, stop=stop,
+                                  on_step=lambda t, out: steps.append(self._rows(rec, total=n + t)))
         spec = self.lm.spec
         argmax = torch.stack(steps).cpu().numpy().astype(np.int64) if steps else np.zeros((0, spec.n_layers, spec.n_heads), np.int64)
         return EngineOutput(generated_ids=generated, argmax=argmax)
@@ -264,6 +248,11 @@ class FastEngine:
         e.g. from the prefix store) each prompt is prefilled on its own from its cached prefix and
         only the decode steps are batched: every decode step reads all weights, which a batch
         shares (pays on a CPU too; see benchmarks/detect_speed.py).
+
+        The decode loop below is the batched twin of `decoding.greedy`, which decodes batch 1: here
+        rows are left-padded (own attention mask and position ids per step), each row stops on its
+        own while the batch steps on, and the prefill may be per row. Per row it takes the same
+        argmax of the last position's logits and feeds that token back, so outputs equal `run`'s.
         """
         model = self.lm.model
         device = self.device
@@ -334,8 +323,6 @@ class FastEngine:
         batch: each is prefilled from its shared prefix, then they decode together (without
         reuse: prefilled together too).
         """
-        from .prefix import PrefixStore
-
         samples = list(samples)
         reuse = self.prefix_reuse if prefix_reuse is None else prefix_reuse
         bs = self.batch_size
@@ -346,21 +333,24 @@ class FastEngine:
                         else [self.run(chunk[0], max_new_tokens=max_new_tokens, stop=stop)])
                 yield from zip(chunk, outs)
             return
-        store = PrefixStore(self, [s.prompt_ids for s in samples], min_reuse=self.min_reuse)
+        store = PrefixStore(self.lm.model, lambda full: self.new_cache(full=full), [s.prompt_ids for s in samples],
+                            min_reuse=self.min_reuse)
         # prompt tokens that went through a forward (store prefills + each sample's own rest)
         self.prefill_stats = {"prompt_tokens": sum(len(s.prompt_ids) for s in samples), "prefilled": 0}
         own = 0
         try:
-            for i in range(0, len(samples), bs):
-                chunk = samples[i:i + bs]
-                caches = [store.cache_for(j, full=bs > 1) for j in range(i, i + len(chunk))]
-                own += sum(len(s.prompt_ids) - start for s, (_, start) in zip(chunk, caches))
-                self.prefill_stats["prefilled"] = store.prefilled + own
-                if bs > 1:
-                    outs = self.run_batch(chunk, max_new_tokens=max_new_tokens, stop=stop, caches=caches)
-                else:
-                    (cache, start), = caches
-                    outs = [self.run(chunk[0], max_new_tokens=max_new_tokens, stop=stop, cache=cache, start=start)]
-                yield from zip(chunk, outs)
+            # The store prefills outside `capture_argmax`: with SDPA, as the samples' own prefills.
+            with attention_implementation(self.lm.model, "sdpa"):
+                for i in range(0, len(samples), bs):
+                    chunk = samples[i:i + bs]
+                    caches = [store.cache_for(j, full=bs > 1) for j in range(i, i + len(chunk))]
+                    own += sum(len(s.prompt_ids) - start for s, (_, start) in zip(chunk, caches))
+                    self.prefill_stats["prefilled"] = store.prefilled + own
+                    if bs > 1:
+                        outs = self.run_batch(chunk, max_new_tokens=max_new_tokens, stop=stop, caches=caches)
+                    else:
+                        (cache, start), = caches
+                        outs = [self.run(chunk[0], max_new_tokens=max_new_tokens, stop=stop, cache=cache, start=start)]
+                    yield from zip(chunk, outs)
         finally:
             store.clear()

@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from .fast import FastEngine
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +61,13 @@ class PrefixStore:
     """
 
     def __init__(
-        self, engine: "FastEngine", prompts: Sequence[Sequence[int]], *, min_reuse: int = 64, max_slots: int = 4
+        self, model: Any, new_cache: Callable[[bool], Any], prompts: Sequence[Sequence[int]], *,
+        min_reuse: int = 64, max_slots: int = 4
     ) -> None:
-        self.engine = engine
+        """`new_cache(full)`: an empty cache of the model's own layout (`full`: every layer keeps
+        all keys), as the engine that decodes the samples makes them."""
+        self.model = model
+        self.new_cache = new_cache
         self.prompts = [np.asarray(p, dtype=np.int64) for p in prompts]
         self.targets = reuse_targets(prompts)
         self.min_reuse = min_reuse
@@ -87,8 +88,8 @@ class PrefixStore:
         if base is not None:
             for i, (k, v) in enumerate(base.layers):
                 cache.update(k[:, :, :keep], v[:, :, :keep], i)
-        ids = torch.tensor(prompt[keep:length][None], device=self.engine.device)
-        self.engine.lm.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)  # grows in place
+        ids = torch.tensor(prompt[keep:length][None], device=next(self.model.parameters()).device)
+        self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)  # grows in place
         self.prefilled += length - keep
         logger.debug("prefix store: %d tokens (%d new)", length, length - keep)
         return _Slot(prompt[:length].copy(), [(layer.keys, layer.values) for layer in cache.layers])
@@ -117,7 +118,7 @@ class PrefixStore:
             slot, target = self.slots[best], min(have, target)
         self._clock += 1
         slot.used = self._clock
-        cache = self.engine.new_cache(full=full)
+        cache = self.new_cache(full)
         for i, (k, v) in enumerate(slot.layers):
             cache.update(k[:, :, :target], v[:, :, :target], i)
         return cache, target

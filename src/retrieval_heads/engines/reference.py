@@ -8,14 +8,15 @@ layer. No O(n^2) attention matrix is kept beyond one step.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from ..models import LoadedModel
+from ..decoding import StopFn, cache_io, greedy
+from ..models import LoadedModel, attention_implementation
 from ..needles import Sample
-from .base import EngineOutput, StopRule, cache_io
+from .base import EngineOutput
 
 
 def row_argmax(attentions: tuple[torch.Tensor, ...], total: int) -> np.ndarray:
@@ -33,44 +34,37 @@ def row_argmax(attentions: tuple[torch.Tensor, ...], total: int) -> np.ndarray:
 
 
 class ReferenceEngine:
+    """The oracle. Runs with eager attention inside each call and restores the model's own after."""
+
     name = "reference"
 
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
-        model = lm.model
-        if model.config._attn_implementation != "eager":
-            model.set_attn_implementation("eager")
 
     @torch.no_grad()
-    def run(self, sample: Sample, *, max_new_tokens: int, stop: StopRule) -> EngineOutput:
+    def run(self, sample: Sample, *, max_new_tokens: int, stop: StopFn) -> EngineOutput:
         model = self.lm.model
         device = next(model.parameters()).device
         ids = torch.tensor([sample.prompt_ids], device=device)
         n = ids.shape[1]
-        kw, attr = cache_io(model)
-        past: Any = None
-        if n > 1:
-            out = model(input_ids=ids[:, :-1], use_cache=True)
-            past = getattr(out, attr)
-        cur = ids[:, -1:]
-        generated: list[int] = []
         steps: list[np.ndarray] = []
-        for t in range(max_new_tokens):
+
+        def positions(t: int) -> dict[str, Any]:
             pos = n - 1 + t  # position of the query that produces the next token
-            out = model(
-                input_ids=cur,
-                **{kw: past},
-                use_cache=True,
-                output_attentions=True,
-                cache_position=torch.tensor([pos], device=device),
-                position_ids=torch.tensor([[pos]], device=device),
-            )
-            past = getattr(out, attr)
-            steps.append(row_argmax(out.attentions, total=pos + 1))
-            token = int(out.logits[0, -1].argmax())
-            generated.append(token)
-            if stop(generated):
-                break
-            cur = torch.tensor([[token]], device=device)
+            return {"output_attentions": True, "cache_position": torch.tensor([pos], device=device),
+                    "position_ids": torch.tensor([[pos]], device=device)}
+
+        with attention_implementation(model, "eager"):
+            _, attr = cache_io(model)
+            cache = getattr(model(input_ids=ids[:, :-1], use_cache=True), attr) if n > 1 else None
+            generated, _ = greedy(model, ids[:, -1:], cache=cache, max_new_tokens=max_new_tokens, stop=stop,
+                                  step_kwargs=positions,
+                                  on_step=lambda t, out: steps.append(row_argmax(out.attentions, total=n + t)))
         argmax = np.stack(steps) if steps else np.zeros((0, self.lm.spec.n_layers, self.lm.spec.n_heads), np.int64)
         return EngineOutput(generated_ids=generated, argmax=argmax)
+
+    def run_many(self, samples: Iterable[Sample], *, max_new_tokens: int, stop: StopFn
+                 ) -> Iterator[tuple[Sample, EngineOutput]]:
+        """One sample after the other (the oracle shares nothing between samples)."""
+        for s in samples:
+            yield s, self.run(s, max_new_tokens=max_new_tokens, stop=stop)

@@ -1,8 +1,3 @@
-"""Downstream experiments with masked heads (paper section 4). Each task builds its samples and
-scores the model's answers; masking comes from `retrieval_heads.masking`."""
-
-from __future__ import annotations
-
-from .niah import Condition, MaskEvalConfig, MaskEvalResult, mask_eval
-
-__all__ = ["Condition", "MaskEvalConfig", "MaskEvalResult", "mask_eval"]
+"""Tasks: what the model is asked and how its answer is scored (needle retrieval, extractive QA,
+multi-hop QA, arithmetic, MMLU). A task knows nothing of models (needle retrieval reads the
+tokenizer, for exact needle spans); experiments run them. `tasks.registry` finds them by name."""

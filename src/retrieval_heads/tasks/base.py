@@ -1,16 +1,19 @@
-"""One interface for downstream tasks (paper section 4), in the manner of lm-evaluation-harness:
-a task knows nothing of models. It loads its documents, turns each into a `Request` (a user
-message, an optional start of the assistant's answer, a token budget), extracts the answer from
-the generated text and scores it. The model side (chat template, greedy decoding, masking) lives
-in `task_eval`.
+"""One interface for tasks (paper sections 3-4), in the manner of lm-evaluation-harness: a task
+loads its documents, turns each into a `Request` (a user message, an optional start of the
+assistant's answer, a token budget, how decoding stops), extracts the answer from the generated
+text and scores it. The model side (greedy decoding, masking, KV-cache policies) lives in the
+experiments.
 
-    task = get_task("extractive-qa")
+    task = get_task("extractive-qa")                  # tasks.registry
+    task.prepare(tok, chat=True)                      # only needle retrieval reads the tokenizer
     docs = task.docs(limit=50, seed=0, count_tokens=lambda s: len(tok(s)["input_ids"]))
     req = task.request(docs[0], "answer-only")
-    ... text = generate(req) ...
+    ids = tok(req.prompt(tok, chat=True), add_special_tokens=False)["input_ids"]
+    stop = task.stop_rule(tok, req)                   # greedy(..., stop=stop); text = stop.cut(decoded)
     task.score(docs[0], task.extract_answer(text, docs[0], "answer-only"))  # {"f1": .., "exact": ..}
 
-Tasks are registered by name with `@register_task("name")`; `get_task(name)` builds one.
+Tasks are registered by name (`tasks.registry`); this module imports no task, so the task
+modules build on it without an import cycle.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal, Protocol
 
+from ..decoding import StopStrings, build_prompt
 from ..errors import ConfigError, DataError
 from ..models import package_dir
 
@@ -44,13 +48,20 @@ class Doc:
 class Request:
     """What the model is asked: `user` is the user message; `assistant_prefix` starts the answer
     (e.g. "The answer is" for answer-only prompts); generation stops at EOS, at any of `stop` or
-    after `max_new_tokens`."""
+    after `max_new_tokens`. Without a chat template the message is followed by `plain_separator`."""
 
     id: str
     user: str
     assistant_prefix: str = ""
     max_new_tokens: int = 32
     stop: tuple[str, ...] = ("\n",)
+    plain_separator: str = "\n\n"
+
+    def prompt(self, tokenizer: Any, chat: bool) -> str:
+        """The text given to the model (`decoding.build_prompt`); tokenize it without special
+        tokens (a chat template, or the plain prompt's BOS, already holds them)."""
+        return build_prompt(tokenizer, self.user, chat=chat, assistant_prefix=self.assistant_prefix,
+                            plain_separator=self.plain_separator)
 
 
 @dataclass(frozen=True)
@@ -60,8 +71,16 @@ class Metric:
     scale: float = 100.0  # shown as percent
 
 
+class Stop(Protocol):
+    """A stop rule for `decoding.greedy` that also trims the decoded text where it stopped."""
+
+    def __call__(self, generated: list[int]) -> bool: ...
+
+    def cut(self, text: str) -> str: ...
+
+
 class Task(ABC):
-    """A downstream task. Subclasses set `name`, `metrics` (primary first) and implement the four
+    """A task. Subclasses set `name`, `metrics` (primary first) and implement the four abstract
     methods; `prompt_styles` lists the styles the task supports."""
 
     name: ClassVar[str]
@@ -73,6 +92,11 @@ class Task(ABC):
         """What changes the task's documents and prompts (saved in the run config)."""
         return {"name": self.name}
 
+    def prepare(self, tokenizer: Any, chat: bool) -> None:
+        """Called once before `docs` by whoever runs the task. A task whose documents depend on the
+        model's tokens reads the tokenizer here (needle samples carry the needle's exact token
+        span in the prompt). Default: nothing."""
+
     @abstractmethod
     def docs(self, limit: int, seed: int, count_tokens: CountTokens) -> list[Doc]:
         """`limit` documents, deterministic for `seed`. `count_tokens` measures text length in the
@@ -81,6 +105,11 @@ class Task(ABC):
     @abstractmethod
     def request(self, doc: Doc, style: str) -> Request:
         """The prompt for one document in a prompt style."""
+
+    def stop_rule(self, tokenizer: Any, request: Request) -> Stop:
+        """How greedy decoding of `request` stops: EOS or one of `request.stop` once the answer has
+        some text; the text is cut at that stop string."""
+        return StopStrings(tokenizer, request.stop)
 
     @abstractmethod
     def extract_answer(self, text: str, doc: Doc, style: str) -> str:
@@ -93,37 +122,6 @@ class Task(ABC):
     def check_style(self, style: str) -> None:
         if style not in self.prompt_styles:
             raise ConfigError(f"task {self.name!r} has no prompt style {style!r}; choose from {', '.join(self.prompt_styles)}")
-
-
-TASKS: dict[str, type[Task]] = {}
-
-
-def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
-    def deco(cls: type[Task]) -> type[Task]:
-        if name in TASKS:
-            raise ValueError(f"task {name!r} registered twice")
-        cls.name = name
-        TASKS[name] = cls
-        return cls
-
-    return deco
-
-
-def _load_builtin() -> None:
-    from . import qa, reasoning  # noqa: F401  (registration side effect of the task modules)
-
-
-def task_names() -> list[str]:
-    _load_builtin()
-    return sorted(TASKS)
-
-
-def get_task(name: str, **kwargs: Any) -> Task:
-    """Build the task registered as `name`; keyword arguments go to its constructor."""
-    _load_builtin()
-    if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; choose from {', '.join(sorted(TASKS))}")
-    return TASKS[name](**kwargs)
 
 
 # ----------------------------------------------------------------------------------- data files

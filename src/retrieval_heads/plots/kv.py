@@ -6,22 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")  # figures are only written to files
-
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .plots import save_figure
+from .common import save_figure  # also selects the Agg backend
 
 if TYPE_CHECKING:
-    from .tasks.kv_eval import KVEvalResult
+    from ..experiments.kv_eval import KVEvalResult
 
 STYLE = {"retrieval": ("tab:red", "o-"), "needle_attention": ("tab:purple", "D-"), "gain": ("tab:orange", "^-"),
          "random": ("tab:gray", "x--"), "sink_window": ("tab:blue", "s-"), "snapkv": ("tab:green", "v-")}
 
 
-def plot_kv_eval(result: "KVEvalResult", stem: str | Path, *, title: str | None = None) -> list[Path]:
+def plot_kv_eval(result: KVEvalResult, stem: str | Path, *, title: str | None = None) -> list[Path]:
     """Write `stem.png` and `stem.svg`: score vs share of the full cache's bytes, one panel per task
     (needle retrieval: answer recall; extractive QA: SQuAD F1)."""
     tasks = result.tasks() or ["niah"]

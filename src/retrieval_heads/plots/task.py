@@ -7,23 +7,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")  # figures are only written to files
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .plots import save_figure
+from .common import save_figure  # also selects the Agg backend
 
 if TYPE_CHECKING:
-    from .tasks.task_eval import TaskEvalResult
+    from ..experiments.task_eval import TaskEvalResult
 
 BARS = (("base", "no mask", "tab:gray"), ("random", "K random heads masked", "tab:blue"),
         ("top", "top-K retrieval heads masked", "tab:red"))
 
 
-def plot_task_eval(results: Sequence["TaskEvalResult"], stem: str | Path, *, metric: str | None = None,
+def plot_task_eval(results: Sequence[TaskEvalResult], stem: str | Path, *, metric: str | None = None,
                    title: str | None = None) -> list[Path]:
     """Write `stem.png` and `stem.svg`: one bar group per run (label: task, prompt style)."""
     fig, ax = plt.subplots(figsize=(max(4.0, 1.9 * len(results) + 1.5), 3.6))

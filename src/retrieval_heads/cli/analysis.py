@@ -1,15 +1,18 @@
 """`retrieval-heads analyze | compare | report`: the paper's head properties from run folders or
-authors'-format score files. Registered on the main typer app by `register(app)`."""
+authors'-format score files."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List
+from typing import Annotated, List
 
 import typer
 
-from .results import RETRIEVAL_THRESHOLD
+from ..results import RETRIEVAL_THRESHOLD
+from .options import Threshold
+
+Figures = Annotated[bool, typer.Option("--figures/--no-figures", help="write PNG and SVG figures")]
 
 
 def _slug(name: str) -> str:
@@ -17,7 +20,7 @@ def _slug(name: str) -> str:
 
 
 def _write_frame(df, stem: Path) -> list[Path]:
-    from .scorefile import atomic_write_text
+    from ..scorefile import atomic_write_text
 
     csv, js = stem.parent / f"{stem.name}.csv", stem.parent / f"{stem.name}.json"
     atomic_write_text(csv, df.to_csv(index=False))
@@ -26,19 +29,19 @@ def _write_frame(df, stem: Path) -> list[Path]:
 
 
 def analyze(
-    runs: List[Path] = typer.Argument(..., help="run folders or authors'-format score files (JSON)"),
-    out: Path = typer.Option(Path("analysis"), "--out", "-o", help="folder for tables (CSV, JSON) and figures"),
-    threshold: float = typer.Option(RETRIEVAL_THRESHOLD, help="a head is a retrieval head when its score > this"),
-    top: int = typer.Option(20, min=1, help="top heads listed and plotted per run"),
-    figures: bool = typer.Option(True, "--figures/--no-figures", help="write PNG and SVG figures"),
+    runs: Annotated[List[Path], typer.Argument(help="run folders or authors'-format score files (JSON)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for tables (CSV, JSON) and figures")] = Path("analysis"),
+    threshold: Threshold = RETRIEVAL_THRESHOLD,
+    top: Annotated[int, typer.Option(min=1, help="top heads listed and plotted per run")] = 20,
+    figures: Figures = True,
 ) -> None:
     """Sparsity, retrieval-head counts and top heads (paper Figs. 3, 4, 5, 13)."""
     import pandas as pd
     from rich.console import Console
     from rich.table import Table
 
-    from . import analysis as A
-    from .scorefile import atomic_write_text
+    from .. import analysis as A
+    from ..scorefile import atomic_write_text
 
     results = A.load_results(runs)
     table = A.sparsity_table(results, threshold)
@@ -66,7 +69,7 @@ def analyze(
         console.print(tt)
     written += _write_frame(pd.concat(tops, ignore_index=True), out / "top_heads")
     if figures:
-        from . import plots as P
+        from ..plots import detection as P
 
         written += P.save_figure(P.plot_sparsity(table), out / "sparsity")
         for r in results:
@@ -75,9 +78,10 @@ def analyze(
             stem = _slug(r.name)
             written += P.save_figure(P.plot_heatmap(r), out / f"{stem}_heatmap")
             written += P.save_figure(P.plot_score_vs_frequency(r, top), out / f"{stem}_score_vs_frequency")
-            stab = A.rank_stability(r, min(10, top))
-            written += _write_frame(stab, out / f"{stem}_rank_stability")
-            written += P.save_figure(P.plot_rank_stability(stab, r.name), out / f"{stem}_rank_stability")
+            if r.has_per_sample:  # reference maps hold aggregates only
+                stab = A.rank_stability(r, min(10, top))
+                written += _write_frame(stab, out / f"{stem}_rank_stability")
+                written += P.save_figure(P.plot_rank_stability(stab, r.name), out / f"{stem}_rank_stability")
             if A.has_records(r):
                 grid = A.niah_grid(r)
                 atomic_write_text(out / f"{stem}_niah.csv", grid.to_csv())
@@ -87,17 +91,17 @@ def analyze(
 
 
 def compare(
-    runs: List[Path] = typer.Argument(..., help="two or more run folders or score files of one shape"),
-    out: Path = typer.Option(Path("analysis"), "--out", "-o", help="folder for the matrices and figures"),
-    figures: bool = typer.Option(True, "--figures/--no-figures"),
+    runs: Annotated[List[Path], typer.Argument(help="two or more run folders or score files of one shape")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the matrices and figures")] = Path("analysis"),
+    figures: Figures = True,
 ) -> None:
     """Spearman and Pearson correlation of the score maps (paper Fig. 6)."""
     from rich.console import Console
     from rich.table import Table
 
-    from . import analysis as A
-    from .errors import DataError
-    from .scorefile import atomic_write_text
+    from .. import analysis as A
+    from ..errors import DataError
+    from ..scorefile import atomic_write_text
 
     if len(runs) < 2:
         raise DataError("compare needs at least two run folders or score files")
@@ -120,7 +124,7 @@ def compare(
         atomic_write_text(out / f"correlation_{method}.csv", m.to_csv())
         written.append(out / f"correlation_{method}.csv")
         if figures:
-            from . import plots as P
+            from ..plots import detection as P
 
             written += P.save_figure(P.plot_correlation(m, method), out / f"correlation_{method}")
     pairs = A.correlation_pairs(results)
@@ -131,26 +135,20 @@ def compare(
 
 
 def report(
-    runs: List[Path] = typer.Argument(..., help="run folders or authors'-format score files"),
-    output: Path = typer.Option(Path("report.html"), "--output", "-o", help="the HTML file to write"),
-    top: int = typer.Option(20, min=1, help="top heads listed per run"),
-    threshold: float = typer.Option(RETRIEVAL_THRESHOLD, help="a head is a retrieval head when its score > this"),
-    title: str = typer.Option("Retrieval heads report", help="page title"),
-    mask_eval: List[Path] = typer.Option([], "--mask-eval", help="mask-eval run folder(s) to include (Fig. 7, Fig. 9)"),
+    runs: Annotated[List[Path], typer.Argument(help="run folders or authors'-format score files")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="the HTML file to write")] = Path("report.html"),
+    top: Annotated[int, typer.Option(min=1, help="top heads listed per run")] = 20,
+    threshold: Threshold = RETRIEVAL_THRESHOLD,
+    title: Annotated[str, typer.Option(help="page title")] = "Retrieval heads report",
+    mask_eval: Annotated[List[Path], typer.Option("--mask-eval", help="mask-eval run folder(s) to include (Fig. 7, Fig. 9)")] = [],
 ) -> None:
     """One self-contained HTML report (opens offline): tables, figures, interactive heatmaps."""
-    from . import analysis as A
-    from .report import write_report
-    from .tasks.niah import MaskEvalResult
+    from .. import analysis as A
+    from ..experiments.mask_eval import MaskEvalResult
+    from ..report import write_report
 
     results = A.load_results(runs)
     masks = [MaskEvalResult.load(m) for m in mask_eval]
     p = write_report(results, output, top_k=top, threshold=threshold, title=title, mask_evals=masks)
     typer.echo(f"report: {p} ({p.stat().st_size / 1e6:.1f} MB, self-contained)")
 
-
-def register(app: typer.Typer) -> None:
-    """Add analyze, compare and report to the `retrieval-heads` app."""
-    app.command()(analyze)
-    app.command()(compare)
-    app.command()(report)

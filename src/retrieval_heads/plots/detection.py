@@ -1,43 +1,32 @@
 """Matplotlib figures of the paper's head properties (Agg backend, no display needed).
 
-Each `plot_*` function returns a Figure; `save_figure(fig, stem)` writes `stem.png` and
-`stem.svg`. Inputs are the tables of `retrieval_heads.analysis` or a DetectionResult.
+Each `plot_*` function returns a Figure; `save_figure(fig, stem)` (from `plots.common`, re-exported
+here) writes `stem.png` and `stem.svg`. Inputs are the tables of `retrieval_heads.analysis` or a
+DetectionResult.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING
 
-import matplotlib
+import matplotlib.pyplot as plt
+import matplotlib.ticker
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # before pyplot; figures are only ever written to files
+from ..analysis import SPARSITY_BINS, head_label
+from .common import save_figure  # also selects the Agg backend
 
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+if TYPE_CHECKING:
+    from ..results import DetectionResult
 
-from .analysis import SPARSITY_BINS, head_label  # noqa: E402
-from .results import DetectionResult  # noqa: E402
+__all__ = ["BIN_LABELS", "plot_correlation", "plot_heatmap", "plot_niah", "plot_rank_stability",
+           "plot_score_vs_frequency", "plot_sparsity", "save_figure"]
 
 BIN_LABELS = {"zero": "score = 0", "(0,0.1]": "0 < score ≤ 0.1", "(0.1,0.5]": "0.1 < score ≤ 0.5",
               ">0.5": "score > 0.5"}
-
-
-def save_figure(fig: Figure, stem: str | Path, formats: Sequence[str] = ("png", "svg"), dpi: int = 120) -> list[Path]:
-    """Write `stem.<fmt>` for each format and close the figure; returns the paths."""
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    out = []
-    for fmt in formats:
-        p = stem.parent / f"{stem.name}.{fmt}"  # not with_suffix: names hold dots (v0.2)
-        fig.savefig(p, dpi=dpi, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None)
-        out.append(p)
-    plt.close(fig)
-    return out
 
 
 def plot_sparsity(table: pd.DataFrame) -> Figure:

@@ -6,20 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")  # figures are only written to files
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .plots import save_figure
+from .common import save_figure  # also selects the Agg backend
 
 if TYPE_CHECKING:
-    from .tasks.niah import MaskEvalResult
+    from ..experiments.mask_eval import MaskEvalResult
 
 
-def plot_mask_eval(result: "MaskEvalResult", stem: str | Path, *, title: str | None = None) -> list[Path]:
+def plot_mask_eval(result: MaskEvalResult, stem: str | Path, *, title: str | None = None) -> list[Path]:
     """Write `stem.png` and `stem.svg`: NIAH score (left) and exact match (right) vs K."""
     cv = result.curves()
     k = np.asarray(cv["k"], dtype=float)

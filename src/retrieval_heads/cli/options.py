@@ -1,0 +1,144 @@
+"""What the commands share, defined once: option types (`Annotated` aliases, so each flag has one
+name, help and type everywhere), the runtime setup, comma-list parsing and optional figures.
+
+Heavy imports (torch, transformers, the experiments) stay inside functions: `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Iterator, Optional
+
+import typer
+
+from ..errors import ConfigError
+from ..models import DEFAULT_MODEL  # stdlib-only module: --help stays fast
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
+    from ..results import DetectionResult
+
+logger = logging.getLogger("retrieval_heads.cli")
+
+# ------------------------------------------------------------------ options shared by commands
+# Defaults are given at the parameter (`progress: Progress = True`), so one alias serves commands
+# with different defaults.
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps")]
+DType = Annotated[str, typer.Option(help="float32, bfloat16, float16, auto")]
+Threads = Annotated[Optional[int], typer.Option(help="torch CPU threads")]
+Overwrite = Annotated[bool, typer.Option(help="replace a run with a different config in --out")]
+Progress = Annotated[bool, typer.Option("--progress/--no-progress")]
+Chat = Annotated[bool, typer.Option("--chat/--no-chat", help="use the model's chat template when it has one")]
+MaxNewTokens = Annotated[int, typer.Option(min=1)]
+SummaryTop = Annotated[int, typer.Option(help="heads shown in the summary")]
+Threshold = Annotated[float, typer.Option(help="a head is a retrieval head when its score > this")]
+
+# experiments on top of a detection run (mask-eval, task-eval, kv-eval, export-heads)
+Scores = Annotated[Path, typer.Option(help="detection run folder or authors'-format score JSON")]
+ScoresModel = Annotated[Optional[str], typer.Option(
+    help=f"model (default: the model of the --scores run, else {DEFAULT_MODEL})")]
+EvalNeedles = Annotated[Optional[Path], typer.Option(
+    help="JSONL of {needle, question, answer} (default: evaluation needles)")]
+Haystack = Annotated[Optional[Path], typer.Option(
+    help="folder of .txt files or one file (default: Paul Graham essays)")]
+MaskPhase = Annotated[str, typer.Option(help="all (prefill and decode) or decode (authors': decode steps only)")]
+Sink = Annotated[int, typer.Option(min=0, help="attention-sink tokens kept by cut heads")]
+Window = Annotated[int, typer.Option(min=1, help="recent tokens kept by cut heads (head policies)")]
+
+
+# ------------------------------------------------------------------ setup
+def setup_runtime(threads: Optional[int]) -> None:
+    """Quiet library logging and progress bars (ours stay), and set torch's CPU threads."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def load_scores(scores: Path, model: Optional[str]) -> tuple[DetectionResult, str]:
+    """The detection result of `--scores` and the model to run: `--model`, else the run's model."""
+    from ..results import DetectionResult
+
+    result = DetectionResult.load(scores)
+    return result, model or result.config.get("model") or DEFAULT_MODEL
+
+
+def default_run_folder(lm: LoadedModel, suffix: str = "") -> Path:
+    """runs/<model><suffix>, the model's name made a file name."""
+    return Path("runs") / f"{lm.spec.name.replace('/', '_')}{suffix}"
+
+
+@contextmanager
+def optional_figure() -> Iterator[None]:
+    """Draw a run's figure inside this block; without matplotlib only warn: the numbers are saved."""
+    try:
+        yield
+    except ImportError as e:
+        logger.warning("no plot: %s", e)
+
+
+# ------------------------------------------------------------------ parsing
+def comma_floats(text: str, what: str) -> tuple[float, ...]:
+    """'0.1,0.5' -> (0.1, 0.5); `what` names the option in the error."""
+    try:
+        vals = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"{what} must be a comma list of numbers, got {text!r}") from None
+    if not vals:
+        raise ConfigError(f"{what} is empty")
+    return vals
+
+
+def comma_ints(text: str, what: str) -> tuple[int, ...]:
+    """'0,5,10' -> (0, 5, 10); `what` names the option in the error."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"{what} must be a comma list of integers, got {text!r}") from None
+
+
+def comma_names(text: str) -> tuple[str, ...]:
+    """'a, b,' -> ('a', 'b')."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    """Document lengths in tokens: start:stop:count or a,b,c."""
+    from ..detect import parse_range
+
+    return parse_range(text, integer=True)  # type: ignore[return-value]
+
+
+def parse_depths(text: str) -> tuple[float, ...]:
+    """Needle depths in percent: start:stop:count or a,b,c."""
+    from ..detect import parse_range
+
+    return parse_range(text, integer=False)
+
+
+def check_mask_phase(phase: str) -> None:
+    from ..masking import PHASES
+
+    if phase not in PHASES:
+        raise ConfigError(f"unknown mask phase {phase!r}; choose from {', '.join(PHASES)}")
+
+
+def check_random_seeds(n: int) -> None:
+    if n < 0:
+        raise ConfigError("--random-seeds must be >= 0")

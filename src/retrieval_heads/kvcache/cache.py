@@ -1,0 +1,385 @@
+"""Head-level KV-cache compression: keep every token only for chosen KV heads (paper section 5).
+
+Sparsity in the head dimension instead of the token dimension. Per layer and KV head the cache
+keeps either every token ("whole" heads, chosen by a ranking such as the retrieval score) or
+only what an eviction keeps for the other ("cut") heads: the first `sink` tokens (attention sink)
+plus the `window` most recent ones (`SinkWindowEviction`), or the tokens SnapKV selects after the
+prefill (`SnapKVEviction`). The cache really holds fewer bytes: each layer stores its whole heads
+as one tensor `[B, n_whole, T, D]` and its cut heads as `[B, n_part, T_part, D]` with their
+absolute positions; nothing is padded or masked in storage. `HeadSparseCache.nbytes()` is the
+sum of `numel * element_size` over the tensors the cache holds.
+
+    cache = HeadSparseCache(whole, SinkWindowEviction(sink=4, window=60))
+    with cache.attached(lm.model, lm.spec):
+        out = lm.model.generate(ids, cache=cache, max_new_tokens=32, do_sample=False)
+    cache.nbytes()
+
+Attention over heads of different lengths cannot be one SDPA call, so `attached()` registers a
+small attention function (`AttentionInterface`, name `retrieval_heads_head_sparse`) and sets it
+on the model for the duration of the `with` block only. That function runs SDPA once for the
+whole heads and once for the cut ones, each with an exact mask built from absolute positions.
+
+Prefill: by default the first forward (the prompt) uses full attention for every head and the
+cache is compressed right after it ("compress after prefill", as kvpress, SnapKV and HeadKV do).
+With `dense_prefill=False` every forward, prefill chunks included, already sees only the
+compressed cache (DuoAttention-style streaming heads), so peak memory shrinks too.
+
+Only models whose layers all use global attention are supported (Llama, Qwen2, Mistral without
+a window); batches must be unpadded (one prompt, or prompts of one length).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import enum
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Sequence
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..errors import ConfigError
+from ..models import ModelSpec, attention_implementation, spec_from_config
+
+ATTN_NAME = "retrieval_heads_head_sparse"
+
+_ACTIVE: contextvars.ContextVar["HeadSparseCache | None"] = contextvars.ContextVar("rh_kv_cache", default=None)
+
+
+def query_heads(kv_heads: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The query heads that read `kv_heads`, grouped by KV head: `ModelSpec.query_heads_of` as
+    one index tensor (HF `repeat_kv` order: query head h reads KV head h // group_size)."""
+    return (kv_heads[:, None] * group_size + torch.arange(group_size, device=kv_heads.device)[None, :]).flatten()
+
+
+class Step(enum.Enum):
+    """What the attention function does with the keys/values `update()` just stored."""
+
+    DENSE = "dense"  # first forward over the prompt: full attention for every head, then evict
+    SPARSE = "sparse"  # whole heads over all tokens, cut heads over what their eviction kept
+
+
+# ----------------------------------------------------------------------------------- evictions
+class Eviction(ABC):
+    """How a layer's cut heads drop tokens. The layer asks `keep` after each attention step and
+    `visible` for the mask of the current queries; evictions are stateless and shared by layers."""
+
+    needs_dense_prefill: ClassVar[bool] = False
+
+    @abstractmethod
+    def keep(self, layer: "HeadSparseLayer", query: torch.Tensor | None, after_prefill: bool) -> torch.Tensor | None:
+        """Sorted indices `[n_part, k]` of the stored tokens each cut head keeps, or None (keep
+        all). `query`: the prefill's (observation) queries `[B, Hq, q, D]` when known."""
+
+    def visible(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor | None:
+        """bool, broadcast of `qpos` `[1, q, 1]` and `kpos` `[n_part, 1, T]`: which stored tokens a
+        query may read besides causality; None = all of them."""
+        return None
+
+
+@dataclass(frozen=True)
+class SinkWindowEviction(Eviction):
+    """StreamingLLM: keep the first `sink` tokens and the `window` most recent ones."""
+
+    sink: int = 4
+    window: int = 64
+
+    def __post_init__(self) -> None:
+        if self.sink < 0 or self.window < 1:
+            raise ConfigError(f"sink must be >= 0 and window >= 1, got sink={self.sink} window={self.window}")
+
+    def keep(self, layer: "HeadSparseLayer", query: torch.Tensor | None, after_prefill: bool) -> torch.Tensor | None:
+        if layer.pkeys.shape[-2] <= self.sink + self.window:
+            return None
+        pos = layer.ppos[0]  # every cut head holds the same positions
+        idx = torch.nonzero((pos < self.sink) | (pos >= layer.seen - self.window)).flatten()
+        return idx.expand(len(layer.part_idx), -1).contiguous()
+
+    def visible(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        return (kpos < self.sink) | (kpos >= qpos - self.window)
+
+
+@dataclass(frozen=True)
+class SnapKVEviction(Eviction):
+    """SnapKV: once, after the prefill, keep per head `budget` tokens: the last `obs_window`
+    prompt tokens plus those the observation queries attend to most (max-pooled over `kernel`,
+    summed over the window and the head's query heads). Later tokens are appended."""
+
+    budget: int = 256
+    obs_window: int = 32
+    kernel: int = 7
+    needs_dense_prefill: ClassVar[bool] = True  # it ranks tokens by the prefill's attention
+
+    def __post_init__(self) -> None:
+        if self.budget < 1:
+            raise ConfigError(f"snapkv needs a token budget >= 1, got {self.budget}")
+
+    def keep(self, layer: "HeadSparseLayer", query: torch.Tensor | None, after_prefill: bool) -> torch.Tensor | None:
+        t = layer.pkeys.shape[-2]
+        if not after_prefill or query is None or t <= self.budget:
+            return None
+        b, hq, _, d = query.shape
+        group = hq // layer.n_kv
+        w = min(self.obs_window, t, self.budget)
+        q_obs = query[:, query_heads(layer.part_idx, group), -w:]  # [B, n_part*group, w, D]
+        k = layer.pkeys.repeat_interleave(group, dim=1)  # [B, n_part*group, T, D]
+        logits = q_obs @ k.transpose(-1, -2) / math.sqrt(d)
+        causal = torch.arange(t - w, t, device=query.device)[:, None] >= torch.arange(t, device=query.device)[None, :]
+        logits = logits.masked_fill(~causal, float("-inf"))
+        attn = logits.softmax(-1)[..., : t - w].sum(-2)  # [B, n_part*group, T - w]
+        attn = attn.view(b, len(layer.part_idx), group, t - w).sum((0, 2))  # [n_part, T - w]
+        if self.kernel > 1:
+            attn = torch.nn.functional.max_pool1d(attn[:, None], self.kernel, stride=1, padding=self.kernel // 2)[:, 0]
+        top = attn.topk(self.budget - w, dim=-1).indices
+        recent = torch.arange(t - w, t, device=query.device).expand(len(layer.part_idx), -1)
+        return torch.cat([top, recent], dim=-1).sort(dim=-1).values
+
+
+# ----------------------------------------------------------------------------------- cache
+class HeadSparseLayer(CacheLayerMixin):
+    """One layer: whole KV heads `[B, n_whole, T, D]`, cut heads `[B, n_part, T_part, D]` with
+    their absolute positions `[n_part, T_part]` (int32); `eviction` decides what cut heads keep."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, whole: Sequence[bool], eviction: Eviction, *, dense_prefill: bool = True,
+                 record_obs: int = 0) -> None:
+        super().__init__()
+        w = torch.as_tensor(list(whole), dtype=torch.bool)
+        self.whole_idx = torch.nonzero(w).flatten()  # KV heads kept whole
+        self.part_idx = torch.nonzero(~w).flatten()  # KV heads cut by the eviction
+        self.n_kv = len(w)
+        self.eviction = eviction
+        self.dense_prefill = dense_prefill
+        self.seen = 0  # tokens seen (absolute position of the next token)
+        self.keys = self.values = None  # whole heads
+        self.pkeys = self.pvalues = None  # cut heads
+        self.ppos: torch.Tensor | None = None  # [n_part, T_part] int32 absolute positions
+        self.pending: Step | None = None  # set by update(), consumed by the attention function
+        self.qpos: torch.Tensor | None = None  # [q] absolute positions of the current queries
+        self.peak_bytes = 0
+        self.record_obs = int(record_obs)  # >0: a dense step keeps the last `record_obs` queries (SnapKV later)
+        self.obs_query: torch.Tensor | None = None
+
+    # -- CacheLayerMixin
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, _, _, d = key_states.shape
+        dv = value_states.shape[-1]
+        dev, dt = key_states.device, key_states.dtype
+        self.keys = key_states.new_empty(b, len(self.whole_idx), 0, d)
+        self.values = value_states.new_empty(b, len(self.whole_idx), 0, dv)
+        self.pkeys = key_states.new_empty(b, len(self.part_idx), 0, d)
+        self.pvalues = value_states.new_empty(b, len(self.part_idx), 0, dv)
+        self.ppos = torch.empty(len(self.part_idx), 0, dtype=torch.int32, device=dev)
+        self.whole_idx, self.part_idx = self.whole_idx.to(dev), self.part_idx.to(dev)
+        self.device, self.dtype = dev, dt
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values `[B, n_kv, q, D]`; return what the attention function reads:
+        all heads on a dense prefill step, else the whole heads only (the others it takes from
+        this layer)."""
+        if key_states.shape[1] != self.n_kv:
+            raise ConfigError(f"cache planned for {self.n_kv} KV heads, the layer has {key_states.shape[1]}")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        self.qpos = torch.arange(self.seen, self.seen + q, device=key_states.device)
+        dense = self.dense_prefill and self.seen == 0
+        self.keys = torch.cat([self.keys, key_states[:, self.whole_idx]], dim=-2)
+        self.values = torch.cat([self.values, value_states[:, self.whole_idx]], dim=-2)
+        self.pkeys = torch.cat([self.pkeys, key_states[:, self.part_idx]], dim=-2)
+        self.pvalues = torch.cat([self.pvalues, value_states[:, self.part_idx]], dim=-2)
+        new_pos = self.qpos.to(torch.int32).expand(len(self.part_idx), q)
+        self.ppos = torch.cat([self.ppos, new_pos], dim=-1)
+        self.seen += q
+        self.peak_bytes = max(self.peak_bytes, self.nbytes())
+        self.pending = Step.DENSE if dense else Step.SPARSE
+        if dense:
+            return key_states, value_states
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.pkeys = self.pvalues = self.ppos = None
+        self.is_initialized, self.seen, self.pending, self.peak_bytes = False, 0, None, 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("HeadSparseCache supports greedy or sampled decoding, not beam search")
+
+    # -- bookkeeping
+    def nbytes(self) -> int:
+        """Bytes of the tensors this layer holds (keys, values, positions)."""
+        ts = (self.keys, self.values, self.pkeys, self.pvalues, self.ppos)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def tokens_per_head(self) -> list[int]:
+        """Stored tokens of each KV head, in KV-head order."""
+        out = [0] * self.n_kv
+        for i in self.whole_idx.tolist():
+            out[i] = 0 if self.keys is None else self.keys.shape[-2]
+        for i in self.part_idx.tolist():
+            out[i] = 0 if self.pkeys is None else self.pkeys.shape[-2]
+        return out
+
+    def keep_tokens(self, idx: torch.Tensor) -> None:
+        """Keep only the cut heads' stored tokens `idx` `[n_part, k]` (per-head indices, sorted)."""
+        gather = idx[None, :, :, None]
+        self.pkeys = self.pkeys.gather(2, gather.expand(self.pkeys.shape[0], -1, -1, self.pkeys.shape[-1])).contiguous()
+        self.pvalues = self.pvalues.gather(2, gather.expand(self.pvalues.shape[0], -1, -1, self.pvalues.shape[-1])).contiguous()
+        self.ppos = self.ppos.gather(1, idx).contiguous()
+
+    def evict(self, query: torch.Tensor | None = None, *, after_prefill: bool = False) -> None:
+        """After attention: drop what the eviction no longer keeps of the cut heads."""
+        if len(self.part_idx) == 0 or self.pkeys is None:
+            return
+        idx = self.eviction.keep(self, query, after_prefill)
+        if idx is not None:
+            self.keep_tokens(idx)
+
+    def part_mask(self) -> torch.Tensor:
+        """bool `[n_part, q, T_part]`: which stored tokens each current query of each cut head sees."""
+        qp = self.qpos[None, :, None]  # [1, q, 1]
+        kp = self.ppos[:, None, :].to(qp.dtype)  # [n_part, 1, T]
+        vis = kp <= qp
+        extra = self.eviction.visible(qp, kp)
+        return vis if extra is None else vis & extra
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def head_sparse_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention function for `HeadSparseCache`: query `[B, Hq, q, D]` -> output `[B, q, Hq, D]`."""
+    cache = _ACTIVE.get()
+    if cache is None:
+        raise RuntimeError(f"attention {ATTN_NAME!r} runs only inside HeadSparseCache.attached(model)")
+    if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
+        raise ConfigError("head-sparse KV cache: models with attention soft-capping or sliding windows are not supported")
+    layer = cache.layers[module.layer_idx]
+    step, layer.pending = layer.pending, None
+    if step is Step.DENSE:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
+        if layer.record_obs:
+            layer.obs_query = query[:, :, -layer.record_obs:].clone()
+        layer.evict(query, after_prefill=True)
+        return out
+    if step is not Step.SPARSE:
+        raise RuntimeError("head-sparse attention called without a cache update")
+    b, hq, q, _ = query.shape
+    group = hq // layer.n_kv
+    out = query.new_empty(b, hq, q, value.shape[-1])
+    if len(layer.whole_idx):
+        qi = query_heads(layer.whole_idx, group)
+        t = layer.keys.shape[-2]
+        mask = None
+        if q > 1:  # bottom-right aligned causal mask: query i sees keys up to its own position
+            mask = torch.arange(t, device=query.device)[None, :] <= layer.qpos[:, None]
+        out[:, qi] = _sdpa(query[:, qi], layer.keys, layer.values, mask, scaling)
+    if len(layer.part_idx):
+        qi = query_heads(layer.part_idx, group)
+        mask = layer.part_mask().repeat_interleave(group, dim=0)[None]  # [1, n_part*group, q, T]
+        out[:, qi] = _sdpa(query[:, qi], layer.pkeys, layer.pvalues, mask, scaling)
+    layer.evict()
+    return out.transpose(1, 2).contiguous(), None
+
+
+class HeadSparseCache(Cache):
+    """A `transformers.Cache` whose layers keep whole KV heads and cut the others by `eviction`.
+
+    whole: bool `[n_layers, n_kv_heads]`, True = keep every token of that KV head.
+    """
+
+    def __init__(self, whole: np.ndarray, eviction: Eviction = SinkWindowEviction(), *, dense_prefill: bool = True,
+                 record_obs: int = 0) -> None:
+        if not isinstance(eviction, Eviction):
+            raise ConfigError(f"unknown eviction {eviction!r}; use SinkWindowEviction or SnapKVEviction")
+        if eviction.needs_dense_prefill and not dense_prefill:
+            raise ConfigError(f"{type(eviction).__name__} needs a dense prefill")
+        self.whole = np.asarray(whole, dtype=bool)
+        self.eviction = eviction
+        super().__init__(layers=[HeadSparseLayer(row, eviction, dense_prefill=dense_prefill, record_obs=record_obs)
+                                 for row in self.whole])
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors the cache holds now (sum of numel * element_size)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def peak_nbytes(self) -> int:
+        """The largest `nbytes()` seen right after an update (sum of the per-layer peaks)."""
+        return sum(layer.peak_bytes for layer in self.layers)
+
+    def load_prefill(self, dense: "HeadSparseCache") -> "HeadSparseCache":
+        """Fill this (empty) cache from `dense`, a cache with every head whole that has seen only
+        the prompt in one dense forward (with `record_obs` set for SnapKV), and compress it as if
+        this cache had run that prefill itself. Lets one prefill serve many policies; the tensors
+        are copies, nothing is shared with `dense`."""
+        for new, old in zip(self.layers, dense.layers):
+            if old.keys is None or len(old.part_idx) or old.seen != old.keys.shape[-2]:
+                raise ConfigError("load_prefill needs an all-whole cache after one dense prefill")
+            if new.seen:
+                raise ConfigError("load_prefill needs an empty cache")
+            if self.eviction.needs_dense_prefill and old.obs_query is None:
+                raise ConfigError("load_prefill for snapkv needs the dense cache to record observation queries")
+            new.lazy_initialization(old.keys, old.values)
+            new.keys = old.keys[:, new.whole_idx].clone()
+            new.values = old.values[:, new.whole_idx].clone()
+            new.pkeys = old.keys[:, new.part_idx].clone()
+            new.pvalues = old.values[:, new.part_idx].clone()
+            t = old.keys.shape[-2]
+            new.ppos = torch.arange(t, dtype=torch.int32, device=old.keys.device).expand(len(new.part_idx), t).contiguous()
+            new.seen = t
+            new.peak_bytes = new.nbytes()
+            new.evict(old.obs_query, after_prefill=True)
+        return self
+
+    def tokens_per_head(self) -> np.ndarray:
+        """int `[n_layers, n_kv_heads]`: tokens each KV head holds now."""
+        return np.array([layer.tokens_per_head() for layer in self.layers])
+
+    @contextlib.contextmanager
+    def attached(self, model: Any, spec: ModelSpec | None = None) -> Iterator["HeadSparseCache"]:
+        """Run `model` with the head-sparse attention function; restores the model's own on exit.
+        `spec` (default: read from the model's config) must have global attention only."""
+        spec = spec if spec is not None else spec_from_config(model.config, type(model).__name__)
+        if not spec.global_attention:
+            raise ConfigError("head-sparse KV cache: models with sliding-window layers are not supported")
+        if len(self.layers) != spec.n_layers:
+            raise ConfigError(f"cache planned for {len(self.layers)} layers, the model has {spec.n_layers}")
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTN_NAME, head_sparse_attention)  # idempotent
+        token = _ACTIVE.set(self)
+        try:
+            with attention_implementation(model, ATTN_NAME):
+                yield self
+        finally:
+            _ACTIVE.reset(token)
+
+
+def full_cache_bytes(spec: ModelSpec, n_tokens: int, *, batch: int = 1, element_size: int = 4) -> int:
+    """Bytes of an uncompressed KV cache (keys + values) of `n_tokens`, for budgets."""
+    return 2 * spec.n_layers * spec.n_kv_heads * n_tokens * spec.head_dim * element_size * batch

@@ -1,0 +1,210 @@
+"""Cache policies (kvpress-style small dataclasses): which KV heads stay whole and how the others
+are cut. Every policy is sized for a byte budget with the same call,
+
+    policy = Policy.for_budget(spec, budget, n_tokens, sink=4, window=60, ranking=kv_scores)
+    cache = policy.make_cache(spec)
+
+and policies compose: `HeadPolicy(whole=mask, rest=SinkWindowPolicy(...) | SnapKVPolicy(...))`
+keeps the heads of `mask` whole and cuts the rest as `rest` cuts every head.
+
+- `FullPolicy`: every KV head keeps every token (the reference);
+- `SinkWindowPolicy`: StreamingLLM for every head (sink + recent window);
+- `SnapKVPolicy`: SnapKV token eviction for every head;
+- `HeadPolicy`: the best-ranked KV heads (retrieval scores, random, needle attention, ...) whole.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..heads import top_mask
+from ..models import ModelSpec
+from .cache import Eviction, HeadSparseCache, SinkWindowEviction, SnapKVEviction
+
+
+@dataclass(frozen=True)
+class KVPolicy(ABC):
+    """A cache policy: `whole_mask` (KV heads kept whole) and `eviction` (how the others are cut)."""
+
+    name: str = ""
+    dense_prefill: bool = True
+
+    @abstractmethod
+    def whole_mask(self, spec: ModelSpec) -> np.ndarray:
+        """bool `[n_layers, n_kv_heads]`: True = keep every token of that KV head."""
+
+    @abstractmethod
+    def eviction(self) -> Eviction:
+        """What the cut heads keep."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """The policy's parameters for run configs (keys fixed: saved configs depend on them)."""
+
+    @classmethod
+    @abstractmethod
+    def for_budget(cls, spec: ModelSpec, budget: float, n_tokens: int, *, sink: int = 4, window: int = 60,
+                   ranking: np.ndarray | None = None, name: str | None = None,
+                   dense_prefill: bool = True) -> "KVPolicy":
+        """The policy whose cache after `n_tokens` tokens holds at most `budget` (a share) of the full
+        cache's bytes. `sink`/`window`: what cut heads keep where the budget does not set it;
+        `ranking`: KV-head scores `[n_layers, n_kv_heads]` for policies that choose whole heads."""
+
+    @property
+    def n_whole(self) -> int | None:
+        """KV heads chosen whole by a ranking (None: the policy ranks no heads)."""
+        return None
+
+    def make_cache(self, spec: ModelSpec) -> HeadSparseCache:
+        return HeadSparseCache(self.whole_mask(spec), self.eviction(), dense_prefill=self.dense_prefill)
+
+
+def _name(name: str | None) -> dict[str, Any]:
+    """The `name` argument of a constructor: the class's default name unless one is given."""
+    return {"name": name} if name else {}
+
+
+@dataclass(frozen=True)
+class FullPolicy(KVPolicy):
+    """Every KV head keeps every token (the reference); `sink`/`window` cut no head."""
+
+    name: str = "full"
+    sink: int = 4
+    window: int = 64
+
+    def whole_mask(self, spec: ModelSpec) -> np.ndarray:
+        return np.ones((spec.n_layers, spec.n_kv_heads), dtype=bool)
+
+    def eviction(self) -> Eviction:
+        return SinkWindowEviction(self.sink, self.window)
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.name, "sink": self.sink, "window": self.window}
+
+    @classmethod
+    def for_budget(cls, spec: ModelSpec, budget: float, n_tokens: int, *, sink: int = 4, window: int = 60,
+                   ranking: np.ndarray | None = None, name: str | None = None,
+                   dense_prefill: bool = True) -> "FullPolicy":
+        """The full cache, whatever the budget (it is the reference the budget is a share of)."""
+        return cls(**_name(name), sink=sink, window=window, dense_prefill=dense_prefill)
+
+
+@dataclass(frozen=True)
+class SinkWindowPolicy(KVPolicy):
+    """StreamingLLM for every head: the first `sink` tokens plus the last `window`."""
+
+    name: str = "sink_window"
+    sink: int = 4
+    window: int = 64
+
+    def whole_mask(self, spec: ModelSpec) -> np.ndarray:
+        return np.zeros((spec.n_layers, spec.n_kv_heads), dtype=bool)
+
+    def eviction(self) -> Eviction:
+        return SinkWindowEviction(self.sink, self.window)
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.name, "sink": self.sink, "window": self.window}
+
+    @classmethod
+    def for_budget(cls, spec: ModelSpec, budget: float, n_tokens: int, *, sink: int = 4, window: int = 60,
+                   ranking: np.ndarray | None = None, name: str | None = None,
+                   dense_prefill: bool = True) -> "SinkWindowPolicy":
+        """Sink + window = `budget * n_tokens` tokens per head (the budget sets the window)."""
+        keep = max(sink + 1, int(round(budget * n_tokens)))
+        return cls(**_name(name), sink=sink, window=keep - sink, dense_prefill=dense_prefill)
+
+
+@dataclass(frozen=True)
+class SnapKVPolicy(KVPolicy):
+    """SnapKV-style token eviction for every head: after prefill keep `budget_tokens` per head
+    (last `obs_window` prompt tokens + the most attended ones), then append new tokens."""
+
+    name: str = "snapkv"
+    budget_tokens: int = 256
+    obs_window: int = 32
+    kernel: int = 7
+
+    def whole_mask(self, spec: ModelSpec) -> np.ndarray:
+        return np.zeros((spec.n_layers, spec.n_kv_heads), dtype=bool)
+
+    def eviction(self) -> Eviction:
+        return SnapKVEviction(self.budget_tokens, self.obs_window, self.kernel)
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.name, "budget_tokens": self.budget_tokens, "obs_window": self.obs_window}
+
+    @classmethod
+    def for_budget(cls, spec: ModelSpec, budget: float, n_tokens: int, *, sink: int = 4, window: int = 60,
+                   ranking: np.ndarray | None = None, name: str | None = None,
+                   dense_prefill: bool = True) -> "SnapKVPolicy":
+        """`budget * n_tokens` tokens per head (SnapKV chooses them; no sink or window)."""
+        return cls(**_name(name), budget_tokens=max(1, int(round(budget * n_tokens))),
+                   dense_prefill=dense_prefill)
+
+
+@dataclass(frozen=True)
+class HeadPolicy(KVPolicy):
+    """The KV heads of `whole` keep every token; `rest` cuts the others (as it cuts every head).
+
+    whole: bool `[n_layers, n_kv_heads]` (any nested sequence or array; kept as nested tuples so
+    the policy stays frozen and hashable).
+    """
+
+    name: str = "retrieval_heads"
+    whole: tuple[tuple[bool, ...], ...] = ()
+    rest: SinkWindowPolicy | SnapKVPolicy = field(default_factory=SinkWindowPolicy)
+
+    def __post_init__(self) -> None:
+        rows = np.asarray(self.whole, dtype=bool)
+        if rows.size and rows.ndim != 2:
+            raise ConfigError(f"whole-head mask must be [layers, KV heads], got shape {rows.shape}")
+        object.__setattr__(self, "whole", tuple(tuple(bool(x) for x in row) for row in rows))
+
+    def whole_mask(self, spec: ModelSpec) -> np.ndarray:
+        w = np.asarray(self.whole, dtype=bool)
+        if w.shape != (spec.n_layers, spec.n_kv_heads):
+            raise ConfigError(f"whole-head mask has shape {w.shape}, {spec.name} has {spec.n_layers} x {spec.n_kv_heads}")
+        return w
+
+    def eviction(self) -> Eviction:
+        return self.rest.eviction()
+
+    @property
+    def n_whole(self) -> int:
+        return int(np.asarray(self.whole, dtype=bool).sum())
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.rest.describe(), "policy": self.name, "n_whole": self.n_whole}
+
+    @staticmethod
+    def n_whole_for(spec: ModelSpec, budget: float, n_tokens: int, sink: int, window: int) -> int:
+        """Largest number of whole KV heads whose cache stays within `budget` of the full cache."""
+        n = spec.n_layers * spec.n_kv_heads
+        part = min(sink + window, n_tokens)
+        if n_tokens <= part:
+            return n
+        k = (budget * n * n_tokens - n * part) / (n_tokens - part)
+        return int(min(n, max(0, math.floor(k + 1e-9))))
+
+    @classmethod
+    def for_budget(cls, spec: ModelSpec, budget: float, n_tokens: int, *, sink: int = 4, window: int = 60,
+                   ranking: np.ndarray | None = None, name: str | None = None,
+                   dense_prefill: bool = True) -> "HeadPolicy":
+        """As many best-ranked KV heads whole as the budget allows, sink + window for the rest.
+        NaN in `ranking` (not scored) ranks after every scored head (`heads.rank_heads`)."""
+        if ranking is None:
+            raise ConfigError("a head policy needs a ranking of the KV heads")
+        r = np.asarray(ranking, dtype=float)
+        if r.shape != (spec.n_layers, spec.n_kv_heads):
+            raise ConfigError(f"KV-head scores have shape {r.shape}, {spec.name} has {spec.n_layers} x {spec.n_kv_heads}")
+        mask = top_mask(r, cls.n_whole_for(spec, budget, n_tokens, sink, window))
+        return cls(**_name(name), whole=tuple(map(tuple, mask.tolist())),
+                   rest=SinkWindowPolicy(sink=sink, window=window, dense_prefill=dense_prefill),
+                   dense_prefill=dense_prefill)
