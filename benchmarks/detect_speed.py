@@ -25,8 +25,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 NEVER = lambda generated: False  # noqa: E731
 
@@ -43,7 +44,7 @@ class PeakRSS:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
     @contextmanager
-    def track(self) -> Iterator["PeakRSS"]:
+    def track(self) -> Iterator[PeakRSS]:
         self.peak = self.now()
         stop = threading.Event()
 
@@ -65,9 +66,15 @@ def plain_generate(lm: Any, sample: Any, n: int) -> list[int]:
     import torch
 
     ids = torch.tensor([sample.prompt_ids])
-    out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                            do_sample=False, pad_token_id=lm.tokenizer.eos_token_id)
-    return out[0, ids.shape[1]:].tolist()
+    out = lm.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=lm.tokenizer.eos_token_id,
+    )
+    return out[0, ids.shape[1] :].tolist()
 
 
 def timed(fn: Any, rss: PeakRSS) -> tuple[float, float, Any]:
@@ -109,13 +116,28 @@ def child(args: argparse.Namespace) -> None:
         plain_generate(lm, s, 1)
     else:
         FastEngine(lm).run(s, max_new_tokens=args.rss_new_tokens, stop=NEVER)
-    print(json.dumps({"before": base, "peak": vm_hwm_mib(),
-                      "seconds": time.perf_counter() - t0, "tokens": len(s.prompt_ids)}))
+    print(
+        json.dumps(
+            {"before": base, "peak": vm_hwm_mib(), "seconds": time.perf_counter() - t0, "tokens": len(s.prompt_ids)}
+        )
+    )
 
 
 def run_child(args: argparse.Namespace, which: str) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--child", which, "--model", args.model, "--threads", str(args.threads),
-           "--rss-length", str(args.rss_length), "--rss-new-tokens", str(args.rss_new_tokens)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        which,
+        "--model",
+        args.model,
+        "--threads",
+        str(args.threads),
+        "--rss-length",
+        str(args.rss_length),
+        "--rss-new-tokens",
+        str(args.rss_new_tokens),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -150,8 +172,10 @@ def main() -> None:
     rss = PeakRSS()
     lm = load_model(args.model, attn_implementation="sdpa")
     hay = load_haystack()
-    print(f"# detect_speed  {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  {platform.processor() or platform.machine()}"
-          f"  cpus={os.cpu_count()} threads={torch.get_num_threads()}  model={args.model}  new_tokens={n}")
+    print(
+        f"# detect_speed  {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  {platform.processor() or platform.machine()}"
+        f"  cpus={os.cpu_count()} threads={torch.get_num_threads()}  model={args.model}  new_tokens={n}"
+    )
     sample = lambda L, d=50.0, k=0: make_sample(lm.tokenizer, hay, DETECTION_NEEDLES[k], L, d)  # noqa: E731
     fast = FastEngine(lm, prefix_reuse=False)
     warm = sample(200)
@@ -159,7 +183,9 @@ def main() -> None:
 
     rows = []
     phases = set(args.phases.split(","))
-    print("\n| length | prompt tokens | plain generate s | reference s | fast s | fast/plain | fast/reference | peak RSS MiB plain / ref / fast |")
+    print(
+        "\n| length | prompt tokens | plain generate s | reference s | fast s | fast/plain | fast/reference | peak RSS MiB plain / ref / fast |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for L in lengths if "lengths" in phases else []:
         s = sample(L)
@@ -174,14 +200,20 @@ def main() -> None:
         cut = out_fast.generated_ids.index(eos) if eos in out_fast.generated_ids else n
         same = out_fast.generated_ids == out_ref.generated_ids and gen_plain[:cut] == out_fast.generated_ids[:cut]
         rows.append((L, tp, tr, tf))
-        print(f"| {L} | {len(s.prompt_ids)} | {tp:.1f} | {tr:.1f} | {tf:.1f} | {tf / tp:.2f} | {tf / tr:.2f} | "
-              f"{mp:.0f} / {mr:.0f} / {mf:.0f} |" + ("" if same else " (generations differ!)"))
+        print(
+            f"| {L} | {len(s.prompt_ids)} | {tp:.1f} | {tr:.1f} | {tf:.1f} | {tf / tp:.2f} | {tf / tr:.2f} | "
+            f"{mp:.0f} / {mr:.0f} / {mf:.0f} |" + ("" if same else " (generations differ!)")
+        )
 
     # The grid: plain generate of every sample vs fast engine with prefix reuse, same samples.
     tg_plain = tg_fast = 0.0
     if "grid" in phases:
-        grid = [make_sample(lm.tokenizer, hay, needle, L, d)
-                for needle in DETECTION_NEEDLES[: args.grid_needles] for L in lengths for d in depths]
+        grid = [
+            make_sample(lm.tokenizer, hay, needle, L, d)
+            for needle in DETECTION_NEEDLES[: args.grid_needles]
+            for L in lengths
+            for d in depths
+        ]
         tg_plain, mg_plain, _ = timed(lambda: [plain_generate(lm, s, n) for s in grid], rss)
         tg_prefill, _, _ = timed(lambda: [plain_generate(lm, s, 1) for s in grid], rss)  # prefill + 1 token
         fast = FastEngine(lm, prefix_reuse=True, batch_size=1)
@@ -194,28 +226,47 @@ def main() -> None:
         # time taken as proportional to the tokens prefilled:
         bound = (tg_plain - tg_prefill + tg_prefill * share) / tg_plain
 
-        print(f"\nGrid: {len(grid)} samples ({args.grid_needles} needles x lengths {lengths} x depths {depths}), "
-              f"{tokens} prompt tokens")
-        print(f"  plain generate of every sample: {tg_plain:.1f} s (peak RSS {mg_plain:.0f} MiB); "
-              f"of which prefill ~{tg_prefill:.1f} s (generate with 1 new token), decode ~{tg_plain - tg_prefill:.1f} s")
-        print(f"  fast engine with prefix reuse:  {tg_fast:.1f} s (peak RSS {mg_fast:.0f} MiB); "
-              f"prefilled {fast.prefill_stats['prefilled']} of {tokens} prompt tokens ({share:.1%})")
-        print(f"  best ratio prefix reuse can reach on this grid (decode unchanged, prefill x {share:.2f}): {bound:.2f}")
-        print(f"  fast engine with prefix reuse + decode batched by {args.batch_size}: {tg_fastb:.1f} s "
-              f"(peak RSS {mg_fastb:.0f} MiB); ratio to plain {tg_fastb / tg_plain:.2f}; outputs "
-              + ("identical to batch 1" if all(a.generated_ids == b.generated_ids and (a.argmax == b.argmax).all()
-                                               for (_, a), (_, b) in zip(outs_1, outs_b)) else "DIFFERENT from batch 1"))
+        print(
+            f"\nGrid: {len(grid)} samples ({args.grid_needles} needles x lengths {lengths} x depths {depths}), "
+            f"{tokens} prompt tokens"
+        )
+        print(
+            f"  plain generate of every sample: {tg_plain:.1f} s (peak RSS {mg_plain:.0f} MiB); "
+            f"of which prefill ~{tg_prefill:.1f} s (generate with 1 new token), decode ~{tg_plain - tg_prefill:.1f} s"
+        )
+        print(
+            f"  fast engine with prefix reuse:  {tg_fast:.1f} s (peak RSS {mg_fast:.0f} MiB); "
+            f"prefilled {fast.prefill_stats['prefilled']} of {tokens} prompt tokens ({share:.1%})"
+        )
+        print(
+            f"  best ratio prefix reuse can reach on this grid (decode unchanged, prefill x {share:.2f}): {bound:.2f}"
+        )
+        print(
+            f"  fast engine with prefix reuse + decode batched by {args.batch_size}: {tg_fastb:.1f} s "
+            f"(peak RSS {mg_fastb:.0f} MiB); ratio to plain {tg_fastb / tg_plain:.2f}; outputs "
+            + (
+                "identical to batch 1"
+                if all(
+                    a.generated_ids == b.generated_ids and (a.argmax == b.argmax).all()
+                    for (_, a), (_, b) in zip(outs_1, outs_b)
+                )
+                else "DIFFERENT from batch 1"
+            )
+        )
 
     if "batch" in phases:  # batched prefill + decode of several samples, no reuse (the GPU path)
         bs = args.batch_size
-        batch = [sample(lengths[0], d, k % len(DETECTION_NEEDLES)) for k, d in zip(range(bs), (10.0, 40.0, 70.0, 90.0) * bs)]
+        batch = [
+            sample(lengths[0], d, k % len(DETECTION_NEEDLES)) for k, d in zip(range(bs), (10.0, 40.0, 70.0, 90.0) * bs)
+        ]
         one = FastEngine(lm, prefix_reuse=False, batch_size=1)
         t1, _, o1 = timed(lambda: [one.run(s, max_new_tokens=n, stop=NEVER) for s in batch], rss)
         tb, mb, ob = timed(lambda: FastEngine(lm, batch_size=bs).run_batch(batch, max_new_tokens=n, stop=NEVER), rss)
         same = all(a.generated_ids == b.generated_ids and (a.argmax == b.argmax).all() for a, b in zip(o1, ob))
-        print(f"\nBatching on {lm.model.device}: {bs} samples of ~{lengths[0]} tokens: one at a time {t1:.1f} s, "
-              f"one batch {tb:.1f} s (ratio {tb / t1:.2f}; {'identical' if same else 'DIFFERENT'} outputs)")
-
+        print(
+            f"\nBatching on {lm.model.device}: {bs} samples of ~{lengths[0]} tokens: one at a time {t1:.1f} s, "
+            f"one batch {tb:.1f} s (ratio {tb / t1:.2f}; {'identical' if same else 'DIFFERENT'} outputs)"
+        )
 
     print("\nTargets")
     if rows:
@@ -226,13 +277,17 @@ def main() -> None:
         big = max(rows)
         print(f"  fast / paper-faithful at {big[0]}:       {verdict(big[3] / big[2], 0.35)}")
     if tg_plain:
-        print(f"  grid with reuse / plain generate grid: {verdict(tg_fast / tg_plain, 0.7)} (reuse alone can reach >= {bound:.2f})")
+        print(
+            f"  grid with reuse / plain generate grid: {verdict(tg_fast / tg_plain, 0.7)} (reuse alone can reach >= {bound:.2f})"
+        )
         print(f"  grid with reuse + batched decode / plain generate grid: {verdict(tg_fastb / tg_plain, 0.7)}")
     if args.rss_length:
         plain = run_child(args, "plain")
         fastc = run_child(args, "fast")
-        print(f"  peak RSS at {plain['tokens']} tokens: plain SDPA prefill {plain['peak']:.0f} MiB, "
-              f"fast engine ({args.rss_new_tokens} tokens) {fastc['peak']:.0f} MiB; ratio {verdict(fastc['peak'] / plain['peak'], 1.2)}")
+        print(
+            f"  peak RSS at {plain['tokens']} tokens: plain SDPA prefill {plain['peak']:.0f} MiB, "
+            f"fast engine ({args.rss_new_tokens} tokens) {fastc['peak']:.0f} MiB; ratio {verdict(fastc['peak'] / plain['peak'], 1.2)}"
+        )
     print(f"\n  process peak RSS (ru_maxrss): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

@@ -52,8 +52,7 @@ def child(args: argparse.Namespace) -> None:
         else:
             recs = read_records(Path(args.kv_run) / "records.jsonl")
             kv = np.asarray(next(r["kv_scores"] for r in recs if r.get("ranking") == args.child), dtype=float)
-        policy = HeadPolicy.for_budget(lm.spec, args.budget, n_ctx, ranking=kv, name=args.child,
-                                       dense_prefill=False)
+        policy = HeadPolicy.for_budget(lm.spec, args.budget, n_ctx, ranking=kv, name=args.child, dense_prefill=False)
     cache = policy.make_cache(lm.spec)
     base = vm("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: measure from here
@@ -61,13 +60,26 @@ def child(args: argparse.Namespace) -> None:
     with cache.attached(lm.model), torch.no_grad():
         out = None
         for i in range(0, n_ctx, args.chunk):
-            out = lm.model(input_ids=torch.tensor([ids[i:i + args.chunk]]), cache=cache, use_cache=True, logits_to_keep=1)
+            out = lm.model(
+                input_ids=torch.tensor([ids[i : i + args.chunk]]), cache=cache, use_cache=True, logits_to_keep=1
+            )
         for _ in range(args.new_tokens):
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             out = lm.model(input_ids=tok, cache=cache, use_cache=True, logits_to_keep=1)
-    print(json.dumps({"policy": args.child, "tokens": n_ctx, "n_whole": getattr(policy, "n_whole", None),
-                      "rss_before_mib": base, "peak_rss_mib": vm("VmHWM"), "cache_mib": cache.nbytes() / 2**20,
-                      "peak_cache_mib": cache.peak_nbytes() / 2**20, "seconds": time.perf_counter() - t0}))
+    print(
+        json.dumps(
+            {
+                "policy": args.child,
+                "tokens": n_ctx,
+                "n_whole": getattr(policy, "n_whole", None),
+                "rss_before_mib": base,
+                "peak_rss_mib": vm("VmHWM"),
+                "cache_mib": cache.nbytes() / 2**20,
+                "peak_cache_mib": cache.peak_nbytes() / 2**20,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -85,8 +97,10 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return child(args)
-    print(f"# kv_memory {time.strftime('%Y-%m-%d %H:%M')} model={args.model} length={args.length} "
-          f"budget={args.budget} chunk={args.chunk} (streamed prefill, fresh process per policy)\n")
+    print(
+        f"# kv_memory {time.strftime('%Y-%m-%d %H:%M')} model={args.model} length={args.length} "
+        f"budget={args.budget} chunk={args.chunk} (streamed prefill, fresh process per policy)\n"
+    )
     print("| policy | whole KV heads | cache MiB (measured) | peak RSS MiB | peak rise over loaded model MiB |")
     print("|---|---:|---:|---:|---:|")
     rows = []
@@ -94,13 +108,18 @@ def main() -> None:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--child", pol]
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
         rows.append(r)
-        print(f"| {pol} | {r['n_whole'] if r['n_whole'] is not None else '-'} | {r['cache_mib']:.1f} | "
-              f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - r['rss_before_mib']:.0f} |", flush=True)
+        print(
+            f"| {pol} | {r['n_whole'] if r['n_whole'] is not None else '-'} | {r['cache_mib']:.1f} | "
+            f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - r['rss_before_mib']:.0f} |",
+            flush=True,
+        )
     full = next((r for r in rows if r["policy"] == "full"), None)
     if full:
         for r in rows:
-            print(f"  {r['policy']}: peak RSS {r['peak_rss_mib'] / full['peak_rss_mib']:.2f} x full, "
-                  f"cache bytes {r['cache_mib'] / full['cache_mib']:.2f} x full")
+            print(
+                f"  {r['policy']}: peak RSS {r['peak_rss_mib'] / full['peak_rss_mib']:.2f} x full, "
+                f"cache bytes {r['cache_mib'] / full['cache_mib']:.2f} x full"
+            )
 
 
 if __name__ == "__main__":

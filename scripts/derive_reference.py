@@ -21,10 +21,13 @@ from pathlib import Path
 import numpy as np
 
 SOURCES = {
-    "official_head_scores": {"source": "authors", "repository": "nightdessert/Retrieval_Head", "folder": "head_score",
-                             "commit": "7ea1f00a85825f0b3619a233f924c698b9d03a9f"},
-    "headkv_head_scores": {"source": "HeadKV", "repository": "FYYFU/HeadKV", "folder": "",
-                           "commit": None},
+    "official_head_scores": {
+        "source": "authors",
+        "repository": "nightdessert/Retrieval_Head",
+        "folder": "head_score",
+        "commit": "7ea1f00a85825f0b3619a233f924c698b9d03a9f",
+    },
+    "headkv_head_scores": {"source": "HeadKV", "repository": "FYYFU/HeadKV", "folder": "", "commit": None},
 }
 
 
@@ -44,7 +47,9 @@ def derive(path: Path) -> dict:
         counts.add(a.size)
     if len(counts) != 1:
         raise SystemExit(f"{path}: heads have different sample counts {sorted(counts)}")
-    src = SOURCES.get(path.parent.name, {"source": path.parent.name, "repository": None, "folder": None, "commit": None})
+    src = SOURCES.get(
+        path.parent.name, {"source": path.parent.name, "repository": None, "folder": None, "commit": None}
+    )
     kind = "retrieval_reasoning" if path.stem.endswith("_retrieval_reasoning") else "copy_paste"
     return {
         "format": "retrieval-heads reference map v1",

@@ -68,8 +68,18 @@ def needles_file(tmp_path_factory) -> Path:
 
     p = tmp_path_factory.mktemp("needles") / "needles.jsonl"
     rows = [
-        {"id": "stew", "needle": "the secret ingredient is smoked tamarind .", "question": "what is the secret ingredient ?", "answer": "smoked tamarind"},
-        {"id": "pw", "needle": "the password is lantern fig seventy .", "question": "what is the password ?", "answer": "lantern fig seventy"},
+        {
+            "id": "stew",
+            "needle": "the secret ingredient is smoked tamarind .",
+            "question": "what is the secret ingredient ?",
+            "answer": "smoked tamarind",
+        },
+        {
+            "id": "pw",
+            "needle": "the password is lantern fig seventy .",
+            "question": "what is the password ?",
+            "answer": "lantern fig seventy",
+        },
     ]
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return p

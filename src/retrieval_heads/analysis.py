@@ -13,8 +13,9 @@ DataFrame; statistics come from pandas and scipy. Score maps are `[n_layers, n_h
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -71,8 +72,14 @@ def sparsity_table(results: Sequence[DetectionResult], threshold: float = RETRIE
     for r in results:
         n_layers, n_heads = r.shape
         s = r.scores
-        row = {"model": r.name, "layers": n_layers, "heads": n_heads, "n_heads": n_layers * n_heads,
-               "n_samples": len(r.records) if r.records else r.n_kept, "n_kept": r.n_kept}
+        row = {
+            "model": r.name,
+            "layers": n_layers,
+            "heads": n_heads,
+            "n_heads": n_layers * n_heads,
+            "n_samples": len(r.records) if r.records else r.n_kept,
+            "n_kept": r.n_kept,
+        }
         row.update(sparsity(s))
         n_ret = n_retrieval_heads(s, threshold)
         row["n_retrieval_heads"] = n_ret
@@ -88,9 +95,18 @@ def top_heads(result: DetectionResult, k: int = 20) -> pd.DataFrame:
 
     activation_frequency is NaN where the result holds no kept sample.
     """
-    rows = [{"model": result.name, "rank": i, "layer": h.layer, "head": h.head, "label": head_label(h.layer, h.head),
-             "score": h.score, "activation_frequency": h.activation_frequency}
-            for i, h in enumerate(result.top(k), 1)]
+    rows = [
+        {
+            "model": result.name,
+            "rank": i,
+            "layer": h.layer,
+            "head": h.head,
+            "label": head_label(h.layer, h.head),
+            "score": h.score,
+            "activation_frequency": h.activation_frequency,
+        }
+        for i, h in enumerate(result.top(k), 1)
+    ]
     return pd.DataFrame(rows, columns=["model", "rank", "layer", "head", "label", "score", "activation_frequency"])
 
 
@@ -124,9 +140,18 @@ def rank_stability(result: DetectionResult, k: int = 10, n_points: int = 20) -> 
         top_now = set(rank_heads(mean)[:k])
         overlap = len(final_set & top_now) / max(len(final_set), 1)
         for fr, h in enumerate(final, 1):
-            rows.append({"n_samples": int(m), "label": head_label(h.layer, h.head), "layer": h.layer,
-                         "head": h.head, "final_rank": fr, "rank": int(ranks[h.layer, h.head]),
-                         "score": float(mean[h.layer, h.head]), "overlap": overlap})
+            rows.append(
+                {
+                    "n_samples": int(m),
+                    "label": head_label(h.layer, h.head),
+                    "layer": h.layer,
+                    "head": h.head,
+                    "final_rank": fr,
+                    "rank": int(ranks[h.layer, h.head]),
+                    "score": float(mean[h.layer, h.head]),
+                    "overlap": overlap,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -134,8 +159,10 @@ def check_same_shape(results: Sequence[DetectionResult]) -> tuple[int, int]:
     shapes = {r.name: tuple(r.shape) for r in results}
     if len(set(shapes.values())) > 1:
         desc = ", ".join(f"{n} {s[0]}x{s[1]}" for n, s in shapes.items())
-        raise ShapeMismatchError(f"score maps differ in shape (layers x heads): {desc}; "
-                                 "only runs of one architecture can be compared head by head")
+        raise ShapeMismatchError(
+            f"score maps differ in shape (layers x heads): {desc}; "
+            "only runs of one architecture can be compared head by head"
+        )
     return next(iter(shapes.values()))
 
 
@@ -160,7 +187,7 @@ def correlation_pairs(results: Sequence[DetectionResult]) -> pd.DataFrame:
     rows = []
     names = list(frame.columns)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             x, y = frame[a].to_numpy(), frame[b].to_numpy()
             ok = ~(np.isnan(x) | np.isnan(y))
             x, y = x[ok], y[ok]
@@ -169,8 +196,17 @@ def correlation_pairs(results: Sequence[DetectionResult]) -> pd.DataFrame:
             else:
                 pr, pp = stats.pearsonr(x, y)
                 sr, sp = stats.spearmanr(x, y)
-            rows.append({"a": a, "b": b, "n_heads": int(ok.sum()), "pearson": float(pr), "pearson_p": float(pp),
-                         "spearman": float(sr), "spearman_p": float(sp)})
+            rows.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "n_heads": int(ok.sum()),
+                    "pearson": float(pr),
+                    "pearson_p": float(pp),
+                    "spearman": float(sr),
+                    "spearman_p": float(sp),
+                }
+            )
     return pd.DataFrame(rows, columns=["a", "b", "n_heads", "pearson", "pearson_p", "spearman", "spearman_p"])
 
 

@@ -11,7 +11,8 @@ through `step_kwargs(step)` (explicit positions, attention outputs).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 StopFn = Callable[[list[int]], bool]
 
@@ -95,8 +96,9 @@ def greedy(
     cur = input_ids
     generated: list[int] = []
     for t in range(max_new_tokens):
-        out = model(input_ids=cur, **{kw: cache}, use_cache=True, logits_to_keep=1,
-                    **(step_kwargs(t) if step_kwargs else {}))
+        out = model(
+            input_ids=cur, **{kw: cache}, use_cache=True, logits_to_keep=1, **(step_kwargs(t) if step_kwargs else {})
+        )
         cache = getattr(out, attr)
         if on_step is not None:
             on_step(t, out)
@@ -116,14 +118,16 @@ def adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
-def build_prompt(tokenizer: Any, user: str, *, chat: bool, assistant_prefix: str = "",
-                 plain_separator: str = "") -> str:
+def build_prompt(
+    tokenizer: Any, user: str, *, chat: bool, assistant_prefix: str = "", plain_separator: str = ""
+) -> str:
     """The text given to the model: with `chat` and a chat template, the template with one user
     message and the generation prompt; otherwise BOS (when the tokenizer adds one) + the message +
     `plain_separator`. `assistant_prefix` starts the answer in both cases."""
     if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
     else:
         bos = tokenizer.bos_token if getattr(tokenizer, "bos_token", None) and adds_bos(tokenizer) else ""
         text = f"{bos}{user}{plain_separator}"

@@ -1,8 +1,8 @@
 """Retrieval-head detection: grid of NIAH samples -> engine -> per-sample records -> scores.
 
-    lm = load_model("smollm2-135m")
-    result = detect(lm, default_grid(lm.spec), out="runs/smollm2")
-    result.top(10)
+lm = load_model("smollm2-135m")
+result = detect(lm, default_grid(lm.spec), out="runs/smollm2")
+result.top(10)
 """
 
 from __future__ import annotations
@@ -10,15 +10,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from . import __version__
-from .distributed import Shard, barrier, init_process_group, merge_runs, torchrun_rank
 from .decoding import StopRule
+from .distributed import Shard, barrier, init_process_group, merge_runs, torchrun_rank
 from .engines import make_engine
 from .errors import ConfigError
 from .models import LoadedModel, ModelSpec
@@ -79,8 +80,11 @@ class Grid:
             raise ConfigError("no needles")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"lengths": list(self.lengths), "depths": list(self.depths),
-                "needles": [n.to_dict() for n in self.needles]}
+        return {
+            "lengths": list(self.lengths),
+            "depths": list(self.depths),
+            "needles": [n.to_dict() for n in self.needles],
+        }
 
 
 def default_grid(spec: ModelSpec) -> Grid:
@@ -117,7 +121,9 @@ def build_config(lm: LoadedModel, grid: Grid, cfg: DetectConfig, haystack_text: 
     }
 
 
-def score_sample(lm: LoadedModel, sample: Sample, output: Any, recall_threshold: float, seconds: float) -> dict[str, Any]:
+def score_sample(
+    lm: LoadedModel, sample: Sample, output: Any, recall_threshold: float, seconds: float
+) -> dict[str, Any]:
     """The per-sample record: parameters, span, generation, recall, kept, copy counts `[L][H]`."""
     text = lm.tokenizer.decode(output.generated_ids, skip_special_tokens=True)
     recall = answer_recall(sample.needle.answer, text)
@@ -139,7 +145,9 @@ def score_sample(lm: LoadedModel, sample: Sample, output: Any, recall_threshold:
     }
 
 
-def build_samples(lm: LoadedModel, grid: Grid, haystack: str, chat: bool, shard: Shard | None = None) -> Iterator[Sample]:
+def build_samples(
+    lm: LoadedModel, grid: Grid, haystack: str, chat: bool, shard: Shard | None = None
+) -> Iterator[Sample]:
     points = list(grid.points())
     for needle, length, depth in shard.take(points) if shard else points:
         yield make_sample(lm.tokenizer, haystack, needle, length, depth, chat=chat)
@@ -170,12 +178,26 @@ def detect(
     return _detect(lm, grid, config, out=out, overwrite=overwrite, show_progress=show_progress, shard=shard)
 
 
-def _detect_distributed(lm: LoadedModel, grid: Grid | None, config: DetectConfig, out: Path,
-                        ranks: tuple[int, int], overwrite: bool, show_progress: bool) -> DetectionResult:
+def _detect_distributed(
+    lm: LoadedModel,
+    grid: Grid | None,
+    config: DetectConfig,
+    out: Path,
+    ranks: tuple[int, int],
+    overwrite: bool,
+    show_progress: bool,
+) -> DetectionResult:
     rank, world = ranks
     init_process_group(str(next(lm.model.parameters()).device))
-    _detect(lm, grid, config, out=out / f"rank-{rank}", overwrite=overwrite,
-            show_progress=show_progress and rank == 0, shard=Shard(rank, world))
+    _detect(
+        lm,
+        grid,
+        config,
+        out=out / f"rank-{rank}",
+        overwrite=overwrite,
+        show_progress=show_progress and rank == 0,
+        shard=Shard(rank, world),
+    )
     barrier()  # every shard's records are on disk before rank 0 merges
     parts = [out / f"rank-{r}" for r in range(world)]
     result = merge_runs(parts, out if rank == 0 else None)

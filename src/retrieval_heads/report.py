@@ -10,9 +10,10 @@ import base64
 import html
 import io
 import logging
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -73,19 +74,32 @@ def interactive_heatmap(result: DetectionResult, div_id: str) -> str:
     n_layers, n_heads = s.shape
     z = np.where(np.isnan(s), None, np.round(s, 5)).tolist()
     cd = np.where(np.isnan(f), None, np.round(f, 4)).tolist()
-    fig = go.Figure(go.Heatmap(
-        z=z, x=list(range(n_heads)), y=list(range(n_layers)), customdata=cd, colorscale="Viridis", zmin=0,
-        colorbar={"title": {"text": "retrieval score"}},
-        hovertemplate="layer %{y}<br>head %{x}<br>score %{z:.3f}<br>activation frequency %{customdata:.2f}<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(range(n_heads)),
+            y=list(range(n_layers)),
+            customdata=cd,
+            colorscale="Viridis",
+            zmin=0,
+            colorbar={"title": {"text": "retrieval score"}},
+            hovertemplate="layer %{y}<br>head %{x}<br>score %{z:.3f}<br>activation frequency %{customdata:.2f}<extra></extra>",
+        )
+    )
     fig.update_layout(
         title={"text": f"{result.name}: retrieval score per head (hover for details)"},
         xaxis={"title": {"text": "head"}, "constrain": "domain"},
         yaxis={"title": {"text": "layer"}, "autorange": "reversed"},
-        height=max(360, min(900, 120 + 14 * n_layers)), margin={"l": 60, "r": 20, "t": 60, "b": 50},
+        height=max(360, min(900, 120 + 14 * n_layers)),
+        margin={"l": 60, "r": 20, "t": 60, "b": 50},
     )
-    return pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=div_id,
-                       config={"displaylogo": False, "responsive": True, "showSendToCloud": False})
+    return pio.to_html(
+        fig,
+        include_plotlyjs=False,
+        full_html=False,
+        div_id=div_id,
+        config={"displaylogo": False, "responsive": True, "showSendToCloud": False},
+    )
 
 
 def _run_section(i: int, r: DetectionResult, top_k: int, threshold: float) -> str:
@@ -93,9 +107,11 @@ def _run_section(i: int, r: DetectionResult, top_k: int, threshold: float) -> st
 
     n_layers, n_heads = r.shape
     n_samples = len(r.records) if r.records else r.n_kept
-    parts = [f'<h2 id="run-{i}">{html.escape(r.name)}</h2>',
-             f'<p class="meta">{n_layers} layers x {n_heads} heads; {r.n_kept} kept of {n_samples} samples; '
-             f'{A.n_retrieval_heads(r.scores, threshold)} retrieval heads (score &gt; {threshold:g})</p>']
+    parts = [
+        f'<h2 id="run-{i}">{html.escape(r.name)}</h2>',
+        f'<p class="meta">{n_layers} layers x {n_heads} heads; {r.n_kept} kept of {n_samples} samples; '
+        f"{A.n_retrieval_heads(r.scores, threshold)} retrieval heads (score &gt; {threshold:g})</p>",
+    ]
     if r.n_kept == 0:
         parts.append('<p class="note">No kept sample: the model retrieved no needle, so there are no scores.</p>')
         return "\n".join(parts)
@@ -103,10 +119,16 @@ def _run_section(i: int, r: DetectionResult, top_k: int, threshold: float) -> st
     parts.append(f"<h3>Top {top_k} heads</h3>")
     parts.append(_table(A.top_heads(r, top_k).drop(columns=["model"])))
     parts.append(_img(P.plot_heatmap(r), f"{r.name}: layer x head retrieval scores (Fig. 5)"))
-    parts.append(_img(P.plot_score_vs_frequency(r, top_k), f"{r.name}: retrieval score vs activation frequency (Fig. 4)"))
+    parts.append(
+        _img(P.plot_score_vs_frequency(r, top_k), f"{r.name}: retrieval score vs activation frequency (Fig. 4)")
+    )
     if r.has_per_sample:  # reference maps hold aggregates only
-        parts.append(_img(P.plot_rank_stability(A.rank_stability(r, min(10, top_k)), r.name),
-                          f"{r.name}: rank of the top heads as samples accumulate (Fig. 13)"))
+        parts.append(
+            _img(
+                P.plot_rank_stability(A.rank_stability(r, min(10, top_k)), r.name),
+                f"{r.name}: rank of the top heads as samples accumulate (Fig. 13)",
+            )
+        )
     if A.has_records(r):
         grid = A.niah_grid(r)
         parts.append("<h3>Needle retrieval (mean answer recall) over depth x length</h3>")
@@ -121,42 +143,74 @@ def _mask_eval_section(m: Any) -> str:
     from .plots.mask import plot_mask_eval
 
     cv = m.curves()
-    curves = pd.DataFrame({k: cv[k] for k in ("k", "top_score", "top_exact", "random_score",
-                                               "random_score_min", "random_score_max", "random_exact")})
-    errors = pd.DataFrame([{**{k: e[k] for k in ("condition", "n", "retrieved", "incomplete", "hallucination",
-                                                   "wrong_extraction")},
-                            **{f"failed attn {k}": v for k, v in e["attention_failed"].items()}} for e in m.errors()])
-    examples = pd.DataFrame([{k: x[k] for k in ("condition", "error_kind", "answer", "generated_text")} for x in m.examples()])
+    curves = pd.DataFrame(
+        {
+            k: cv[k]
+            for k in (
+                "k",
+                "top_score",
+                "top_exact",
+                "random_score",
+                "random_score_min",
+                "random_score_max",
+                "random_exact",
+            )
+        }
+    )
+    errors = pd.DataFrame(
+        [
+            {
+                **{k: e[k] for k in ("condition", "n", "retrieved", "incomplete", "hallucination", "wrong_extraction")},
+                **{f"failed attn {k}": v for k, v in e["attention_failed"].items()},
+            }
+            for e in m.errors()
+        ]
+    )
+    examples = pd.DataFrame(
+        [{k: x[k] for k in ("condition", "error_kind", "answer", "generated_text")} for x in m.examples()]
+    )
     with tempfile.TemporaryDirectory() as d:
         png = plot_mask_eval(m, Path(d) / "mask_eval")[0]
         data = base64.b64encode(png.read_bytes()).decode("ascii")
     cfg = m.config
-    return "\n".join([
-        f"<h2>Masking retrieval vs random heads: {html.escape(m.name)}</h2>",
-        f"<p>method {html.escape(str(cfg.get('method')))}, phase {html.escape(str(cfg.get('phase')))}; "
-        "NIAH score = ROUGE-1 recall x 100 of the answer; random heads drawn (seeded) outside the top-K set.</p>",
-        _table(curves, pct=("top_exact", "random_exact"), digits=1),
-        f'<figure><img alt="score vs K" src="data:image/png;base64,{data}"><figcaption>NIAH score vs K (Fig. 7)</figcaption></figure>',
-        "<h3>Error kinds and where the watched retrieval heads attended (failed samples, Fig. 9)</h3>",
-        _table(errors, pct=tuple(c for c in errors.columns if c.startswith("failed attn"))),
-        "<h3>Examples</h3>", _table(examples)])
+    return "\n".join(
+        [
+            f"<h2>Masking retrieval vs random heads: {html.escape(m.name)}</h2>",
+            f"<p>method {html.escape(str(cfg.get('method')))}, phase {html.escape(str(cfg.get('phase')))}; "
+            "NIAH score = ROUGE-1 recall x 100 of the answer; random heads drawn (seeded) outside the top-K set.</p>",
+            _table(curves, pct=("top_exact", "random_exact"), digits=1),
+            f'<figure><img alt="score vs K" src="data:image/png;base64,{data}"><figcaption>NIAH score vs K (Fig. 7)</figcaption></figure>',
+            "<h3>Error kinds and where the watched retrieval heads attended (failed samples, Fig. 9)</h3>",
+            _table(errors, pct=tuple(c for c in errors.columns if c.startswith("failed attn"))),
+            "<h3>Examples</h3>",
+            _table(examples),
+        ]
+    )
 
 
-def build_report(results: Sequence[DetectionResult], *, top_k: int = 20, threshold: float = RETRIEVAL_THRESHOLD,
-                 title: str = "Retrieval heads report", mask_evals: Sequence[Any] = ()) -> str:
+def build_report(
+    results: Sequence[DetectionResult],
+    *,
+    top_k: int = 20,
+    threshold: float = RETRIEVAL_THRESHOLD,
+    title: str = "Retrieval heads report",
+    mask_evals: Sequence[Any] = (),
+) -> str:
     """The whole report as one HTML string (several MB: the plotly.js bundle is inlined)."""
     import plotly.offline
 
     from .plots import detection as P
 
     table = A.sparsity_table(results, threshold)
-    body = [f"<h1>{html.escape(title)}</h1>",
-            f'<p class="meta">retrieval-heads {__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; '
-            f"{len(results)} run(s). A head is a retrieval head when its score &gt; {threshold:g} (Wu et al. 2024).</p>",
-            "<nav>" + "".join(f'<a href="#run-{i}">{html.escape(r.name)}</a>' for i, r in enumerate(results)) + "</nav>",
-            "<h2>Sparsity (share of heads per score bin)</h2>",
-            _table(table, pct=A.SPARSITY_BINS + ("retrieval_share",)),
-            _img(P.plot_sparsity(table), "Share of heads per retrieval-score bin (Fig. 3)")]
+    body = [
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="meta">retrieval-heads {__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; '
+        f"{len(results)} run(s). A head is a retrieval head when its score &gt; {threshold:g} (Wu et al. 2024).</p>",
+        "<nav>" + "".join(f'<a href="#run-{i}">{html.escape(r.name)}</a>' for i, r in enumerate(results)) + "</nav>",
+        "<h2>Sparsity (share of heads per score bin)</h2>",
+        _table(table, pct=A.SPARSITY_BINS + ("retrieval_share",)),
+        _img(P.plot_sparsity(table), "Share of heads per retrieval-score bin (Fig. 3)"),
+    ]
     groups: dict[tuple[int, int], list[DetectionResult]] = {}
     for r in results:
         if r.n_kept:
@@ -174,10 +228,11 @@ def build_report(results: Sequence[DetectionResult], *, top_k: int = 20, thresho
         body.append(_run_section(i, r, top_k, threshold))
     for m in mask_evals:
         body.append(_mask_eval_section(m))
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style>"
-            f"<script>{plotly.offline.get_plotlyjs()}</script></head>\n<body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style>"
+        f"<script>{plotly.offline.get_plotlyjs()}</script></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def write_report(results: Sequence[DetectionResult], path: str | Path, **kwargs) -> Path:

@@ -12,8 +12,8 @@ import numpy as np
 
 from .errors import DataError
 from .heads import top_heads
-from .runs import CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, read_records
 from .reference import is_reference, is_reference_map, parse_reference_map, reference_path
+from .runs import CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, read_records
 from .scorefile import atomic_write_text, parse_scores, read_json, read_scores, write_scores
 from .scoring import aggregate
 
@@ -30,8 +30,12 @@ class HeadScore:
     activation_frequency: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "head": self.head, "score": self.score,
-                "activation_frequency": self.activation_frequency}
+        return {
+            "layer": self.layer,
+            "head": self.head,
+            "score": self.score,
+            "activation_frequency": self.activation_frequency,
+        }
 
 
 def sparsity(scores: np.ndarray) -> dict[str, float]:
@@ -64,8 +68,14 @@ class DetectionResult:
     aggregates: tuple[np.ndarray, np.ndarray, int] | None = None
 
     @classmethod
-    def from_aggregate(cls, name: str, scores: np.ndarray, activation_frequency: np.ndarray, n_kept: int,
-                       config: dict[str, Any] | None = None) -> "DetectionResult":
+    def from_aggregate(
+        cls,
+        name: str,
+        scores: np.ndarray,
+        activation_frequency: np.ndarray,
+        n_kept: int,
+        config: dict[str, Any] | None = None,
+    ) -> DetectionResult:
         s, f = np.asarray(scores, dtype=float), np.asarray(activation_frequency, dtype=float)
         return cls(name, np.zeros((0, *s.shape)), [], dict(config or {}), (s, f, int(n_kept)))
 
@@ -124,7 +134,7 @@ class DetectionResult:
         atomic_write_text(d / SUMMARY_FILE, json.dumps(self.summary(), indent=1))
 
     @classmethod
-    def load(cls, path: str | Path) -> "DetectionResult":
+    def load(cls, path: str | Path) -> DetectionResult:
         """From a run folder (records + config), an authors'-format JSON file, or a shipped
         reference map (`ref:<name>`, see `retrieval_heads.reference`)."""
         if is_reference(path):
@@ -144,12 +154,19 @@ class DetectionResult:
         obj = read_json(p)
         if is_reference_map(obj):
             scores, freq, n_kept, provenance = parse_reference_map(obj, str(p))
-            return cls.from_aggregate(provenance.get("name") or p.stem, scores, freq, n_kept,
-                                      {"model": provenance.get("name") or p.stem, "reference": provenance})
+            return cls.from_aggregate(
+                provenance.get("name") or p.stem,
+                scores,
+                freq,
+                n_kept,
+                {"model": provenance.get("name") or p.stem, "reference": provenance},
+            )
         return cls(p.stem, parse_scores(obj, str(p)))
 
     @classmethod
-    def from_records(cls, name: str, records: list[dict[str, Any]], config: dict[str, Any] | None = None) -> "DetectionResult":
+    def from_records(
+        cls, name: str, records: list[dict[str, Any]], config: dict[str, Any] | None = None
+    ) -> DetectionResult:
         kept = [r for r in records if r.get("kept")]
         if records:
             shape = np.asarray(records[0]["copy_counts"]).shape

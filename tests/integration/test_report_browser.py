@@ -27,11 +27,24 @@ def _browser() -> tuple[str, str]:
         import selenium  # noqa: F401
     except ImportError:
         pytest.skip("selenium is not installed (pip install -e '.[test]')")
-    binary = next((b for b in (os.environ.get("CHROME_BIN"), shutil.which("chromium"), shutil.which("chromium-browser"),
-                               shutil.which("google-chrome")) if b), None)
+    binary = next(
+        (
+            b
+            for b in (
+                os.environ.get("CHROME_BIN"),
+                shutil.which("chromium"),
+                shutil.which("chromium-browser"),
+                shutil.which("google-chrome"),
+            )
+            if b
+        ),
+        None,
+    )
     driver = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
     if not binary or not driver:
-        pytest.skip("no headless Chromium + chromedriver here (run .ci/install-browser.sh: apt chromium chromium-driver)")
+        pytest.skip(
+            "no headless Chromium + chromedriver here (run .ci/install-browser.sh: apt chromium chromium-driver)"
+        )
     return binary, driver
 
 
@@ -45,9 +58,21 @@ def _run_folder(path: Path, rng: np.random.Generator, n_layers: int = 4, n_heads
             counts = rng.poisson(0.6, size=(n_layers, n_heads))
             counts[1, 2] += 5  # one clear retrieval head
             recall = float(rng.uniform(0.3, 1.0))
-            lines.append(json.dumps({"id": f"n-L{length}-D{depth:g}", "needle_id": "n", "length": length, "depth": depth,
-                                     "answer_recall": recall, "kept": recall > 0.5, "copy_counts": counts.tolist(),
-                                     "needle_tokens": 8, "generated_text": "..."}))
+            lines.append(
+                json.dumps(
+                    {
+                        "id": f"n-L{length}-D{depth:g}",
+                        "needle_id": "n",
+                        "length": length,
+                        "depth": depth,
+                        "answer_recall": recall,
+                        "kept": recall > 0.5,
+                        "copy_counts": counts.tolist(),
+                        "needle_tokens": 8,
+                        "generated_text": "...",
+                    }
+                )
+            )
     (path / "records.jsonl").write_text("\n".join(lines) + "\n")
     return path
 
@@ -63,8 +88,9 @@ def test_report_opens_offline_in_chromium(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     run = _run_folder(tmp_path / "run", rng)
     authors = tmp_path / "authors-format.json"  # a second score map of the same shape: correlation section
-    authors.write_text(json.dumps({f"{l}-{h}": rng.uniform(0, 0.3, size=5).round(3).tolist()
-                                   for l in range(4) for h in range(6)}))
+    authors.write_text(
+        json.dumps({f"{l}-{h}": rng.uniform(0, 0.3, size=5).round(3).tolist() for l in range(4) for h in range(6)})
+    )
     out = tmp_path / "report.html"
     res = CliRunner().invoke(app, ["report", str(run), str(authors), "-o", str(out), "--top", "5"])
     assert res.exit_code == 0, res.output
@@ -74,9 +100,18 @@ def test_report_opens_offline_in_chromium(tmp_path: Path) -> None:
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1280,1600"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1600",
+    ):
         opts.add_argument(flag)
     profile = tempfile.mkdtemp(prefix="rh-chromium-", dir=tmp_path)
     opts.add_argument(f"--user-data-dir={profile}")
@@ -89,29 +124,41 @@ def test_report_opens_offline_in_chromium(tmp_path: Path) -> None:
         driver.set_page_load_timeout(30)
         driver.get_log("performance")  # drop the browser's own start-up page (chrome://new-tab-page)
         driver.get(out.as_uri())
-        drawn = ("return document.querySelectorAll('#heatmap-0 .heatmaplayer image').length"
-                 " + document.querySelectorAll('#heatmap-0 .hm').length")
+        drawn = (
+            "return document.querySelectorAll('#heatmap-0 .heatmaplayer image').length"
+            " + document.querySelectorAll('#heatmap-0 .hm').length"
+        )
         WebDriverWait(driver, 20).until(lambda d: d.execute_script(drawn) > 0)
         info = driver.execute_script(
             "var gd = document.getElementById('heatmap-0');"
             "return {type: gd._fullData[0].type, rows: gd._fullData[0].z.length,"
             "        cols: gd._fullData[0].z[0].length, imgs: document.images.length,"
-            "        broken: Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).length};")
+            "        broken: Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).length};"
+        )
         assert info["type"] == "heatmap" and (info["rows"], info["cols"]) == (4, 6)
         assert info["imgs"] >= 5 and info["broken"] == 0, info
-        assert not driver.execute_script("return document.querySelectorAll('[data-title^=\"Share\"]').length"), \
+        assert not driver.execute_script("return document.querySelectorAll('[data-title^=\"Share\"]').length"), (
             "plotly's cloud-share button would upload the chart"
+        )
         # move the mouse onto the strongest head (layer 1, head 2; layer 0 is the top row)
         area = driver.find_element(By.CSS_SELECTOR, "#heatmap-0 .nsewdrag")
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", area)
         w, h = area.rect["width"], area.rect["height"]
         ActionChains(driver).move_to_element_with_offset(
-            area, int(((2 + 0.5) / 6 - 0.5) * w), int(((1 + 0.5) / 4 - 0.5) * h)).perform()
+            area, int(((2 + 0.5) / 6 - 0.5) * w), int(((1 + 0.5) / 4 - 0.5) * h)
+        ).perform()
         hover_text = "var h = document.querySelector('#heatmap-0 .hoverlayer'); return h ? h.textContent : '';"
         WebDriverWait(driver, 5).until(lambda d: "layer" in d.execute_script(hover_text))
         hover = driver.execute_script(hover_text)
-        score = float(np.mean([r["copy_counts"][1][2] / 8 for r in map(json.loads, (run / "records.jsonl").read_text().splitlines())
-                               if r["kept"]]))
+        score = float(
+            np.mean(
+                [
+                    r["copy_counts"][1][2] / 8
+                    for r in map(json.loads, (run / "records.jsonl").read_text().splitlines())
+                    if r["kept"]
+                ]
+            )
+        )
         assert "layer 1" in hover and "head 2" in hover, hover
         assert f"score {score:.3f}" in hover and "activation frequency 1.00" in hover, hover
 

@@ -23,9 +23,15 @@ from retrieval_heads.results import DetectionResult
 # The authors' and HeadKV's published maps, shipped as compact derived data (retrieval_heads.reference)
 REF = Path(__file__).resolve().parents[2] / "src" / "retrieval_heads" / "data" / "reference"
 HEADKV_NAMES = ["Meta-Llama-3-8B-Instruct", "Mistral-7B-Instruct-v0.2"]
-SEVEN = ["llama-2-7b-80k", "llama-2-13b-64k", "Mistral-7B-v0.2-hf", "Mixtral-8x7B-v0.1", "Yi-6B-200K",
-         "Qwen1.5-14B", "Qwen1.5-14B-Chat"]
-
+SEVEN = [
+    "llama-2-7b-80k",
+    "llama-2-13b-64k",
+    "Mistral-7B-v0.2-hf",
+    "Mixtral-8x7B-v0.1",
+    "Yi-6B-200K",
+    "Qwen1.5-14B",
+    "Qwen1.5-14B-Chat",
+]
 
 
 # ---------------------------------------------------------------- independent helpers (no package code)
@@ -60,9 +66,19 @@ def _run_folder(path: Path, seed: int = 0, n_layers: int = 3, n_heads: int = 4) 
                 c = rng.poisson(0.5, size=(n_layers, n_heads))
                 c[2, 1] += 6
                 recall = float(rng.choice([0.25, 1.0]))
-                recs.append({"id": f"{needle}-{length}-{depth}", "needle_id": needle, "length": length, "depth": depth,
-                             "answer_recall": recall, "kept": recall > 0.5, "copy_counts": c.tolist(),
-                             "needle_tokens": 10, "generated_text": "x"})
+                recs.append(
+                    {
+                        "id": f"{needle}-{length}-{depth}",
+                        "needle_id": needle,
+                        "length": length,
+                        "depth": depth,
+                        "answer_recall": recall,
+                        "kept": recall > 0.5,
+                        "copy_counts": c.tolist(),
+                        "needle_tokens": 10,
+                        "generated_text": "x",
+                    }
+                )
     (path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     return path
 
@@ -97,8 +113,14 @@ def test_sparsity_matches_independent_computation(authors, raw) -> None:
 
 @pytest.mark.parametrize("method", ["pearson", "spearman"])
 def test_correlations_match_independent_computation(authors, raw, method) -> None:
-    names = ["Mistral-7B-v0.2-hf", "Mixtral-8x7B-v0.1", "llama-2-7b-80k", "Yi-6B-200K",
-             "Mistral-7B-Instruct-v0.2", "Meta-Llama-3-8B-Instruct"]
+    names = [
+        "Mistral-7B-v0.2-hf",
+        "Mixtral-8x7B-v0.1",
+        "llama-2-7b-80k",
+        "Yi-6B-200K",
+        "Mistral-7B-Instruct-v0.2",
+        "Meta-Llama-3-8B-Instruct",
+    ]
     m = A.correlation_matrix([authors[n] for n in names], method)
     for a in names:
         for b in names:
@@ -113,19 +135,33 @@ def test_correlations_match_independent_computation(authors, raw, method) -> Non
 
 
 def test_correlations_show_the_papers_picture(authors) -> None:
-    p32 = A.correlation_matrix([authors[n] for n in ("Mistral-7B-v0.2-hf", "Mixtral-8x7B-v0.1", "llama-2-7b-80k",
-                                                      "Yi-6B-200K", "Mistral-7B-Instruct-v0.2",
-                                                      "Meta-Llama-3-8B-Instruct")])
+    p32 = A.correlation_matrix(
+        [
+            authors[n]
+            for n in (
+                "Mistral-7B-v0.2-hf",
+                "Mixtral-8x7B-v0.1",
+                "llama-2-7b-80k",
+                "Yi-6B-200K",
+                "Mistral-7B-Instruct-v0.2",
+                "Meta-Llama-3-8B-Instruct",
+            )
+        ]
+    )
     p40 = A.correlation_matrix([authors[n] for n in ("Qwen1.5-14B", "Qwen1.5-14B-Chat", "llama-2-13b-64k")])
     assert p32.loc["Mistral-7B-v0.2-hf", "Mixtral-8x7B-v0.1"] > 0.85
     assert p40.loc["Qwen1.5-14B", "Qwen1.5-14B-Chat"] > 0.85
     assert p32.loc["Mistral-7B-v0.2-hf", "Mistral-7B-Instruct-v0.2"] > 0.9  # two groups, same heads
-    for a, b in [("llama-2-7b-80k", "Mistral-7B-v0.2-hf"), ("Yi-6B-200K", "Mixtral-8x7B-v0.1"),
-                 ("Mistral-7B-Instruct-v0.2", "Meta-Llama-3-8B-Instruct")]:
+    for a, b in [
+        ("llama-2-7b-80k", "Mistral-7B-v0.2-hf"),
+        ("Yi-6B-200K", "Mixtral-8x7B-v0.1"),
+        ("Mistral-7B-Instruct-v0.2", "Meta-Llama-3-8B-Instruct"),
+    ]:
         assert abs(p32.loc[a, b]) < 0.1
     assert abs(p40.loc["Qwen1.5-14B", "llama-2-13b-64k"]) < 0.1
-    s32 = A.correlation_matrix([authors["Mistral-7B-v0.2-hf"], authors["Mixtral-8x7B-v0.1"],
-                                authors["llama-2-7b-80k"]], "spearman")
+    s32 = A.correlation_matrix(
+        [authors["Mistral-7B-v0.2-hf"], authors["Mixtral-8x7B-v0.1"], authors["llama-2-7b-80k"]], "spearman"
+    )
     assert s32.iloc[0, 1] > 0.8 and abs(s32.iloc[0, 2]) < 0.2
 
 
@@ -146,8 +182,10 @@ def test_reference_maps_ship_with_provenance_and_load_as_results() -> None:
         r = DetectionResult.load(f"ref:{name}")
         assert r.n_kept == obj["n_kept"] > 100 and not r.has_per_sample
         assert np.array_equal(r.scores, np.asarray(obj["retrieval_score"]))
-    assert DetectionResult.load("ref:Mistral-7B-v0.2-hf").config["reference"]["commit"] == \
-        "7ea1f00a85825f0b3619a233f924c698b9d03a9f"
+    assert (
+        DetectionResult.load("ref:Mistral-7B-v0.2-hf").config["reference"]["commit"]
+        == "7ea1f00a85825f0b3619a233f924c698b9d03a9f"
+    )
     with pytest.raises(DataError, match="no reference map"):
         DetectionResult.load("ref:no-such-model")
     with pytest.raises(DataError, match="no per-sample"):
@@ -155,9 +193,18 @@ def test_reference_maps_ship_with_provenance_and_load_as_results() -> None:
 
 
 def test_compare_cli_writes_matrices(tmp_path) -> None:
-    res = CliRunner().invoke(app, ["compare", "ref:Mistral-7B-v0.2-hf", str(REF / "Mixtral-8x7B-v0.1.json"),
-                                   "ref:llama-2-7b-80k",
-                                   "-o", str(tmp_path), "--no-figures"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            "ref:Mistral-7B-v0.2-hf",
+            str(REF / "Mixtral-8x7B-v0.1.json"),
+            "ref:llama-2-7b-80k",
+            "-o",
+            str(tmp_path),
+            "--no-figures",
+        ],
+    )
     assert res.exit_code == 0, res.output
     saved = json.loads((tmp_path / "correlation.json").read_text())
     assert saved["pearson"]["Mistral-7B-v0.2-hf"]["Mixtral-8x7B-v0.1"] > 0.85
@@ -166,13 +213,16 @@ def test_compare_cli_writes_matrices(tmp_path) -> None:
     assert m.shape == (3, 3)
 
 
-@pytest.mark.parametrize("text, problem", [
-    ('{"0-0": [0.1, 0.2], "0-1": [0.3', "not valid JSON"),  # truncated download
-    ('{"0-0": [0.1], "1-1": [0.2]}', "missing"),
-    ('{"0-0": [0.1], "0-1": "x"}', "not a list of numbers"),
-    ('{"a-b": [0.1]}', "bad key"),
-    ('[1, 2]', "non-empty JSON object"),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ('{"0-0": [0.1, 0.2], "0-1": [0.3', "not valid JSON"),  # truncated download
+        ('{"0-0": [0.1], "1-1": [0.2]}', "missing"),
+        ('{"0-0": [0.1], "0-1": "x"}', "not a list of numbers"),
+        ('{"a-b": [0.1]}', "bad key"),
+        ("[1, 2]", "non-empty JSON object"),
+    ],
+)
 def test_malformed_score_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys, text, problem) -> None:
     bad = tmp_path / "broken_scores.json"
     bad.write_text(text)
@@ -241,8 +291,14 @@ def test_analyze_cli_writes_tables_and_figures(tmp_path) -> None:
     assert table.loc[1, "n_retrieval_heads"] == 4 and table.loc[1, "(0.1,0.5]"] == pytest.approx(4 / 12)
     top = json.loads((out / "top_heads.json").read_text())
     assert len(top) == 8 and {"score", "activation_frequency", "layer", "head"} <= set(top[0])
-    for stem in ("sparsity", "tiny_heatmap", "tiny_score_vs_frequency", "tiny_rank_stability", "tiny_niah",
-                 "my.model-v0.1_heatmap"):
+    for stem in (
+        "sparsity",
+        "tiny_heatmap",
+        "tiny_score_vs_frequency",
+        "tiny_rank_stability",
+        "tiny_niah",
+        "my.model-v0.1_heatmap",
+    ):
         for ext in ("png", "svg"):
             assert (out / f"{stem}.{ext}").stat().st_size > 1000, f"{stem}.{ext}"
     assert (out / "tiny_niah.csv").exists() and not (out / "my.model-v0.1_niah.png").exists()

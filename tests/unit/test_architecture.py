@@ -19,8 +19,10 @@ EXPERIMENT_MAX_LINES = 260
 
 def modules() -> dict[str, ast.Module]:
     """Every module of the package by its path relative to the package, e.g. 'engines/fast.py'."""
-    return {p.relative_to(PACKAGE).as_posix(): ast.parse(p.read_text(encoding="utf-8"), filename=str(p))
-            for p in sorted(PACKAGE.rglob("*.py"))}
+    return {
+        p.relative_to(PACKAGE).as_posix(): ast.parse(p.read_text(encoding="utf-8"), filename=str(p))
+        for p in sorted(PACKAGE.rglob("*.py"))
+    }
 
 
 def private(name: str) -> bool:
@@ -64,8 +66,12 @@ def private_uses(rel: str, tree: ast.Module) -> list[str]:
                 elif target is not None and is_module(target / a.name):
                     module_names.add(a.asname or a.name)
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and private(node.attr) and isinstance(node.value, ast.Name)
-                and node.value.id in module_names):
+        if (
+            isinstance(node, ast.Attribute)
+            and private(node.attr)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in module_names
+        ):
             found.append(f"{rel}:{node.lineno}: {node.value.id}.{node.attr}")
     return found
 
@@ -76,10 +82,15 @@ def test_no_module_imports_a_private_name():
 
 
 def test_private_use_check_catches_both_forms():
-    tree = ast.parse("from .experiments.mask_eval import _clean\nfrom . import analysis as A\nimport os\n"
-                     "A._helper()\nos._exit(0)\nx = A.public\nfrom . import __version__\n")
-    assert private_uses("detect.py", tree) == ["detect.py:1: from .experiments.mask_eval import _clean",
-                                               "detect.py:4: A._helper", "detect.py:5: os._exit"]
+    tree = ast.parse(
+        "from .experiments.mask_eval import _clean\nfrom . import analysis as A\nimport os\n"
+        "A._helper()\nos._exit(0)\nx = A.public\nfrom . import __version__\n"
+    )
+    assert private_uses("detect.py", tree) == [
+        "detect.py:1: from .experiments.mask_eval import _clean",
+        "detect.py:4: A._helper",
+        "detect.py:5: os._exit",
+    ]
 
 
 def test_import_contracts_hold():
@@ -88,7 +99,9 @@ def test_import_contracts_hold():
     if not exe.exists():
         pytest.skip(f"{exe} is missing: install the test extra (pip install -e '.[test]') for import-linter")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run([str(exe), "--no-cache", "--no-logo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [str(exe), "--no-cache", "--no-logo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
 
 
@@ -96,18 +109,25 @@ def test_experiment_modules_are_small():
     """Each experiment applies conditions to a task through the shared runner; the skeleton
     (header, resume, progress, save/load) lives in runner.py and conditions.py only."""
     shared = {"__init__.py", "runner.py", "conditions.py"}
-    sizes = {p.name: len(p.read_text(encoding="utf-8").splitlines())
-             for p in sorted((PACKAGE / "experiments").glob("*.py")) if p.name not in shared}
+    sizes = {
+        p.name: len(p.read_text(encoding="utf-8").splitlines())
+        for p in sorted((PACKAGE / "experiments").glob("*.py"))
+        if p.name not in shared
+    }
     assert sizes, "no experiment modules found"
     big = {name: n for name, n in sizes.items() if n >= EXPERIMENT_MAX_LINES}
     assert not big, f"experiment modules of {EXPERIMENT_MAX_LINES} lines or more: {big}"
 
 
 def test_summary_file_is_defined_once():
-    defined = [rel for rel, tree in modules().items() for node in ast.walk(tree)
-               if isinstance(node, (ast.Assign, ast.AnnAssign))
-               for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
-               if isinstance(t, ast.Name) and t.id == "SUMMARY_FILE"]
+    defined = [
+        rel
+        for rel, tree in modules().items()
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Assign, ast.AnnAssign))
+        for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        if isinstance(t, ast.Name) and t.id == "SUMMARY_FILE"
+    ]
     assert defined == ["runs.py"], f"SUMMARY_FILE defined in {defined}; import it from runs"
 
 
@@ -142,7 +162,13 @@ def test_one_greedy_decode_loop():
 
 def test_attention_implementation_switched_only_in_models():
     """Only `models.attention_implementation` (a context manager that restores) switches it."""
-    calls = sorted(f"{rel}:{node.lineno}" for rel, tree in modules().items() for node in ast.walk(tree)
-             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-             and node.func.attr == "set_attn_implementation" and rel != "models.py")
+    calls = sorted(
+        f"{rel}:{node.lineno}"
+        for rel, tree in modules().items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "set_attn_implementation"
+        and rel != "models.py"
+    )
     assert not calls, "switch the attention implementation with models.attention_implementation:\n" + "\n".join(calls)

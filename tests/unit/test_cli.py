@@ -17,8 +17,18 @@ from retrieval_heads.cli import options as O
 from retrieval_heads.errors import ConfigError
 from retrieval_heads.scorefile import write_scores
 
-COMMANDS = ("detect", "analyze", "compare", "report", "merge", "mask-eval", "kv-eval", "export-heads", "task-eval",
-            "task-plot")
+COMMANDS = (
+    "detect",
+    "analyze",
+    "compare",
+    "report",
+    "merge",
+    "mask-eval",
+    "kv-eval",
+    "export-heads",
+    "task-eval",
+    "task-plot",
+)
 CLI_DIR = Path(cli_pkg.__file__).parent
 COMMAND_MODULES = sorted(p for p in CLI_DIR.glob("*.py") if p.stem not in ("__init__", "__main__", "app"))
 
@@ -37,28 +47,82 @@ def test_every_command_help(cli, command):
     assert "Usage:" in out and command in out and "Traceback" not in out + err
 
 
-@pytest.mark.parametrize("command,flags", [
-    ("detect", ["--device", "--dtype", "--threads", "--out", "--overwrite", "--progress", "--chat", "--model", "--top"]),
-    ("mask-eval", ["--scores", "--model", "--device", "--dtype", "--threads", "--out", "--overwrite", "--progress",
-                   "--chat", "--mask-phase", "--k"]),
-    ("task-eval", ["--task", "--scores", "--model", "--device", "--dtype", "--threads", "--out", "--overwrite",
-                   "--progress", "--chat", "--mask-phase", "--k"]),
-    ("kv-eval", ["--scores", "--model", "--dtype", "--threads", "--out", "--overwrite", "--progress", "--chat",
-                 "--sink", "--window"]),
-    ("export-heads", ["--scores", "--out", "--sink", "--window", "--budget", "--n-whole"]),
-])
+@pytest.mark.parametrize(
+    "command,flags",
+    [
+        (
+            "detect",
+            ["--device", "--dtype", "--threads", "--out", "--overwrite", "--progress", "--chat", "--model", "--top"],
+        ),
+        (
+            "mask-eval",
+            [
+                "--scores",
+                "--model",
+                "--device",
+                "--dtype",
+                "--threads",
+                "--out",
+                "--overwrite",
+                "--progress",
+                "--chat",
+                "--mask-phase",
+                "--k",
+            ],
+        ),
+        (
+            "task-eval",
+            [
+                "--task",
+                "--scores",
+                "--model",
+                "--device",
+                "--dtype",
+                "--threads",
+                "--out",
+                "--overwrite",
+                "--progress",
+                "--chat",
+                "--mask-phase",
+                "--k",
+            ],
+        ),
+        (
+            "kv-eval",
+            [
+                "--scores",
+                "--model",
+                "--dtype",
+                "--threads",
+                "--out",
+                "--overwrite",
+                "--progress",
+                "--chat",
+                "--sink",
+                "--window",
+            ],
+        ),
+        ("export-heads", ["--scores", "--out", "--sink", "--window", "--budget", "--n-whole"]),
+    ],
+)
 def test_shared_flags_keep_their_names(command, flags):
     import typer
 
-    params = {o for p in typer.main.get_command(cli_pkg.app).commands[command].params
-              for o in (*p.opts, *p.secondary_opts)}
+    params = {
+        o for p in typer.main.get_command(cli_pkg.app).commands[command].params for o in (*p.opts, *p.secondary_opts)
+    }
     assert set(flags) <= params, set(flags) - params
     assert command != "kv-eval" or "--device" not in params  # kv-eval never had --device
 
 
 def test_module_entry_point_help():
-    res = subprocess.run([sys.executable, "-m", "retrieval_heads.cli", "--help"], capture_output=True, text=True, check=False,
-                         timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "retrieval_heads.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert "mask-eval" in res.stdout
 
@@ -94,10 +158,17 @@ def test_command_modules_do_not_import_the_app():
     assert not {n for n in _imports(CLI_DIR / "options.py") if n.startswith("retrieval_heads.cli")}
 
 
-@pytest.mark.parametrize("text", ['"--progress/--no-progress"', '"torch CPU threads"',
-                                  '"replace a run with a different config in --out"',
-                                  '"detection run folder or authors\'-format score JSON"', '"cpu, cuda, cuda:1, mps"',
-                                  '"--chat/--no-chat"'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '"--progress/--no-progress"',
+        '"torch CPU threads"',
+        '"replace a run with a different config in --out"',
+        '"detection run folder or authors\'-format score JSON"',
+        '"cpu, cuda, cuda:1, mps"',
+        '"--chat/--no-chat"',
+    ],
+)
 def test_shared_options_are_defined_once(text):
     where = [p.name for p in CLI_DIR.glob("*.py") if text in p.read_text()]
     assert where == ["options.py"], where
@@ -138,16 +209,39 @@ def test_optional_figure_warns_without_matplotlib(caplog):
         raise ValueError("other errors pass")
 
 
-def test_mask_eval_cli_draws_the_figure(cli, tiny_llama_dir, needles_file, haystack_file, tmp_path, monkeypatch,
-                                        caplog):
+def test_mask_eval_cli_draws_the_figure(
+    cli, tiny_llama_dir, needles_file, haystack_file, tmp_path, monkeypatch, caplog
+):
     """The experiment only computes; the command draws mask_eval.png/.svg into the run folder, and
     without matplotlib it still succeeds, with a warning instead of the figure."""
     scores = tmp_path / "scores.json"
     write_scores(scores, np.array([[[0.9, 0.0, 0.2, 0.05], [0.0, 0.6, 0.0, 0.3]]]))
     run = tmp_path / "run"
-    args = ("mask-eval", "--scores", scores, "--model", tiny_llama_dir, "--needles", needles_file, "--haystack",
-            haystack_file, "--lengths", "80", "--depths", "50", "--no-chat", "--k", "0,2", "--random-seeds", "1",
-            "--max-new-tokens", "3", "--out", run, "--no-progress")
+    args = (
+        "mask-eval",
+        "--scores",
+        scores,
+        "--model",
+        tiny_llama_dir,
+        "--needles",
+        needles_file,
+        "--haystack",
+        haystack_file,
+        "--lengths",
+        "80",
+        "--depths",
+        "50",
+        "--no-chat",
+        "--k",
+        "0,2",
+        "--random-seeds",
+        "1",
+        "--max-new-tokens",
+        "3",
+        "--out",
+        run,
+        "--no-progress",
+    )
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "retrieval_heads.plots.mask", None)  # as if matplotlib were missing
         with caplog.at_level(logging.WARNING, logger="retrieval_heads.cli"):

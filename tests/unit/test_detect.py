@@ -46,8 +46,19 @@ def test_run_folder_files_and_determinism(tmp_path, cfg):
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
     recs = read_records(tmp_path / "a" / "records.jsonl")
     assert len(recs) == len(GRID) == 12
-    keys = {"id", "needle_id", "length", "depth", "prompt_tokens", "needle_start", "needle_end",
-            "generated_text", "answer_recall", "kept", "copy_counts"}
+    keys = {
+        "id",
+        "needle_id",
+        "length",
+        "depth",
+        "prompt_tokens",
+        "needle_start",
+        "needle_end",
+        "generated_text",
+        "answer_recall",
+        "kept",
+        "copy_counts",
+    }
     assert keys <= set(recs[0])
     authors = json.loads((tmp_path / "a" / "retrieval_scores.json").read_text())
     assert set(authors) == {f"{l}-{h}" for l in range(2) for h in range(4)}
@@ -94,13 +105,30 @@ def test_resume_after_interrupted_run(tmp_path, cfg, monkeypatch):
     assert counted["n"] == 7  # only the unfinished samples ran
     recs = read_records(path)
     assert len(recs) == 12 and len({r["id"] for r in recs}) == 12
-    assert (tmp_path / "r" / "retrieval_scores.json").read_text() == (tmp_path / "full" / "retrieval_scores.json").read_text()
+    assert (tmp_path / "r" / "retrieval_scores.json").read_text() == (
+        tmp_path / "full" / "retrieval_scores.json"
+    ).read_text()
     np.testing.assert_array_equal(resumed.scores, full.scores)
 
 
 def test_different_config_is_refused_unless_overwrite(tmp_path, cfg, cli, tiny_llama_dir, haystack_file, needles_file):
-    base = ["detect", "--model", tiny_llama_dir, "--haystack", haystack_file, "--needles", needles_file,
-            "--depths", "50", "--max-new-tokens", "3", "--no-chat", "--no-progress", "--out", tmp_path / "run"]
+    base = [
+        "detect",
+        "--model",
+        tiny_llama_dir,
+        "--haystack",
+        haystack_file,
+        "--needles",
+        needles_file,
+        "--depths",
+        "50",
+        "--max-new-tokens",
+        "3",
+        "--no-chat",
+        "--no-progress",
+        "--out",
+        tmp_path / "run",
+    ]
     code, out, err = cli(*base, "--lengths", "80")
     assert code == 0, err
     assert "Top 10 retrieval heads" in out
@@ -146,25 +174,89 @@ def test_bad_inputs_give_one_line_and_nonzero_exit(tmp_path, cli, tiny_llama_dir
     expect(["--model", bad, *ok], "cannot read GGUF", "m3")
     # batch sizes the engine cannot honour
     expect(["--model", tiny_llama_dir, *ok, "--batch-size", "0"], "batch size must be >= 1", "bs0")
-    expect(["--model", tiny_llama_dir, *ok, "--engine", "reference", "--batch-size", "2"], "one sample at a time", "bs2")
+    expect(
+        ["--model", tiny_llama_dir, *ok, "--engine", "reference", "--batch-size", "2"], "one sample at a time", "bs2"
+    )
     # a length above max context (tiny model: 4096)
-    expect(["--model", tiny_llama_dir, "--haystack", haystack_file, "--needles", needles_file,
-            "--lengths", "5000", "--depths", "50"], "above the max context", "m4")
+    expect(
+        [
+            "--model",
+            tiny_llama_dir,
+            "--haystack",
+            haystack_file,
+            "--needles",
+            needles_file,
+            "--lengths",
+            "5000",
+            "--depths",
+            "50",
+        ],
+        "above the max context",
+        "m4",
+    )
     # a needle lost in tokenization (words unknown to the tiny vocabulary)
     lost = tmp_path / "lost.jsonl"
-    lost.write_text(json.dumps({"id": "lost", "needle": "zorblax quintessence flumph .", "question": "q ?", "answer": "zorblax"}) + "\n")
-    expect(["--model", tiny_llama_dir, "--haystack", haystack_file, "--needles", lost,
-            "--lengths", "80", "--depths", "50"], "needle 'lost' not recoverable", "m5")
+    lost.write_text(
+        json.dumps({"id": "lost", "needle": "zorblax quintessence flumph .", "question": "q ?", "answer": "zorblax"})
+        + "\n"
+    )
+    expect(
+        [
+            "--model",
+            tiny_llama_dir,
+            "--haystack",
+            haystack_file,
+            "--needles",
+            lost,
+            "--lengths",
+            "80",
+            "--depths",
+            "50",
+        ],
+        "needle 'lost' not recoverable",
+        "m5",
+    )
     # an empty haystack
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    expect(["--model", tiny_llama_dir, "--haystack", empty, "--needles", needles_file,
-            "--lengths", "80", "--depths", "50"], "haystack is empty", "m6")
+    expect(
+        [
+            "--model",
+            tiny_llama_dir,
+            "--haystack",
+            empty,
+            "--needles",
+            needles_file,
+            "--lengths",
+            "80",
+            "--depths",
+            "50",
+        ],
+        "haystack is empty",
+        "m6",
+    )
     # a malformed needles file
     mal = tmp_path / "mal.jsonl"
     mal.write_text('{"needle": "a"\n')
-    expect(["--model", tiny_llama_dir, "--haystack", haystack_file, "--needles", mal,
-            "--lengths", "80", "--depths", "50"], "not valid JSON", "m7")
+    expect(
+        ["--model", tiny_llama_dir, "--haystack", haystack_file, "--needles", mal, "--lengths", "80", "--depths", "50"],
+        "not valid JSON",
+        "m7",
+    )
     # a bad range
-    expect(["--model", tiny_llama_dir, "--haystack", haystack_file, "--needles", needles_file,
-            "--lengths", "a:b", "--depths", "50"], "cannot parse", "m8")
+    expect(
+        [
+            "--model",
+            tiny_llama_dir,
+            "--haystack",
+            haystack_file,
+            "--needles",
+            needles_file,
+            "--lengths",
+            "a:b",
+            "--depths",
+            "50",
+        ],
+        "cannot parse",
+        "m8",
+    )

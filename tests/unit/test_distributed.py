@@ -47,8 +47,9 @@ def test_shards_merge_to_single_process_result(tmp_path, haystack_file, cli):
     assert code == 0, err
     for name in ("retrieval_scores.json", "summary.json"):
         assert (tmp_path / "merged" / name).read_text() == (tmp_path / "single" / name).read_text()
-    assert [r["id"] for r in read_records(tmp_path / "merged" / "records.jsonl")] == \
-        [r["id"] for r in read_records(tmp_path / "single" / "records.jsonl")]
+    assert [r["id"] for r in read_records(tmp_path / "merged" / "records.jsonl")] == [
+        r["id"] for r in read_records(tmp_path / "single" / "records.jsonl")
+    ]
     # an incompatible run is refused with one line
     other = Grid(lengths=(80,), depths=(0.0,), needles=NEEDLES)
     detect(lm, other, cfg, out=tmp_path / "other", show_progress=False)
@@ -87,7 +88,7 @@ def test_killed_shard_resumes_without_loss_or_duplicates(tmp_path, haystack_file
         detect(lm, GRID, cfg, out=tmp_path / "s0", show_progress=False, shard=Shard(1, 2))
 
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
     from retrieval_heads.detect import DetectConfig, Grid, detect
@@ -100,7 +101,7 @@ SCRIPT = textwrap.dedent('''
     grid = Grid(lengths=(80, 160), depths=(0.0, 50.0, 100.0), needles=needles)
     cfg = DetectConfig(engine="reference", max_new_tokens=5, recall_threshold=-1.0, chat=False, haystack=sys.argv[2])
     detect(tiny_model("llama"), grid, cfg, out=sys.argv[1], show_progress=False)
-''')
+""")
 
 
 def test_torchrun_two_gloo_ranks_equal_single_process(tmp_path, haystack_file):
@@ -110,14 +111,31 @@ def test_torchrun_two_gloo_ranks_equal_single_process(tmp_path, haystack_file):
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-         str(script), str(tmp_path / "dist"), str(haystack_file)],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29533",
+            str(script),
+            str(tmp_path / "dist"),
+            str(haystack_file),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "dist").iterdir() if p.is_dir()) == ["rank-0", "rank-1"]
-    assert (tmp_path / "dist" / "retrieval_scores.json").read_text() == (tmp_path / "single" / "retrieval_scores.json").read_text()
-    assert json.loads((tmp_path / "dist" / "summary.json").read_text()) == json.loads((tmp_path / "single" / "summary.json").read_text())
+    assert (tmp_path / "dist" / "retrieval_scores.json").read_text() == (
+        tmp_path / "single" / "retrieval_scores.json"
+    ).read_text()
+    assert json.loads((tmp_path / "dist" / "summary.json").read_text()) == json.loads(
+        (tmp_path / "single" / "summary.json").read_text()
+    )
 
 
 def test_batched_run_equals_batch_one_and_resumes_across_batch_sizes(tmp_path, haystack_file):

@@ -59,8 +59,10 @@ def test_registered():
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_fast_equals_reference(arch):
     lm = peaked(tiny_model(arch, attn_implementation="sdpa"))
-    ss = [make_sample(lm.tokenizer, HAYSTACK, NEEDLES[0], 120, 50.0, chat=False),
-          make_sample(lm.tokenizer, HAYSTACK, NEEDLES[1], 60, 100.0, chat=False)]
+    ss = [
+        make_sample(lm.tokenizer, HAYSTACK, NEEDLES[0], 120, 50.0, chat=False),
+        make_sample(lm.tokenizer, HAYSTACK, NEEDLES[1], 60, 100.0, chat=False),
+    ]
     if arch == "gemma3":
         assert lm.spec.sliding_window[0] == 16 and all(len(s.prompt_ids) > 16 for s in ss)
     refs = reference_outputs(lm, ss)
@@ -206,8 +208,10 @@ def test_batched_rows_stop_independently():
 
     alone = [FastEngine(lm).run(s, max_new_tokens=6, stop=stop_after_two) for s in ss]
     eng = FastEngine(lm, batch_size=2)
-    for outs in (eng.run_batch(ss, max_new_tokens=6, stop=stop_after_two),
-                 eng.run_batch(ss, max_new_tokens=6, stop=stop_after_two, caches=[(None, 0), (None, 0)])):
+    for outs in (
+        eng.run_batch(ss, max_new_tokens=6, stop=stop_after_two),
+        eng.run_batch(ss, max_new_tokens=6, stop=stop_after_two, caches=[(None, 0), (None, 0)]),
+    ):
         for a, b in zip(alone, outs):
             assert len(b.generated_ids) == 2 and b.argmax.shape[0] == 2
             assert a.generated_ids == b.generated_ids

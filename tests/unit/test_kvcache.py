@@ -11,10 +11,25 @@ import torch
 
 from retrieval_heads.errors import ConfigError
 from retrieval_heads.heads import rank_heads
-from retrieval_heads.kvcache import (FullPolicy, HeadPolicy, HeadSparseCache, KVPolicy, SinkWindowEviction,
-                                     SinkWindowPolicy, SnapKVEviction, SnapKVPolicy, Step, export_authors_json,
-                                     export_duo_tsv, full_cache_bytes, kv_head_scores, query_heads, random_kv_scores,
-                                     read_duo_tsv, top_mask)
+from retrieval_heads.kvcache import (
+    FullPolicy,
+    HeadPolicy,
+    HeadSparseCache,
+    KVPolicy,
+    SinkWindowEviction,
+    SinkWindowPolicy,
+    SnapKVEviction,
+    SnapKVPolicy,
+    Step,
+    export_authors_json,
+    export_duo_tsv,
+    full_cache_bytes,
+    kv_head_scores,
+    query_heads,
+    random_kv_scores,
+    read_duo_tsv,
+    top_mask,
+)
 from retrieval_heads.needles import Needle
 from retrieval_heads.plots.kv import plot_kv_eval
 from retrieval_heads.scorefile import read_scores, write_scores
@@ -112,9 +127,14 @@ def test_cut_heads_match_a_masked_reference():
     assert torch.allclose(got, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", [SinkWindowPolicy(sink=4, window=16), SnapKVPolicy(budget_tokens=40),
-                                    HeadPolicy(whole=top_mask(np.array([[1.0, 0.0], [0.0, 1.0]]), 2),
-                                               rest=SinkWindowPolicy(window=16))])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        SinkWindowPolicy(sink=4, window=16),
+        SnapKVPolicy(budget_tokens=40),
+        HeadPolicy(whole=top_mask(np.array([[1.0, 0.0], [0.0, 1.0]]), 2), rest=SinkWindowPolicy(window=16)),
+    ],
+)
 def test_load_prefill_equals_compressing_after_own_prefill(policy):
     lm = tiny_model("llama", attn_implementation="sdpa")
     ids = _ids(lm)
@@ -196,7 +216,7 @@ def test_every_policy_has_one_for_budget_signature():
     import inspect
 
     sigs = {cls: inspect.signature(cls.for_budget) for cls in POLICY_CLASSES}
-    assert len({str(sig) .replace(f"'{cls.__name__}'", "P") for cls, sig in sigs.items()}) == 1, sigs
+    assert len({str(sig).replace(f"'{cls.__name__}'", "P") for cls, sig in sigs.items()}) == 1, sigs
     lm = tiny_model("llama")
     spec, n = lm.spec, 1000
     ranking = np.array([[0.1, 0.9], [0.5, np.nan]])
@@ -205,12 +225,23 @@ def test_every_policy_has_one_for_budget_signature():
         assert isinstance(p, cls) and isinstance(p, KVPolicy) and p.describe()["policy"] == "x"
         p.make_cache(spec)
     # Sizes and describe() keys as before (they go into run configs).
-    assert SinkWindowPolicy.for_budget(spec, 0.3, n, sink=4, window=60).describe() == \
-        {"policy": "sink_window", "sink": 4, "window": 296}
-    assert SnapKVPolicy.for_budget(spec, 0.3, n).describe() == {"policy": "snapkv", "budget_tokens": 300, "obs_window": 32}
+    assert SinkWindowPolicy.for_budget(spec, 0.3, n, sink=4, window=60).describe() == {
+        "policy": "sink_window",
+        "sink": 4,
+        "window": 296,
+    }
+    assert SnapKVPolicy.for_budget(spec, 0.3, n).describe() == {
+        "policy": "snapkv",
+        "budget_tokens": 300,
+        "obs_window": 32,
+    }
     hp = HeadPolicy.for_budget(spec, 0.3, n, sink=4, window=60, ranking=ranking, name="retrieval")
-    assert hp.describe() == {"policy": "retrieval", "sink": 4, "window": 60,
-                             "n_whole": HeadPolicy.n_whole_for(spec, 0.3, n, 4, 60)}
+    assert hp.describe() == {
+        "policy": "retrieval",
+        "sink": 4,
+        "window": 60,
+        "n_whole": HeadPolicy.n_whole_for(spec, 0.3, n, 4, 60),
+    }
     assert FullPolicy().describe() == {"policy": "full", "sink": 4, "window": 64}
     assert FullPolicy().n_whole is None and SinkWindowPolicy().n_whole is None and hp.n_whole == 1
     assert hp.whole_mask(spec).tolist() == [[False, True], [False, False]]
@@ -229,8 +260,10 @@ def test_nan_is_never_ranked_above_a_scored_head():
     hp = HeadPolicy.for_budget(spec, budget, 1000, sink=4, window=60, ranking=ranking)
     assert hp.whole_mask(spec).tolist() == [[False, True], [True, False]]
     assert np.isnan(ranking).sum() == 2  # the caller's scores are untouched
-    assert HeadPolicy.for_budget(spec, 0.45, 1000, sink=4, window=60, ranking=ranking).whole_mask(spec).tolist() == \
-        [[False, True], [False, False]]
+    assert HeadPolicy.for_budget(spec, 0.45, 1000, sink=4, window=60, ranking=ranking).whole_mask(spec).tolist() == [
+        [False, True],
+        [False, False],
+    ]
 
 
 def test_head_policy_composes_with_any_rest():
@@ -238,8 +271,9 @@ def test_head_policy_composes_with_any_rest():
     whole = np.array([[True, False], [False, False]])
     snap = HeadPolicy(name="retrieval+snapkv", whole=whole, rest=SnapKVPolicy(budget_tokens=40, obs_window=8))
     assert snap.describe() == {"policy": "retrieval+snapkv", "budget_tokens": 40, "obs_window": 8, "n_whole": 1}
-    assert isinstance(snap.eviction(), SnapKVEviction) and hash(snap) == hash(HeadPolicy(
-        name="retrieval+snapkv", whole=whole.tolist(), rest=SnapKVPolicy(budget_tokens=40, obs_window=8)))
+    assert isinstance(snap.eviction(), SnapKVEviction) and hash(snap) == hash(
+        HeadPolicy(name="retrieval+snapkv", whole=whole.tolist(), rest=SnapKVPolicy(budget_tokens=40, obs_window=8))
+    )
     c = snap.make_cache(lm.spec)
     _greedy(lm, c, _ids(lm), n=3)
     assert c.tokens_per_head().tolist() == [[N_PROMPT + 3, 43], [43, 43]]
@@ -310,18 +344,30 @@ def test_split_at_marks_the_question():
 
 
 # ----------------------------------------------------------------------------------- experiment + CLI
-NEEDLES = (Needle("the secret ingredient is smoked tamarind .", "what is the secret ingredient ?", "smoked tamarind", "stew"),)
+NEEDLES = (
+    Needle("the secret ingredient is smoked tamarind .", "what is the secret ingredient ?", "smoked tamarind", "stew"),
+)
 SCORES = np.array([[0.9, 0.0, 0.2, 0.05], [0.0, 0.6, 0.0, 0.3]])
 
 
 def test_kv_eval_end_to_end_and_resume(tmp_path, haystack_file):
-    from retrieval_heads.runs import read_records
     from retrieval_heads.experiments.kv_eval import KVEvalConfig, KVEvalResult, kv_eval
+    from retrieval_heads.runs import read_records
 
     lm = tiny_model("llama", attn_implementation="sdpa")
-    cfg = KVEvalConfig(budgets=(0.3,), policies=("sink_window", "needle_attention", "gain", "snapkv"),
-                       length=150, depths=(20.0,), needles=NEEDLES, rank_needles=NEEDLES, rank_depths=(50.0,),
-                       window=8, max_new_tokens=2, chat=False, haystack=str(haystack_file))
+    cfg = KVEvalConfig(
+        budgets=(0.3,),
+        policies=("sink_window", "needle_attention", "gain", "snapkv"),
+        length=150,
+        depths=(20.0,),
+        needles=NEEDLES,
+        rank_needles=NEEDLES,
+        rank_depths=(50.0,),
+        window=8,
+        max_new_tokens=2,
+        chat=False,
+        haystack=str(haystack_file),
+    )
     res = kv_eval(lm, SCORES, cfg, out=tmp_path / "run", show_progress=False)
     rows = {r["condition"]: r for r in res.rows()}
     assert set(rows) == {"full", "sink_window-b0.3", "needle_attention-b0.3", "gain-b0.3", "snapkv-b0.3"}
@@ -346,15 +392,30 @@ def _scores_file(tmp_path, arr):
     return p
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--budgets", "0.5,1.5"], "--budgets must lie within (0, 1)"),
-    (["--budgets", "a"], "--budgets must be a comma list"),
-    (["--policies", "h2o"], "unknown policy 'h2o'"),
-    (["--length", "50"], "length 50 must be within"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--budgets", "0.5,1.5"], "--budgets must lie within (0, 1)"),
+        (["--budgets", "a"], "--budgets must be a comma list"),
+        (["--policies", "h2o"], "unknown policy 'h2o'"),
+        (["--length", "50"], "length 50 must be within"),
+    ],
+)
 def test_cli_bad_input(cli, tiny_llama_dir, haystack_file, tmp_path, args, match):
-    code, out, err = cli("kv-eval", "--scores", _scores_file(tmp_path, SCORES), "--model", tiny_llama_dir,
-                         "--haystack", haystack_file, "--no-chat", "--out", tmp_path / "run", "--no-progress", *args)
+    code, out, err = cli(
+        "kv-eval",
+        "--scores",
+        _scores_file(tmp_path, SCORES),
+        "--model",
+        tiny_llama_dir,
+        "--haystack",
+        haystack_file,
+        "--no-chat",
+        "--out",
+        tmp_path / "run",
+        "--no-progress",
+        *args,
+    )
     assert code != 0
     lines = [l for l in err.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and match in lines[0], err
@@ -363,14 +424,28 @@ def test_cli_bad_input(cli, tiny_llama_dir, haystack_file, tmp_path, args, match
 def test_cli_missing_scores_and_shape(cli, tiny_llama_dir, haystack_file, tmp_path):
     code, _, err = cli("kv-eval", "--scores", tmp_path / "nope.json", "--model", tiny_llama_dir)
     assert code != 0 and len(err.strip().splitlines()) == 1 and "not found" in err
-    code, _, err = cli("kv-eval", "--scores", _scores_file(tmp_path, np.ones((3, 4))), "--model", tiny_llama_dir,
-                       "--haystack", haystack_file, "--length", "200", "--no-progress", "--out", tmp_path / "r")
+    code, _, err = cli(
+        "kv-eval",
+        "--scores",
+        _scores_file(tmp_path, np.ones((3, 4))),
+        "--model",
+        tiny_llama_dir,
+        "--haystack",
+        haystack_file,
+        "--length",
+        "200",
+        "--no-progress",
+        "--out",
+        tmp_path / "r",
+    )
     assert code != 0 and len(err.strip().splitlines()) == 1 and "shape (3, 4)" in err
 
 
 def test_cli_export_heads(cli, tmp_path):
     scores = _scores_file(tmp_path, SCORES)
-    code, out, err = cli("export-heads", "--scores", scores, "--out", tmp_path / "x", "--n-whole", "2", "--kv-heads", "2")
+    code, out, err = cli(
+        "export-heads", "--scores", scores, "--out", tmp_path / "x", "--n-whole", "2", "--kv-heads", "2"
+    )
     assert code == 0, err
     # KV scores: layer 0 -> [0.9, 0.2], layer 1 -> [0.6, 0.3] (max over the query heads of each)
     assert read_duo_tsv(tmp_path / "x" / "full_attention_heads.tsv").tolist() == [[True, False], [True, False]]
@@ -387,18 +462,38 @@ def test_cli_export_measured_ranking(cli, tmp_path):
     run = tmp_path / "kvrun"
     run.mkdir()
     measured = [[0.1, 0.7], [0.5, 0.2]]  # a different order than the retrieval scores
-    (run / "records.jsonl").write_text(json.dumps({"id": "ranking/needle_attention", "kind": "ranking",
-                                                   "ranking": "needle_attention", "kv_scores": measured}) + "\n")
-    code, _, err = cli("export-heads", "--scores", scores, "--out", tmp_path / "x", "--n-whole", "2", "--kv-heads", "2",
-                       "--ranking", "needle_attention", "--kv-run", run)
+    (run / "records.jsonl").write_text(
+        json.dumps(
+            {"id": "ranking/needle_attention", "kind": "ranking", "ranking": "needle_attention", "kv_scores": measured}
+        )
+        + "\n"
+    )
+    code, _, err = cli(
+        "export-heads",
+        "--scores",
+        scores,
+        "--out",
+        tmp_path / "x",
+        "--n-whole",
+        "2",
+        "--kv-heads",
+        "2",
+        "--ranking",
+        "needle_attention",
+        "--kv-run",
+        run,
+    )
     assert code == 0, err
     assert read_duo_tsv(tmp_path / "x" / "full_attention_heads.tsv").tolist() == [[False, True], [True, False]]
     assert json.loads((tmp_path / "x" / "kv_head_scores.json").read_text())["0-1"] == [0.7]
-    for extra, match in ((["--ranking", "gain", "--kv-run", run], "holds no gain ranking"),
-                         (["--ranking", "needle_attention"], "needs --kv-run"),
-                         (["--ranking", "h2o", "--kv-run", run], "unknown ranking 'h2o'")):
-        code, _, err = cli("export-heads", "--scores", scores, "--out", tmp_path / "y", "--n-whole", "1",
-                           "--kv-heads", "2", *extra)
+    for extra, match in (
+        (["--ranking", "gain", "--kv-run", run], "holds no gain ranking"),
+        (["--ranking", "needle_attention"], "needs --kv-run"),
+        (["--ranking", "h2o", "--kv-run", run], "unknown ranking 'h2o'"),
+    ):
+        code, _, err = cli(
+            "export-heads", "--scores", scores, "--out", tmp_path / "y", "--n-whole", "1", "--kv-heads", "2", *extra
+        )
         assert code != 0 and match in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "y" / "kv_head_scores.json").exists()
 
@@ -412,13 +507,24 @@ def test_kv_eval_extractive_qa(tmp_path, haystack_file):
     data = tmp_path / "squad.json"
     data.write_text(json.dumps(SQUAD))
     lm = tiny_model("llama", attn_implementation="sdpa")
-    cfg = KVEvalConfig(budgets=(0.5,), policies=("sink_window", "retrieval"), length=150, depths=(20.0,),
-                       needles=NEEDLES, window=8, max_new_tokens=2, chat=False, haystack=str(haystack_file),
-                       memory_probe=False, qa_examples=2, qa_data=str(data))
+    cfg = KVEvalConfig(
+        budgets=(0.5,),
+        policies=("sink_window", "retrieval"),
+        length=150,
+        depths=(20.0,),
+        needles=NEEDLES,
+        window=8,
+        max_new_tokens=2,
+        chat=False,
+        haystack=str(haystack_file),
+        memory_probe=False,
+        qa_examples=2,
+        qa_data=str(data),
+    )
     items = qa_items(lm, cfg)
     assert len(items) == 2
     for it in items:  # the context ends before the question, which follows it
-        q = lm.tokenizer.decode(list(it.prompt_ids[it.context_len:]))  # tiny vocabulary: unknown words are <unk>
+        q = lm.tokenizer.decode(list(it.prompt_ids[it.context_len :]))  # tiny vocabulary: unknown words are <unk>
         assert "?" in q and len(it.prompt_ids) - it.context_len < 30 and it.context_len > 40
     res = kv_eval(lm, SCORES, cfg, out=tmp_path / "run", show_progress=False)
     assert res.tasks() == ["niah", "extractive-qa"]

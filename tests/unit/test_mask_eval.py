@@ -7,18 +7,18 @@ import json
 import numpy as np
 import pytest
 
+from retrieval_heads.decoding import StopRule
 from retrieval_heads.errors import ConfigError
+from retrieval_heads.experiments import conditions
+from retrieval_heads.experiments.conditions import build_conditions, generate
+from retrieval_heads.experiments.mask_eval import MaskEvalConfig, MaskEvalResult, mask_eval
+from retrieval_heads.heads import random_heads, rank_heads
 from retrieval_heads.needles import Needle, make_sample
 from retrieval_heads.runs import read_records
 from retrieval_heads.scorefile import write_scores
 from retrieval_heads.tasks import niah
 from retrieval_heads.tasks.base import Doc, Request
 from retrieval_heads.tasks.niah import content_recall, error_kind, exact_match
-from retrieval_heads.experiments import conditions
-from retrieval_heads.experiments.conditions import build_conditions, generate
-from retrieval_heads.experiments.mask_eval import MaskEvalConfig, MaskEvalResult, mask_eval
-from retrieval_heads.heads import random_heads, rank_heads
-from retrieval_heads.decoding import StopRule
 from retrieval_heads.testing import tiny_model
 
 NEEDLES = (
@@ -35,8 +35,17 @@ def lm():
 
 @pytest.fixture
 def cfg(haystack_file):
-    return MaskEvalConfig(ks=(0, 2, 3), random_seeds=(0, 1), lengths=(80,), depths=(10.0, 90.0), needles=NEEDLES,
-                          max_new_tokens=5, chat=False, haystack=str(haystack_file), watch=3)
+    return MaskEvalConfig(
+        ks=(0, 2, 3),
+        random_seeds=(0, 1),
+        lengths=(80,),
+        depths=(10.0, 90.0),
+        needles=NEEDLES,
+        max_new_tokens=5,
+        chat=False,
+        haystack=str(haystack_file),
+        watch=3,
+    )
 
 
 def test_random_heads_exclude_the_top_set_and_are_seeded():
@@ -55,8 +64,15 @@ def test_random_heads_exclude_the_top_set_and_are_seeded():
 
 def test_conditions(cfg):
     conds = build_conditions(SCORES, cfg.ks, cfg.random_seeds, cfg.watch)
-    assert [c.id for c in conds] == ["base", "top-k2", "random-k2-s0", "random-k2-s1",
-                                     "top-k3", "random-k3-s0", "random-k3-s1"]
+    assert [c.id for c in conds] == [
+        "base",
+        "top-k2",
+        "random-k2-s0",
+        "random-k2-s1",
+        "top-k3",
+        "random-k3-s0",
+        "random-k3-s1",
+    ]
     top3 = next(c for c in conds if c.id == "top-k3")
     assert set(top3.heads) == {(0, 0), (1, 1), (1, 3)}
     for c in conds:
@@ -66,8 +82,9 @@ def test_conditions(cfg):
     assert conds[0].watch == ((0, 0), (1, 1), (1, 3))
 
 
-@pytest.mark.parametrize("ks,match", [((9,), "larger than the number of heads"), ((5,), "cannot draw 5 random"),
-                                      ((-1,), ">= 0")])
+@pytest.mark.parametrize(
+    "ks,match", [((9,), "larger than the number of heads"), ((5,), "cannot draw 5 random"), ((-1,), ">= 0")]
+)
 def test_bad_k(cfg, ks, match):
     with pytest.raises(ConfigError, match=match):
         c = MaskEvalConfig(**{**cfg.__dict__, "ks": ks})
@@ -177,9 +194,26 @@ def _scores_file(tmp_path, arr):
 )
 def test_cli_bad_input(cli, tiny_llama_dir, needles_file, haystack_file, tmp_path, args, match):
     scores = _scores_file(tmp_path, SCORES)
-    code, out, err = cli("mask-eval", "--scores", scores, "--model", tiny_llama_dir, "--needles", needles_file,
-                         "--haystack", haystack_file, "--lengths", "80", "--depths", "50", "--no-chat",
-                         "--out", tmp_path / "run", "--no-progress", *args)
+    code, out, err = cli(
+        "mask-eval",
+        "--scores",
+        scores,
+        "--model",
+        tiny_llama_dir,
+        "--needles",
+        needles_file,
+        "--haystack",
+        haystack_file,
+        "--lengths",
+        "80",
+        "--depths",
+        "50",
+        "--no-chat",
+        "--out",
+        tmp_path / "run",
+        "--no-progress",
+        *args,
+    )
     assert code != 0
     lines = [l for l in err.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and match in lines[0], err
@@ -187,9 +221,24 @@ def test_cli_bad_input(cli, tiny_llama_dir, needles_file, haystack_file, tmp_pat
 
 def test_cli_shape_mismatch(cli, tiny_llama_dir, needles_file, haystack_file, tmp_path):
     scores = _scores_file(tmp_path, np.ones((3, 4)))
-    code, out, err = cli("mask-eval", "--scores", scores, "--model", tiny_llama_dir, "--needles", needles_file,
-                         "--haystack", haystack_file, "--lengths", "80", "--k", "0,1", "--no-progress",
-                         "--out", tmp_path / "run")
+    code, out, err = cli(
+        "mask-eval",
+        "--scores",
+        scores,
+        "--model",
+        tiny_llama_dir,
+        "--needles",
+        needles_file,
+        "--haystack",
+        haystack_file,
+        "--lengths",
+        "80",
+        "--k",
+        "0,1",
+        "--no-progress",
+        "--out",
+        tmp_path / "run",
+    )
     assert code != 0
     lines = [l for l in err.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and "shape (3, 4)" in lines[0] and "2 x 4" in lines[0], err
@@ -197,10 +246,35 @@ def test_cli_shape_mismatch(cli, tiny_llama_dir, needles_file, haystack_file, tm
 
 def test_cli_runs(cli, tiny_llama_dir, needles_file, haystack_file, tmp_path):
     scores = _scores_file(tmp_path, SCORES)
-    code, out, err = cli("mask-eval", "--scores", scores, "--model", tiny_llama_dir, "--needles", needles_file,
-                         "--haystack", haystack_file, "--lengths", "80", "--depths", "50", "--no-chat",
-                         "--k", "0,2", "--random-seeds", "1", "--max-new-tokens", "4", "--method", "zero",
-                         "--mask-phase", "decode", "--out", tmp_path / "run", "--no-progress")
+    code, out, err = cli(
+        "mask-eval",
+        "--scores",
+        scores,
+        "--model",
+        tiny_llama_dir,
+        "--needles",
+        needles_file,
+        "--haystack",
+        haystack_file,
+        "--lengths",
+        "80",
+        "--depths",
+        "50",
+        "--no-chat",
+        "--k",
+        "0,2",
+        "--random-seeds",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--method",
+        "zero",
+        "--mask-phase",
+        "decode",
+        "--out",
+        tmp_path / "run",
+        "--no-progress",
+    )
     assert code == 0, err
     assert "| K |" in out and (tmp_path / "run" / "mask_eval.png").exists()
 
@@ -209,11 +283,25 @@ def test_execution_order_and_partial_curves(cfg):
     from retrieval_heads.experiments.conditions import execution_order
 
     conds = build_conditions(SCORES, cfg.ks, cfg.random_seeds, cfg.watch)
-    assert [c.id for c in execution_order(conds)] == ["base", "top-k2", "random-k2-s0", "top-k3", "random-k3-s0",
-                                                      "random-k2-s1", "random-k3-s1"]
-    recs = [{"condition": c, "niah_score": s, "exact": s == 100, "error_kind": "retrieved"}
-            for c, s in [("base", 100.0), ("top-k2", 0.0), ("top-k3", 50.0), ("random-k2-s0", 100.0),
-                         ("random-k3-s0", 80.0)]]
+    assert [c.id for c in execution_order(conds)] == [
+        "base",
+        "top-k2",
+        "random-k2-s0",
+        "top-k3",
+        "random-k3-s0",
+        "random-k2-s1",
+        "random-k3-s1",
+    ]
+    recs = [
+        {"condition": c, "niah_score": s, "exact": s == 100, "error_kind": "retrieved"}
+        for c, s in [
+            ("base", 100.0),
+            ("top-k2", 0.0),
+            ("top-k3", 50.0),
+            ("random-k2-s0", 100.0),
+            ("random-k3-s0", 80.0),
+        ]
+    ]
     cv = MaskEvalResult("x", conds, recs).curves()  # seed 1 not run yet: random = seed 0 alone
     assert cv["top_score"] == [100.0, 0.0, 50.0] and cv["random_score"] == [100.0, 100.0, 80.0]
     assert cv["random_draws"] == [0, 1, 1]
@@ -228,10 +316,13 @@ def test_niah_task_docs_are_the_needle_samples(haystack_file, chat):
 
     tok = tiny_tokenizer()
     if chat:
-        tok.chat_template = ("{% for m in messages %}<|user|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-                             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-    task = get_task("niah", needles=NEEDLES, lengths=(80, 120), depths=(10.0, 90.0), path=str(haystack_file),
-                    max_new_tokens=7)
+        tok.chat_template = (
+            "{% for m in messages %}<|user|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+        )
+    task = get_task(
+        "niah", needles=NEEDLES, lengths=(80, 120), depths=(10.0, 90.0), path=str(haystack_file), max_new_tokens=7
+    )
     assert isinstance(task, niah.NIAH) and task.size == 8
     with pytest.raises(ConfigError, match="prepare"):
         task.docs(task.size, 0, len)
@@ -275,9 +366,20 @@ def test_task_eval_runs_niah_like_mask_eval(lm, cfg):
 
     mcfg = MaskEvalConfig(**{**cfg.__dict__, "ks": (0, 2), "random_seeds": (), "watch": 0})
     masked = mask_eval(lm, SCORES, mcfg, show_progress=False)
-    tcfg = TaskEvalConfig(task="niah", k=2, random_seeds=(), chat=False, limit=4,
-                          task_args={"needles": NEEDLES, "lengths": (80,), "depths": (10.0, 90.0),
-                                     "path": cfg.haystack, "max_new_tokens": 5})
+    tcfg = TaskEvalConfig(
+        task="niah",
+        k=2,
+        random_seeds=(),
+        chat=False,
+        limit=4,
+        task_args={
+            "needles": NEEDLES,
+            "lengths": (80,),
+            "depths": (10.0, 90.0),
+            "path": cfg.haystack,
+            "max_new_tokens": 5,
+        },
+    )
     res = task_eval(lm, SCORES, tcfg, show_progress=False)
     assert res.metrics == ["answer_recall", "exact"] and res.config["task"]["name"] == "niah"
     by_id = {r["id"]: r for r in masked.records}

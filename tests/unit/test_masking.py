@@ -39,6 +39,7 @@ def head_outputs(model, ids, **kw):
     got = [None] * len(parts)
     handles = []
     for l, p in enumerate(parts):
+
         def hook(_m, args, l=l, p=p):
             got[l] = args[0].unflatten(-1, (p.n_heads, p.head_dim)).clone()
 
@@ -126,7 +127,9 @@ def test_uniform_output_is_mean_of_visible_values(models, impl):
     parts = attention_parts(lm.model)
     layer, head = 0, 1
     v_cap = {}
-    h = lm.model.model.layers[layer].self_attn.v_proj.register_forward_hook(lambda m, a, o: v_cap.setdefault("v", o.clone()))
+    h = lm.model.model.layers[layer].self_attn.v_proj.register_forward_hook(
+        lambda m, a, o: v_cap.setdefault("v", o.clone())
+    )
     try:
         with mask_heads(lm.model, [(layer, head)], "uniform"):
             masked, _ = head_outputs(lm.model, ids)
@@ -134,7 +137,7 @@ def test_uniform_output_is_mean_of_visible_values(models, impl):
         h.remove()
     d = parts[layer].head_dim
     kv = lm.spec.kv_head_of(head)
-    v = v_cap["v"][0, :, kv * d:(kv + 1) * d]  # [seq, head_dim]
+    v = v_cap["v"][0, :, kv * d : (kv + 1) * d]  # [seq, head_dim]
     running = v.cumsum(0) / torch.arange(1, SEQ + 1).unsqueeze(1)
     assert torch.allclose(masked[layer][0, :, head], running, atol=1e-5)
 

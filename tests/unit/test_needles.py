@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from retrieval_heads.errors import ConfigError, DataError, NeedleNotFoundError
 from retrieval_heads.needles import (
-    Needle, insert_needle, load_haystack, load_needles, locate_span, make_sample, sentence_boundary_before,
+    Needle,
+    insert_needle,
+    load_haystack,
+    load_needles,
+    locate_span,
+    make_sample,
+    sentence_boundary_before,
 )
 from retrieval_heads.testing import tiny_tokenizer
 
@@ -61,7 +68,7 @@ def test_sentence_boundary_is_a_sentence_start(text, pos):
     b = sentence_boundary_before(text, pos)
     assert 0 <= b <= max(pos, 0)
     if b > 0:
-        assert text[b - 1].isspace() and text[: b].rstrip()[-1] in ".!?\"')]"
+        assert text[b - 1].isspace() and text[:b].rstrip()[-1] in ".!?\"')]"
 
 
 @given(st.floats(0, 100))
@@ -69,7 +76,7 @@ def test_sentence_boundary_is_a_sentence_start(text, pos):
 def test_insert_needle_keeps_text_and_places_needle(depth):
     hay = "One two. Three four five. Six seven! Eight nine ten? Eleven."
     doc, at = insert_needle(hay, "NEEDLE here.", depth)
-    assert doc[at: at + len("NEEDLE here.")] == "NEEDLE here."
+    assert doc[at : at + len("NEEDLE here.")] == "NEEDLE here."
     assert doc.replace("NEEDLE here.", "").split() == hay.split()
     # inserted on a sentence boundary: what precedes ends a sentence (or nothing precedes)
     before = doc[:at].rstrip()
@@ -89,7 +96,7 @@ def test_depth_zero_and_hundred():
 def test_make_sample_span_decodes_to_needle(depth, length):
     tok = tiny_tokenizer()
     s = make_sample(tok, HAYSTACK, NEEDLE, length, depth, chat=False)
-    assert tok.decode(list(s.prompt_ids[s.needle_start:s.needle_end])) == NEEDLE.needle
+    assert tok.decode(list(s.prompt_ids[s.needle_start : s.needle_end])) == NEEDLE.needle
     assert abs(s.document_tokens - length) <= 2
     assert s.prompt_ids[-1] == tok.convert_tokens_to_ids(":")  # ends with "Answer:"
 

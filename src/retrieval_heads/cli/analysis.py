@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, List
+from typing import Annotated
 
 import typer
 
@@ -29,8 +29,10 @@ def _write_frame(df, stem: Path) -> list[Path]:
 
 
 def analyze(
-    runs: Annotated[List[Path], typer.Argument(help="run folders or authors'-format score files (JSON)")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="folder for tables (CSV, JSON) and figures")] = Path("analysis"),
+    runs: Annotated[list[Path], typer.Argument(help="run folders or authors'-format score files (JSON)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for tables (CSV, JSON) and figures")] = Path(
+        "analysis"
+    ),
     threshold: Threshold = RETRIEVAL_THRESHOLD,
     top: Annotated[int, typer.Option(min=1, help="top heads listed and plotted per run")] = 20,
     figures: Figures = True,
@@ -50,9 +52,13 @@ def analyze(
     for col in ("model", "layers x heads", "kept/samples", "= 0", "(0, 0.1]", "(0.1, 0.5]", "> 0.5", "retrieval heads"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for _, r in table.iterrows():
-        t.add_row(str(r["model"]), f"{r['layers']} x {r['heads']}", f"{r['n_kept']}/{r['n_samples']}",
-                  *(f"{100 * r[b]:.2f} %" for b in A.SPARSITY_BINS),
-                  f"{r['n_retrieval_heads']} ({100 * r['retrieval_share']:.1f} %)")
+        t.add_row(
+            str(r["model"]),
+            f"{r['layers']} x {r['heads']}",
+            f"{r['n_kept']}/{r['n_samples']}",
+            *(f"{100 * r[b]:.2f} %" for b in A.SPARSITY_BINS),
+            f"{r['n_retrieval_heads']} ({100 * r['retrieval_share']:.1f} %)",
+        )
     console.print(t)
     written = _write_frame(table, out / "sparsity")
     tops = []
@@ -64,8 +70,13 @@ def analyze(
         for col in ("rank", "layer", "head", "retrieval score", "activation freq."):
             tt.add_column(col, justify="right")
         for _, h in top_df.head(k).iterrows():
-            tt.add_row(str(h["rank"]), str(h["layer"]), str(h["head"]), f"{h['score']:.3f}",
-                       "n/a" if pd.isna(h["activation_frequency"]) else f"{h['activation_frequency']:.2f}")
+            tt.add_row(
+                str(h["rank"]),
+                str(h["layer"]),
+                str(h["head"]),
+                f"{h['score']:.3f}",
+                "n/a" if pd.isna(h["activation_frequency"]) else f"{h['activation_frequency']:.2f}",
+            )
         console.print(tt)
     written += _write_frame(pd.concat(tops, ignore_index=True), out / "top_heads")
     if figures:
@@ -91,7 +102,7 @@ def analyze(
 
 
 def compare(
-    runs: Annotated[List[Path], typer.Argument(help="two or more run folders or score files of one shape")],
+    runs: Annotated[list[Path], typer.Argument(help="two or more run folders or score files of one shape")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the matrices and figures")] = Path("analysis"),
     figures: Figures = True,
 ) -> None:
@@ -112,9 +123,13 @@ def compare(
     saved = {}
     for method in ("pearson", "spearman"):
         m = A.correlation_matrix(results, method)  # type: ignore[arg-type]
-        saved[method] = {str(k): {str(c): (None if v != v else float(v)) for c, v in row.items()}
-                         for k, row in m.to_dict(orient="index").items()}
-        t = Table(title=f"{method.capitalize()} correlation of retrieval-score maps ({results[0].shape[0]} x {results[0].shape[1]})")
+        saved[method] = {
+            str(k): {str(c): (None if v != v else float(v)) for c, v in row.items()}
+            for k, row in m.to_dict(orient="index").items()
+        }
+        t = Table(
+            title=f"{method.capitalize()} correlation of retrieval-score maps ({results[0].shape[0]} x {results[0].shape[1]})"
+        )
         t.add_column("")
         for c in m.columns:
             t.add_column(str(c), justify="right")
@@ -135,12 +150,14 @@ def compare(
 
 
 def report(
-    runs: Annotated[List[Path], typer.Argument(help="run folders or authors'-format score files")],
+    runs: Annotated[list[Path], typer.Argument(help="run folders or authors'-format score files")],
     output: Annotated[Path, typer.Option("--output", "-o", help="the HTML file to write")] = Path("report.html"),
     top: Annotated[int, typer.Option(min=1, help="top heads listed per run")] = 20,
     threshold: Threshold = RETRIEVAL_THRESHOLD,
     title: Annotated[str, typer.Option(help="page title")] = "Retrieval heads report",
-    mask_eval: Annotated[List[Path], typer.Option("--mask-eval", help="mask-eval run folder(s) to include (Fig. 7, Fig. 9)")] = [],
+    mask_eval: Annotated[
+        list[Path], typer.Option("--mask-eval", help="mask-eval run folder(s) to include (Fig. 7, Fig. 9)")
+    ] = [],
 ) -> None:
     """One self-contained HTML report (opens offline): tables, figures, interactive heatmaps."""
     from .. import analysis as A
@@ -151,4 +168,3 @@ def report(
     masks = [MaskEvalResult.load(m) for m in mask_eval]
     p = write_report(results, output, top_k=top, threshold=threshold, title=title, mask_evals=masks)
     typer.echo(f"report: {p} ({p.stat().st_size / 1e6:.1f} MB, self-contained)")
-

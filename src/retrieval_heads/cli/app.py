@@ -14,8 +14,12 @@ import typer
 from ..errors import RetrievalHeadsError
 from . import analysis, detect, kv, masking, scale, tasks
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Find, study and use the retrieval heads of transformer language models.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Find, study and use the retrieval heads of transformer language models.",
+)
 
 
 @app.callback()

@@ -5,12 +5,25 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .options import (DEFAULT_MODEL, Chat, Device, DType, MaxNewTokens, Overwrite, Progress, SummaryTop, Threads,
-                      default_run_folder, parse_depths, parse_lengths, setup_runtime)
+from .options import (
+    DEFAULT_MODEL,
+    Chat,
+    Device,
+    DType,
+    MaxNewTokens,
+    Overwrite,
+    Progress,
+    SummaryTop,
+    Threads,
+    default_run_folder,
+    parse_depths,
+    parse_lengths,
+    setup_runtime,
+)
 
 if TYPE_CHECKING:
     from ..results import DetectionResult
@@ -23,7 +36,9 @@ def print_summary(result: DetectionResult, k: int = 10) -> None:
 
     console = Console()
     sp = result.sparsity()
-    table = Table(title=f"Top {k} retrieval heads of {result.name} ({result.n_kept} kept of {len(result.records) or result.n_kept} samples)")
+    table = Table(
+        title=f"Top {k} retrieval heads of {result.name} ({result.n_kept} kept of {len(result.records) or result.n_kept} samples)"
+    )
     for col in ("rank", "layer", "head", "retrieval score", "activation freq."):
         table.add_column(col, justify="right")
     for i, h in enumerate(result.top(k), 1):
@@ -38,23 +53,47 @@ def print_summary(result: DetectionResult, k: int = 10) -> None:
 
 
 def detect(
-    model: Annotated[str, typer.Option(help="alias (smollm2-135m, gemma3-270m), hub id, folder or .gguf file")] = DEFAULT_MODEL,
-    lengths: Annotated[Optional[str], typer.Option(help="document lengths in tokens: start:stop:count or a,b,c (default: fits the model and a CPU budget)")] = None,
-    depths: Annotated[Optional[str], typer.Option(help="needle depths in percent: start:stop:count or a,b,c")] = None,
-    needles: Annotated[Optional[Path], typer.Option(help="JSONL of {needle, question, answer}")] = None,
-    haystack: Annotated[Optional[Path], typer.Option(help="folder of .txt files or one file (default: Paul Graham essays)")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="run folder (default runs/<model>)")] = None,
-    engine: Annotated[str, typer.Option(help="fast (SDPA + KV cache + prefix reuse; proven equal) or reference (paper-faithful, eager)")] = "fast",
+    model: Annotated[
+        str, typer.Option(help="alias (smollm2-135m, gemma3-270m), hub id, folder or .gguf file")
+    ] = DEFAULT_MODEL,
+    lengths: Annotated[
+        str | None,
+        typer.Option(
+            help="document lengths in tokens: start:stop:count or a,b,c (default: fits the model and a CPU budget)"
+        ),
+    ] = None,
+    depths: Annotated[str | None, typer.Option(help="needle depths in percent: start:stop:count or a,b,c")] = None,
+    needles: Annotated[Path | None, typer.Option(help="JSONL of {needle, question, answer}")] = None,
+    haystack: Annotated[
+        Path | None, typer.Option(help="folder of .txt files or one file (default: Paul Graham essays)")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="run folder (default runs/<model>)")] = None,
+    engine: Annotated[
+        str,
+        typer.Option(help="fast (SDPA + KV cache + prefix reuse; proven equal) or reference (paper-faithful, eager)"),
+    ] = "fast",
     max_new_tokens: MaxNewTokens = 50,
-    recall_threshold: Annotated[float, typer.Option(help="keep a sample when ROUGE-1 recall of the answer > this")] = 0.5,
+    recall_threshold: Annotated[
+        float, typer.Option(help="keep a sample when ROUGE-1 recall of the answer > this")
+    ] = 0.5,
     chat: Chat = True,
     device: Device = "cpu",
     dtype: DType = "float32",
-    batch_size: Annotated[Optional[int], typer.Option(help="fast engine: samples per batch, left-padded; each still prefilled from its shared prefix, then decoded together (default: 1 on a CPU, 8 on a GPU)")] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="fast engine: samples per batch, left-padded; each still prefilled from its shared prefix, then decoded together (default: 1 on a CPU, 8 on a GPU)"
+        ),
+    ] = None,
     threads: Threads = None,
     top: SummaryTop = 10,
-    shard: Annotated[Optional[str], typer.Option(help="run only shard i/n of the grid (merge shards with `merge`)")] = None,
-    device_map: Annotated[Optional[str], typer.Option(help="accelerate device map, e.g. auto: spread a large model over the node's devices")] = None,
+    shard: Annotated[
+        str | None, typer.Option(help="run only shard i/n of the grid (merge shards with `merge`)")
+    ] = None,
+    device_map: Annotated[
+        str | None,
+        typer.Option(help="accelerate device map, e.g. auto: spread a large model over the node's devices"),
+    ] = None,
     overwrite: Overwrite = False,
     trust_remote_code: Annotated[bool, typer.Option(help="allow the model's own code from the hub")] = False,
     progress: Progress = True,
@@ -68,19 +107,32 @@ def detect(
 
     if torchrun_rank() and device == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per torchrun process
-    lm = load_model(model, device=device, dtype=dtype, attn_implementation="eager" if engine == "reference" else "sdpa",  # type: ignore[arg-type]
-                    trust_remote_code=trust_remote_code, device_map=device_map)
+    lm = load_model(
+        model,
+        device=device,
+        dtype=dtype,
+        attn_implementation="eager" if engine == "reference" else "sdpa",  # type: ignore[arg-type]
+        trust_remote_code=trust_remote_code,
+        device_map=device_map,
+    )
     base = D.default_grid(lm.spec)
     grid = D.Grid(
         lengths=parse_lengths(lengths) if lengths else base.lengths,
         depths=parse_depths(depths) if depths else base.depths,
         needles=tuple(load_needles(needles)) if needles else base.needles,
     )
-    cfg = D.DetectConfig(engine=engine, max_new_tokens=max_new_tokens, recall_threshold=recall_threshold,
-                         chat=chat, haystack=str(haystack) if haystack else None, batch_size=batch_size)
+    cfg = D.DetectConfig(
+        engine=engine,
+        max_new_tokens=max_new_tokens,
+        recall_threshold=recall_threshold,
+        chat=chat,
+        haystack=str(haystack) if haystack else None,
+        batch_size=batch_size,
+    )
     out = out or default_run_folder(lm)
-    result = D.detect(lm, grid, cfg, out=out, overwrite=overwrite, show_progress=progress,
-                      shard=Shard.parse(shard) if shard else None)
+    result = D.detect(
+        lm, grid, cfg, out=out, overwrite=overwrite, show_progress=progress, shard=Shard.parse(shard) if shard else None
+    )
     if (torchrun_rank() or (0, 1))[0] != 0:
         return  # under torchrun only rank 0 reports
     print_summary(result, top)

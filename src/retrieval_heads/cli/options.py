@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -28,7 +29,7 @@ logger = logging.getLogger("retrieval_heads.cli")
 # with different defaults.
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps")]
 DType = Annotated[str, typer.Option(help="float32, bfloat16, float16, auto")]
-Threads = Annotated[Optional[int], typer.Option(help="torch CPU threads")]
+Threads = Annotated[int | None, typer.Option(help="torch CPU threads")]
 Overwrite = Annotated[bool, typer.Option(help="replace a run with a different config in --out")]
 Progress = Annotated[bool, typer.Option("--progress/--no-progress")]
 Chat = Annotated[bool, typer.Option("--chat/--no-chat", help="use the model's chat template when it has one")]
@@ -38,19 +39,22 @@ Threshold = Annotated[float, typer.Option(help="a head is a retrieval head when 
 
 # experiments on top of a detection run (mask-eval, task-eval, kv-eval, export-heads)
 Scores = Annotated[Path, typer.Option(help="detection run folder or authors'-format score JSON")]
-ScoresModel = Annotated[Optional[str], typer.Option(
-    help=f"model (default: the model of the --scores run, else {DEFAULT_MODEL})")]
-EvalNeedles = Annotated[Optional[Path], typer.Option(
-    help="JSONL of {needle, question, answer} (default: evaluation needles)")]
-Haystack = Annotated[Optional[Path], typer.Option(
-    help="folder of .txt files or one file (default: Paul Graham essays)")]
+ScoresModel = Annotated[
+    str | None, typer.Option(help=f"model (default: the model of the --scores run, else {DEFAULT_MODEL})")
+]
+EvalNeedles = Annotated[
+    Path | None, typer.Option(help="JSONL of {needle, question, answer} (default: evaluation needles)")
+]
+Haystack = Annotated[
+    Path | None, typer.Option(help="folder of .txt files or one file (default: Paul Graham essays)")
+]
 MaskPhase = Annotated[str, typer.Option(help="all (prefill and decode) or decode (authors': decode steps only)")]
 Sink = Annotated[int, typer.Option(min=0, help="attention-sink tokens kept by cut heads")]
 Window = Annotated[int, typer.Option(min=1, help="recent tokens kept by cut heads (head policies)")]
 
 
 # ------------------------------------------------------------------ setup
-def setup_runtime(threads: Optional[int]) -> None:
+def setup_runtime(threads: int | None) -> None:
     """Quiet library logging and progress bars (ours stay), and set torch's CPU threads."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -71,7 +75,7 @@ def setup_runtime(threads: Optional[int]) -> None:
         torch.set_num_threads(threads)
 
 
-def load_scores(scores: Path, model: Optional[str]) -> tuple[DetectionResult, str]:
+def load_scores(scores: Path, model: str | None) -> tuple[DetectionResult, str]:
     """The detection result of `--scores` and the model to run: `--model`, else the run's model."""
     from ..results import DetectionResult
 

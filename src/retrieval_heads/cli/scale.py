@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List
+from typing import Annotated
 
 import typer
 
@@ -12,7 +12,7 @@ from .options import SummaryTop
 
 
 def merge(
-    runs: Annotated[List[Path], typer.Argument(help="run folders of one config (e.g. shards of a Slurm array)")],
+    runs: Annotated[list[Path], typer.Argument(help="run folders of one config (e.g. shards of a Slurm array)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the merged run")],
     top: SummaryTop = 10,
 ) -> None:

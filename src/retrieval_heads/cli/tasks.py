@@ -4,13 +4,27 @@ vs K random heads vs nothing masked; `task-plot` draws several finished runs sid
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated
 
 import typer
 
-from .options import (Chat, Device, DType, MaskPhase, Overwrite, Progress, Scores, ScoresModel, Threads,
-                      check_mask_phase, check_random_seeds, default_run_folder, load_scores, optional_figure,
-                      setup_runtime)
+from .options import (
+    Chat,
+    Device,
+    DType,
+    MaskPhase,
+    Overwrite,
+    Progress,
+    Scores,
+    ScoresModel,
+    Threads,
+    check_mask_phase,
+    check_random_seeds,
+    default_run_folder,
+    load_scores,
+    optional_figure,
+    setup_runtime,
+)
 
 PLOT_STEM = "task_eval"  # the figure of a task-eval run folder: task_eval.png/.svg
 
@@ -21,17 +35,21 @@ def task_eval_cmd(
     k: Annotated[int, typer.Option("--k", help="number of masked heads")] = 20,
     random_seeds: Annotated[int, typer.Option(help="random-head draws (seeds 0..n-1); 0 = no random control")] = 2,
     prompt: Annotated[str, typer.Option(help="answer-only or cot")] = "answer-only",
-    limit: Annotated[Optional[int], typer.Option(help="number of examples (default: the task's, 40-60)")] = None,
+    limit: Annotated[int | None, typer.Option(help="number of examples (default: the task's, 40-60)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the example draw (and of generated tasks)")] = 0,
     model: ScoresModel = None,
     context_tokens: Annotated[int, typer.Option(help="extractive-qa: context length in model tokens")] = 1000,
     steps: Annotated[int, typer.Option(help="arith-chain: operations per problem")] = 3,
-    data: Annotated[Optional[Path], typer.Option(help="data file/folder in the task's format (default: the PyPI package's)")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="data file/folder in the task's format (default: the PyPI package's)")
+    ] = None,
     method: Annotated[str, typer.Option(help="uniform (authors': zero query), zero (zero head output)")] = "uniform",
     mask_phase: MaskPhase = "all",
     chat: Chat = True,
     n_boot: Annotated[int, typer.Option(min=100, help="bootstrap resamples")] = 2000,
-    out: Annotated[Optional[Path], typer.Option(help="run folder (default runs/<model>-task-<task>-<prompt>-k<K>)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="run folder (default runs/<model>-task-<task>-<prompt>-k<K>)")
+    ] = None,
     device: Device = "cpu",
     dtype: DType = "float32",
     threads: Threads = None,
@@ -77,12 +95,23 @@ def task_eval_cmd(
     from ..models import load_model
 
     det, name = load_scores(scores, model)
-    cfg = TaskEvalConfig(task=task, style=prompt, k=k, random_seeds=tuple(range(random_seeds)), limit=limit,
-                         seed=seed, task_args=args, method=method, phase=mask_phase, chat=chat)
+    cfg = TaskEvalConfig(
+        task=task,
+        style=prompt,
+        k=k,
+        random_seeds=tuple(range(random_seeds)),
+        limit=limit,
+        seed=seed,
+        task_args=args,
+        method=method,
+        phase=mask_phase,
+        chat=chat,
+    )
     lm = load_model(name, device=device, dtype=dtype, attn_implementation="sdpa")  # type: ignore[arg-type]
     out = out or default_run_folder(lm, f"-task-{task}-{prompt}-k{k}")
-    res = task_eval(lm, det, cfg, out=out, overwrite=overwrite, show_progress=progress,
-                    scores_source=str(scores), n_boot=n_boot)
+    res = task_eval(
+        lm, det, cfg, out=out, overwrite=overwrite, show_progress=progress, scores_source=str(scores), n_boot=n_boot
+    )
     with optional_figure():
         from ..plots.task import plot_task_eval
 
@@ -90,16 +119,18 @@ def task_eval_cmd(
     typer.echo(f"{lm.spec.name} {task} ({prompt}), K={k}:")
     typer.echo(res.table())
     for ex in res.examples(2):
-        typer.echo(f"[{ex['doc_id']}] gold {ex['answers'][0]!r}: none {ex['none'].strip()[:80]!r} -> "
-                   f"top-{k} {ex['top'].strip()[:80]!r}")
+        typer.echo(
+            f"[{ex['doc_id']}] gold {ex['answers'][0]!r}: none {ex['none'].strip()[:80]!r} -> "
+            f"top-{k} {ex['top'].strip()[:80]!r}"
+        )
     typer.echo(f"run folder: {out} (summary.json, table.md, records.jsonl, {PLOT_STEM}.png/.svg)")
 
 
 def task_plot_cmd(
-    runs: Annotated[List[Path], typer.Argument(help="finished task-eval run folders")],
+    runs: Annotated[list[Path], typer.Argument(help="finished task-eval run folders")],
     out: Annotated[Path, typer.Option(help="output stem (writes .png and .svg)")] = Path("task_eval"),
-    metric: Annotated[Optional[str], typer.Option(help="metric to plot (default: each run's primary)")] = None,
-    title: Annotated[Optional[str], typer.Option()] = None,
+    metric: Annotated[str | None, typer.Option(help="metric to plot (default: each run's primary)")] = None,
+    title: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Draw several task-eval runs as grouped bars (paper Fig. 8 / Fig. 10)."""
     from ..errors import DataError

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ConfigError
 from ..decoding import StopRule
+from ..errors import ConfigError
 from .base import Engine, EngineOutput
 from .fast import FastEngine
 from .reference import ReferenceEngine

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -29,5 +30,6 @@ class Engine(Protocol):
 
     def run(self, sample: Sample, *, max_new_tokens: int, stop: StopFn) -> EngineOutput: ...
 
-    def run_many(self, samples: Iterable[Sample], *, max_new_tokens: int, stop: StopFn
-                 ) -> Iterator[tuple[Sample, EngineOutput]]: ...
+    def run_many(
+        self, samples: Iterable[Sample], *, max_new_tokens: int, stop: StopFn
+    ) -> Iterator[tuple[Sample, EngineOutput]]: ...

@@ -35,10 +35,11 @@ reuse each row is prefilled alone from its cached prefix and the per-row caches 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,7 +118,9 @@ def argmax_attention(
     if rec is not None and rec.active and id(module) in rec.layer_of:
         j = last_row_argmax(query, key, attention_mask, scaling, softcap)
         rec.rows[rec.layer_of[id(module)]] = (j, key.shape[2])
-    return _delegate(module, softcap)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return _delegate(module, softcap)(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
 
 
 def _register() -> None:
@@ -154,8 +157,9 @@ class FastEngine:
 
     name = "fast"
 
-    def __init__(self, lm: LoadedModel, *, prefix_reuse: bool = True, min_reuse: int = 64,
-                 batch_size: int | None = None) -> None:
+    def __init__(
+        self, lm: LoadedModel, *, prefix_reuse: bool = True, min_reuse: int = 64, batch_size: int | None = None
+    ) -> None:
         self.lm = lm
         self.prefix_reuse = prefix_reuse
         self.min_reuse = min_reuse
@@ -198,10 +202,20 @@ class FastEngine:
         cache = self.new_cache() if cache is None else cache
         steps: list[torch.Tensor] = []
         with capture_argmax(model) as rec:
-            generated, _ = greedy(model, ids[:, start:], cache=cache, max_new_tokens=max_new_tokens, stop=stop,
-                                  on_step=lambda t, out: steps.append(self._rows(rec, total=n + t)))
+            generated, _ = greedy(
+                model,
+                ids[:, start:],
+                cache=cache,
+                max_new_tokens=max_new_tokens,
+                stop=stop,
+                on_step=lambda t, out: steps.append(self._rows(rec, total=n + t)),
+            )
         spec = self.lm.spec
-        argmax = torch.stack(steps).cpu().numpy().astype(np.int64) if steps else np.zeros((0, spec.n_layers, spec.n_heads), np.int64)
+        argmax = (
+            torch.stack(steps).cpu().numpy().astype(np.int64)
+            if steps
+            else np.zeros((0, spec.n_layers, spec.n_heads), np.int64)
+        )
         return EngineOutput(generated_ids=generated, argmax=argmax)
 
     def _batch_rows(self, rec: _Recorder, total: int, pads: torch.Tensor) -> torch.Tensor:
@@ -267,22 +281,33 @@ class FastEngine:
         with capture_argmax(model) as rec:
             if caches is None:
                 tok = self.lm.tokenizer
-                pad_id = next((t for t in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
-                               if t is not None), 0)
+                pad_id = next(
+                    (
+                        t
+                        for t in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
+                        if t is not None
+                    ),
+                    0,
+                )
                 ids = torch.full((n_b, width), pad_id, dtype=torch.long, device=device)
                 for b, s in enumerate(samples):
-                    ids[b, width - lens[b]:] = torch.tensor(s.prompt_ids, device=device)
+                    ids[b, width - lens[b] :] = torch.tensor(s.prompt_ids, device=device)
                 pos = (mask.cumsum(-1) - 1).clamp(min=0)  # each row counts from its first real token
                 cache = self.new_cache()
-                out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                            logits_to_keep=1)
+                out = model(
+                    input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
+                )
                 rows, tokens = self._batch_rows(rec, width, pads), out.logits[:, -1].argmax(-1)
             else:
                 row_caches, row_steps, row_tokens = [], [], []
                 for s, (c, start) in zip(samples, caches):
                     c = self.new_cache(full=True) if c is None else c
-                    out = model(input_ids=torch.tensor([s.prompt_ids[start:]], device=device), cache=c,
-                                use_cache=True, logits_to_keep=1)
+                    out = model(
+                        input_ids=torch.tensor([s.prompt_ids[start:]], device=device),
+                        cache=c,
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
                     row_steps.append(self._rows(rec, total=len(s.prompt_ids)))
                     row_tokens.append(out.logits[0, -1].argmax())
                     row_caches.append(c)
@@ -292,8 +317,14 @@ class FastEngine:
             last_pos = torch.tensor(lens, device=device)[:, None] - 1
             for t in range(max_new_tokens):
                 if t:
-                    out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last_pos + t,
-                                cache=cache, use_cache=True, logits_to_keep=1)
+                    out = model(
+                        input_ids=tokens[:, None],
+                        attention_mask=mask,
+                        position_ids=last_pos + t,
+                        cache=cache,
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
                     rows, tokens = self._batch_rows(rec, width + t, pads), out.logits[:, -1].argmax(-1)
                 for b in range(n_b):
                     if live[b]:
@@ -305,8 +336,10 @@ class FastEngine:
                 mask = torch.cat([mask, mask.new_ones((n_b, 1))], dim=1)
         spec = self.lm.spec
         empty = np.zeros((0, spec.n_layers, spec.n_heads), np.int64)
-        return [EngineOutput(generated_ids=g, argmax=torch.stack(st).cpu().numpy().astype(np.int64) if st else empty)
-                for g, st in zip(generated, steps)]
+        return [
+            EngineOutput(generated_ids=g, argmax=torch.stack(st).cpu().numpy().astype(np.int64) if st else empty)
+            for g, st in zip(generated, steps)
+        ]
 
     def run_many(
         self,
@@ -328,13 +361,20 @@ class FastEngine:
         bs = self.batch_size
         if not reuse:
             for i in range(0, len(samples), bs):
-                chunk = samples[i:i + bs]
-                outs = (self.run_batch(chunk, max_new_tokens=max_new_tokens, stop=stop) if bs > 1
-                        else [self.run(chunk[0], max_new_tokens=max_new_tokens, stop=stop)])
+                chunk = samples[i : i + bs]
+                outs = (
+                    self.run_batch(chunk, max_new_tokens=max_new_tokens, stop=stop)
+                    if bs > 1
+                    else [self.run(chunk[0], max_new_tokens=max_new_tokens, stop=stop)]
+                )
                 yield from zip(chunk, outs)
             return
-        store = PrefixStore(self.lm.model, lambda full: self.new_cache(full=full), [s.prompt_ids for s in samples],
-                            min_reuse=self.min_reuse)
+        store = PrefixStore(
+            self.lm.model,
+            lambda full: self.new_cache(full=full),
+            [s.prompt_ids for s in samples],
+            min_reuse=self.min_reuse,
+        )
         # prompt tokens that went through a forward (store prefills + each sample's own rest)
         self.prefill_stats = {"prompt_tokens": sum(len(s.prompt_ids) for s in samples), "prefilled": 0}
         own = 0
@@ -342,14 +382,14 @@ class FastEngine:
             # The store prefills outside `capture_argmax`: with SDPA, as the samples' own prefills.
             with attention_implementation(self.lm.model, "sdpa"):
                 for i in range(0, len(samples), bs):
-                    chunk = samples[i:i + bs]
+                    chunk = samples[i : i + bs]
                     caches = [store.cache_for(j, full=bs > 1) for j in range(i, i + len(chunk))]
                     own += sum(len(s.prompt_ids) - start for s, (_, start) in zip(chunk, caches))
                     self.prefill_stats["prefilled"] = store.prefilled + own
                     if bs > 1:
                         outs = self.run_batch(chunk, max_new_tokens=max_new_tokens, stop=stop, caches=caches)
                     else:
-                        (cache, start), = caches
+                        ((cache, start),) = caches
                         outs = [self.run(chunk[0], max_new_tokens=max_new_tokens, stop=stop, cache=cache, start=start)]
                     yield from zip(chunk, outs)
         finally:

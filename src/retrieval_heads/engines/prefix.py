@@ -15,8 +15,9 @@ part, so over a grid each haystack token is prefilled about once.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,8 +62,13 @@ class PrefixStore:
     """
 
     def __init__(
-        self, model: Any, new_cache: Callable[[bool], Any], prompts: Sequence[Sequence[int]], *,
-        min_reuse: int = 64, max_slots: int = 4
+        self,
+        model: Any,
+        new_cache: Callable[[bool], Any],
+        prompts: Sequence[Sequence[int]],
+        *,
+        min_reuse: int = 64,
+        max_slots: int = 4,
     ) -> None:
         """`new_cache(full)`: an empty cache of the model's own layout (`full`: every layer keeps
         all keys), as the engine that decodes the samples makes them."""

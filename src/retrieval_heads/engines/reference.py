@@ -8,7 +8,8 @@ layer. No O(n^2) attention matrix is kept beyond one step.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,20 +52,30 @@ class ReferenceEngine:
 
         def positions(t: int) -> dict[str, Any]:
             pos = n - 1 + t  # position of the query that produces the next token
-            return {"output_attentions": True, "cache_position": torch.tensor([pos], device=device),
-                    "position_ids": torch.tensor([[pos]], device=device)}
+            return {
+                "output_attentions": True,
+                "cache_position": torch.tensor([pos], device=device),
+                "position_ids": torch.tensor([[pos]], device=device),
+            }
 
         with attention_implementation(model, "eager"):
             _, attr = cache_io(model)
             cache = getattr(model(input_ids=ids[:, :-1], use_cache=True), attr) if n > 1 else None
-            generated, _ = greedy(model, ids[:, -1:], cache=cache, max_new_tokens=max_new_tokens, stop=stop,
-                                  step_kwargs=positions,
-                                  on_step=lambda t, out: steps.append(row_argmax(out.attentions, total=n + t)))
+            generated, _ = greedy(
+                model,
+                ids[:, -1:],
+                cache=cache,
+                max_new_tokens=max_new_tokens,
+                stop=stop,
+                step_kwargs=positions,
+                on_step=lambda t, out: steps.append(row_argmax(out.attentions, total=n + t)),
+            )
         argmax = np.stack(steps) if steps else np.zeros((0, self.lm.spec.n_layers, self.lm.spec.n_heads), np.int64)
         return EngineOutput(generated_ids=generated, argmax=argmax)
 
-    def run_many(self, samples: Iterable[Sample], *, max_new_tokens: int, stop: StopFn
-                 ) -> Iterator[tuple[Sample, EngineOutput]]:
+    def run_many(
+        self, samples: Iterable[Sample], *, max_new_tokens: int, stop: StopFn
+    ) -> Iterator[tuple[Sample, EngineOutput]]:
         """One sample after the other (the oracle shares nothing between samples)."""
         for s in samples:
             yield s, self.run(s, max_new_tokens=max_new_tokens, stop=stop)

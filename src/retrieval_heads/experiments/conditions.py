@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..decoding import StopFn, cache_io, greedy
 from ..errors import ConfigError
-from ..heads import Head, rank_heads, random_heads
+from ..heads import Head, random_heads, rank_heads
 from ..masking import METHODS, PHASES, mask_heads
 from ..models import LoadedModel, attention_implementation
 from ..results import DetectionResult
@@ -49,14 +50,25 @@ class Condition:
         return {"base": "base", "top": f"top-k{self.k}"}.get(self.kind, f"random-k{self.k}-s{self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, "k": self.k, "seed": self.seed,
-                "heads": [list(h) for h in self.heads], "watch": [list(h) for h in self.watch]}
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "k": self.k,
+            "seed": self.seed,
+            "heads": [list(h) for h in self.heads],
+            "watch": [list(h) for h in self.watch],
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, watch: bool = True) -> "Condition":
+    def from_dict(cls, d: dict[str, Any], *, watch: bool = True) -> Condition:
         """Back from `to_dict` (a run's saved config); `watch=False` leaves the watched heads out."""
-        return cls(d["kind"], d["k"], d["seed"], tuple((int(l), int(h)) for l, h in d["heads"]),
-                   tuple((int(l), int(h)) for l, h in d["watch"]) if watch else ())
+        return cls(
+            d["kind"],
+            d["k"],
+            d["seed"],
+            tuple((int(l), int(h)) for l, h in d["heads"]),
+            tuple((int(l), int(h)) for l, h in d["watch"]) if watch else (),
+        )
 
 
 def score_map(scores: DetectionResult | np.ndarray) -> np.ndarray:
@@ -77,7 +89,9 @@ def check_masking(method: str, phase: str) -> None:
         raise ConfigError(f"unknown masking phase {phase!r}; choose from {', '.join(PHASES)}")
 
 
-def build_conditions(scores: np.ndarray, ks: Sequence[int], random_seeds: Sequence[int], watch: int = 0) -> list[Condition]:
+def build_conditions(
+    scores: np.ndarray, ks: Sequence[int], random_seeds: Sequence[int], watch: int = 0
+) -> list[Condition]:
     """Validate K values against the head count and build the conditions, base first.
 
     Top-K: the K best heads of `rank_heads(scores)`. Random: per seed, K heads drawn from the
@@ -131,8 +145,9 @@ def execution_order(conditions: Sequence[Condition]) -> list[Condition]:
 
 
 # ----------------------------------------------------------------------------------- decoding
-def generate(lm: LoadedModel, prompt_ids: Sequence[int], max_new_tokens: int, stop: StopFn,
-             watch: Sequence[Head] = ()) -> tuple[list[int], np.ndarray]:
+def generate(
+    lm: LoadedModel, prompt_ids: Sequence[int], max_new_tokens: int, stop: StopFn, watch: Sequence[Head] = ()
+) -> tuple[list[int], np.ndarray]:
     """Greedy generation: prefill prompt[:-1], then the last prompt token is the first decode step.
 
     Returns the generated ids and the watched heads' argmax key positions `[steps, len(watch)]`
@@ -151,8 +166,11 @@ def generate(lm: LoadedModel, prompt_ids: Sequence[int], max_new_tokens: int, st
 
     def step_kwargs(t: int) -> dict[str, Any]:
         pos = n - 1 + t  # position of the query that produces token t
-        return {"output_attentions": bool(watch), "cache_position": torch.tensor([pos], device=device),
-                "position_ids": torch.tensor([[pos]], device=device)}
+        return {
+            "output_attentions": bool(watch),
+            "cache_position": torch.tensor([pos], device=device),
+            "position_ids": torch.tensor([[pos]], device=device),
+        }
 
     def on_step(t: int, out: Any) -> None:
         if watch:  # per layer [1, head, 1, key_pos_l]; a sliding cache keeps its last key_pos_l keys
@@ -163,8 +181,15 @@ def generate(lm: LoadedModel, prompt_ids: Sequence[int], max_new_tokens: int, st
         _, attr = cache_io(model)
         cache = getattr(model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1), attr) if n > 1 else None
         with attention_implementation(model, "eager") if watch else contextlib.nullcontext():
-            generated, _ = greedy(model, ids[:, -1:], cache=cache, max_new_tokens=max_new_tokens, stop=stop,
-                                  step_kwargs=step_kwargs, on_step=on_step)
+            generated, _ = greedy(
+                model,
+                ids[:, -1:],
+                cache=cache,
+                max_new_tokens=max_new_tokens,
+                stop=stop,
+                step_kwargs=step_kwargs,
+                on_step=on_step,
+            )
     return generated, (np.stack(steps) if steps else np.zeros((0, len(watch)), np.int64))
 
 
@@ -200,8 +225,10 @@ def prompts(lm: LoadedModel, task: Task, docs: Sequence[Doc], style: str, chat: 
         req = task.request(d, style)
         ids = tok(req.prompt(tok, chat), add_special_tokens=False)["input_ids"]
         if len(ids) + req.max_new_tokens > lm.spec.max_context:
-            raise ConfigError(f"{d.id}: prompt of {len(ids)} tokens + {req.max_new_tokens} new tokens exceeds "
-                              f"{lm.spec.name}'s context of {lm.spec.max_context}")
+            raise ConfigError(
+                f"{d.id}: prompt of {len(ids)} tokens + {req.max_new_tokens} new tokens exceeds "
+                f"{lm.spec.name}'s context of {lm.spec.max_context}"
+            )
         out.append(Prompt(d, req, tuple(ids)))
     return out
 
@@ -215,19 +242,36 @@ def answer(lm: LoadedModel, task: Task, style: str, condition: Condition, prompt
     return Answer(condition, prompt, gen, text, argmax, pred, task.score(prompt.doc, pred))
 
 
-def run_masked(lm: LoadedModel, task: Task, style: str, items: Sequence[Prompt], conditions: Sequence[Condition],
-               run: Run, *, method: str, phase: str, means: Any = None,
-               record: Callable[[Answer], dict[str, Any]]) -> None:
+def run_masked(
+    lm: LoadedModel,
+    task: Task,
+    style: str,
+    items: Sequence[Prompt],
+    conditions: Sequence[Condition],
+    run: Run,
+    *,
+    method: str,
+    phase: str,
+    means: Any = None,
+    record: Callable[[Answer], dict[str, Any]],
+) -> None:
     """Every (condition, prompt), conditions in `execution_order`, each with its heads masked
     (`masking.mask_heads`). A record is `{"id": "<condition>/<doc>", condition, kind, k, seed,
     **record(answer), seconds}`; finished records are reused, not generated again (`Run.item`)."""
     for cond in execution_order(conditions):
         with mask_heads(lm.model, cond.heads, method, phase=phase, means=means):  # type: ignore[arg-type]
             for p in items:
+
                 def compute(cond: Condition = cond, p: Prompt = p) -> dict[str, Any]:
                     t0 = time.perf_counter()
                     fields = record(answer(lm, task, style, cond, p))
-                    return {"condition": cond.id, "kind": cond.kind, "k": cond.k, "seed": cond.seed, **fields,
-                            "seconds": round(time.perf_counter() - t0, 3)}
+                    return {
+                        "condition": cond.id,
+                        "kind": cond.kind,
+                        "k": cond.k,
+                        "seed": cond.seed,
+                        **fields,
+                        "seconds": round(time.perf_counter() - t0, 3),
+                    }
 
                 run.item(f"{cond.id}/{p.doc.id}", compute)

@@ -8,10 +8,11 @@ on held-out detection-needle samples (`kvcache.measure`)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -19,21 +20,23 @@ from ..decoding import StopFn, StopRule
 from ..errors import ConfigError
 from ..heads import kv_head_scores, random_kv_scores
 from ..kvcache import FullPolicy, HeadPolicy, KVPolicy, SinkWindowPolicy, SnapKVPolicy, full_cache_bytes
-from ..kvcache.measure import (MEASURED_RANKINGS, answers_on, measure_ranking, memory_probe, split_at,
-                               split_prompt)
+from ..kvcache.measure import MEASURED_RANKINGS, answers_on, measure_ranking, memory_probe, split_at, split_prompt
 from ..models import LoadedModel
 from ..needles import DETECTION_NEEDLES, EVALUATION_NEEDLES, Needle, Sample, load_haystack, make_sample
 from ..results import DetectionResult
 from ..scoring import answer_recall
-from ..tasks.registry import TASKS, get_task
 from ..tasks.niah import exact_match
+from ..tasks.registry import TASKS, get_task
 from .conditions import count_tokens, score_map
 from .runner import ExperimentResult, Run, check_scores, run_header
 
 RANKINGS = ("retrieval", "random", "needle_attention", "gain")
 POLICIES = ("sink_window", *RANKINGS, "snapkv")
-POLICY_TYPES: dict[str, type[KVPolicy]] = {"sink_window": SinkWindowPolicy, "snapkv": SnapKVPolicy,
-                                           **{r: HeadPolicy for r in RANKINGS}}  # a ranking: its heads whole
+POLICY_TYPES: dict[str, type[KVPolicy]] = {
+    "sink_window": SinkWindowPolicy,
+    "snapkv": SnapKVPolicy,
+    **dict.fromkeys(RANKINGS, HeadPolicy),
+}  # a ranking: its heads whole
 QA_TASK, QA_STYLE = "extractive-qa", "answer-only"
 # How the table shows each task: (column title of its score, table title).
 TASK_TITLES = {"niah": ("answer recall", "needle retrieval"), QA_TASK: ("F1", "extractive QA (SQuAD v2)")}
@@ -76,8 +79,17 @@ def niah_items(lm: LoadedModel, samples: Sequence[Sample], cfg: KVEvalConfig) ->
         a = s.needle.answer
         return {**s.params(), "answer": a, "answer_recall": answer_recall(a, text), "exact": exact_match(a, text)}
 
-    return [Item(s.id, tuple(s.prompt_ids), split_prompt(lm, s), cfg.max_new_tokens, StopRule(lm.tokenizer),
-                 partial(fields, s)) for s in samples]
+    return [
+        Item(
+            s.id,
+            tuple(s.prompt_ids),
+            split_prompt(lm, s),
+            cfg.max_new_tokens,
+            StopRule(lm.tokenizer),
+            partial(fields, s),
+        )
+        for s in samples
+    ]
 
 
 def qa_items(lm: LoadedModel, cfg: KVEvalConfig) -> list[Item]:
@@ -109,16 +121,22 @@ class KVCondition(NamedTuple):  # a cache policy at a budget (random rankings: o
         return {"id": self.id, "policy": self.policy, "budget": self.budget, "seed": self.seed, **self.spec.describe()}
 
 
-def build_conditions(lm: LoadedModel, kv_rankings: dict[str, np.ndarray], cfg: KVEvalConfig, n_tokens: int) -> list[KVCondition]:
+def build_conditions(
+    lm: LoadedModel, kv_rankings: dict[str, np.ndarray], cfg: KVEvalConfig, n_tokens: int
+) -> list[KVCondition]:
     """Full, then per budget each policy sized by its `for_budget` (random: one per seed)."""
     out = [KVCondition("full", "full", 1.0, None, FullPolicy())]
     for b in sorted(cfg.budgets):
         for p in cfg.policies:
-            draws = [(s, random_kv_scores(lm.spec, s)) for s in cfg.random_seeds] if p == "random" else \
-                [(None, kv_rankings.get(p))]
+            draws = (
+                [(s, random_kv_scores(lm.spec, s)) for s in cfg.random_seeds]
+                if p == "random"
+                else [(None, kv_rankings.get(p))]
+            )
             for seed, ranking in draws:
-                policy = POLICY_TYPES[p].for_budget(lm.spec, b, n_tokens, sink=cfg.sink, window=cfg.window,
-                                                    ranking=ranking, name=p)
+                policy = POLICY_TYPES[p].for_budget(
+                    lm.spec, b, n_tokens, sink=cfg.sink, window=cfg.window, ranking=ranking, name=p
+                )
                 out.append(KVCondition(f"{p}-b{b:g}" + ("" if seed is None else f"-s{seed}"), p, b, seed, policy))
     return out
 
@@ -131,7 +149,7 @@ class KVEvalResult(ExperimentResult):
     kind = "kv-eval"
 
     @classmethod
-    def from_run(cls, config: dict[str, Any], records: list[dict[str, Any]], **kwargs: Any) -> "KVEvalResult":
+    def from_run(cls, config: dict[str, Any], records: list[dict[str, Any]], **kwargs: Any) -> KVEvalResult:
         return cls(config["model"], records, config)
 
     def rows(self, task: str = "niah") -> list[dict[str, Any]]:
@@ -147,37 +165,59 @@ class KVEvalResult(ExperimentResult):
         out = []
         for cid, rs in by.items():
             score, m = float(np.mean([r[key] for r in rs])), mem.get(cid, {})
-            out.append({
-                "condition": cid, "policy": rs[0]["policy"], "budget": rs[0]["budget"], "n": len(rs),
-                "n_whole": rs[0].get("n_whole"), "task": task, "score": score, "answer_recall": score,
-                **{k: float(np.mean([r[k] for r in rs])) for k in ("exact", "kv_bytes", "kv_share", "kv_bytes_end")},
-                "share_of_full_score": score / full if full else float("nan"),
-                "peak_rss_mib": m.get("peak_rss_mib"), "probe_peak_cache_mib": m.get("peak_cache_mib")})
+            out.append(
+                {
+                    "condition": cid,
+                    "policy": rs[0]["policy"],
+                    "budget": rs[0]["budget"],
+                    "n": len(rs),
+                    "n_whole": rs[0].get("n_whole"),
+                    "task": task,
+                    "score": score,
+                    "answer_recall": score,
+                    **{
+                        k: float(np.mean([r[k] for r in rs])) for k in ("exact", "kv_bytes", "kv_share", "kv_bytes_end")
+                    },
+                    "share_of_full_score": score / full if full else float("nan"),
+                    "peak_rss_mib": m.get("peak_rss_mib"),
+                    "probe_peak_cache_mib": m.get("peak_cache_mib"),
+                }
+            )
         return out
 
     def tasks(self) -> list[str]:
-        return [t for t in TASK_TITLES if any(r.get("kind") == "eval" and r.get("task", "niah") == t for r in self.records)]
+        return [
+            t for t in TASK_TITLES if any(r.get("kind") == "eval" and r.get("task", "niah") == t for r in self.records)
+        ]
 
     def table(self) -> str:
         return "\n\n".join(self.task_table(t) for t in self.tasks() or ["niah"])
 
     def task_table(self, task: str) -> str:
         metric, title = TASK_TITLES[task]
-        lines = [f"**{title}**", "",
-                 "| policy | budget | whole KV heads | KV MiB after prefill (measured) | % of full bytes | "
-                 f"{metric} | % of full score | exact | peak RSS MiB (probe) | n |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines = [
+            f"**{title}**",
+            "",
+            "| policy | budget | whole KV heads | KV MiB after prefill (measured) | % of full bytes | "
+            f"{metric} | % of full score | exact | peak RSS MiB (probe) | n |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in self.rows(task):
             rss = "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"
             lines.append(
                 f"| {r['condition']} | {r['budget']:g} | {r['n_whole'] if r['n_whole'] is not None else '-'} | "
                 f"{r['kv_bytes'] / 2**20:.2f} | {100 * r['kv_share']:.1f} | {r['answer_recall']:.2f} | "
-                f"{100 * r['share_of_full_score']:.0f} | {r['exact']:.0%} | {rss} | {r['n']} |")
+                f"{100 * r['share_of_full_score']:.0f} | {r['exact']:.0%} | {rss} | {r['n']} |"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "config": self.config, "rows": self.rows(),
-                "tasks": {t: self.rows(t) for t in self.tasks()}}
+        return {
+            "name": self.name,
+            "config": self.config,
+            "rows": self.rows(),
+            "tasks": {t: self.rows(t) for t in self.tasks()},
+        }
 
 
 def _validate(lm: LoadedModel, scores: np.ndarray, cfg: KVEvalConfig) -> None:
@@ -190,7 +230,9 @@ def _validate(lm: LoadedModel, scores: np.ndarray, cfg: KVEvalConfig) -> None:
     if cfg.length < 128 or cfg.length + cfg.max_new_tokens + 200 > lm.spec.max_context:
         raise ConfigError(f"length {cfg.length} must be within 128..{lm.spec.max_context - cfg.max_new_tokens - 200}")
     if not lm.spec.global_attention:
-        raise ConfigError(f"{lm.spec.name} has sliding-window layers; the head-sparse cache supports global attention only")
+        raise ConfigError(
+            f"{lm.spec.name} has sliding-window layers; the head-sparse cache supports global attention only"
+        )
     if not cfg.needles or not cfg.depths:
         raise ConfigError("no needles or depths")
 
@@ -204,37 +246,84 @@ def run_item(lm: LoadedModel, run: Run, conditions: Sequence[KVCondition], item:
         run.reuse(rid[cd.id])
     c, t0 = item.context_len, time.perf_counter()
     full = full_cache_bytes(lm.spec, c, element_size=next(lm.model.parameters()).element_size())
-    for cd, (gen, kv_bytes, kv_bytes_end) in zip(todo, answers_on(lm, [cd.spec for cd in todo], item.prompt_ids, c,
-                                                                   item.max_new_tokens, item.stop)):
+    for cd, (gen, kv_bytes, kv_bytes_end) in zip(
+        todo, answers_on(lm, [cd.spec for cd in todo], item.prompt_ids, c, item.max_new_tokens, item.stop)
+    ):
         text = lm.tokenizer.decode(gen, skip_special_tokens=True)
-        run.emit({"id": rid[cd.id], "kind": "eval", "condition": cd.id, "policy": cd.policy, "budget": cd.budget,
-                  "seed": cd.seed, "n_whole": cd.spec.n_whole, "sample_id": item.id, "context_tokens": c,
-                  "prompt_tokens": len(item.prompt_ids), **item.score(text), "generated_text": text,
-                  "generated_ids": gen, "kv_bytes": kv_bytes, "kv_share": kv_bytes / full, "kv_bytes_end": kv_bytes_end,
-                  "seconds": round(time.perf_counter() - t0, 3)})
+        run.emit(
+            {
+                "id": rid[cd.id],
+                "kind": "eval",
+                "condition": cd.id,
+                "policy": cd.policy,
+                "budget": cd.budget,
+                "seed": cd.seed,
+                "n_whole": cd.spec.n_whole,
+                "sample_id": item.id,
+                "context_tokens": c,
+                "prompt_tokens": len(item.prompt_ids),
+                **item.score(text),
+                "generated_text": text,
+                "generated_ids": gen,
+                "kv_bytes": kv_bytes,
+                "kv_share": kv_bytes / full,
+                "kv_bytes_end": kv_bytes_end,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
         t0 = time.perf_counter()
 
 
-def kv_eval(lm: LoadedModel, scores: DetectionResult | np.ndarray, config: KVEvalConfig = KVEvalConfig(), *,
-            out: str | Path | None = None, overwrite: bool = False, show_progress: bool = True,
-            scores_source: str = "") -> KVEvalResult:
+def kv_eval(
+    lm: LoadedModel,
+    scores: DetectionResult | np.ndarray,
+    config: KVEvalConfig = KVEvalConfig(),
+    *,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    scores_source: str = "",
+) -> KVEvalResult:
     """Run every (condition, prompt); with `out`, records stream to a run folder and a rerun resumes."""
     s = score_map(scores)
     _validate(lm, s, config)
     haystack = load_haystack(config.haystack)
-    samples = [make_sample(lm.tokenizer, haystack, n, config.length, d, chat=config.chat)
-               for n in config.needles for d in config.depths]
+    samples = [
+        make_sample(lm.tokenizer, haystack, n, config.length, d, chat=config.chat)
+        for n in config.needles
+        for d in config.depths
+    ]
     items = niah_items(lm, samples, config) + (qa_items(lm, config) if config.qa_examples else [])
-    header = run_header(lm, "kv-eval", config.to_dict(), scores=s, scores_source=scores_source,
-                        haystack=haystack, haystack_name=config.haystack)
+    header = run_header(
+        lm,
+        "kv-eval",
+        config.to_dict(),
+        scores=s,
+        scores_source=scores_source,
+        haystack=haystack,
+        haystack_name=config.haystack,
+    )
     with Run(header, out=out, overwrite=overwrite, desc=f"kv-eval {lm.spec.name}", show_progress=show_progress) as run:
         rankings = {"retrieval": kv_head_scores(s, lm.spec)}  # measured ones are records (resume)
         measured = [n for n in MEASURED_RANKINGS if n in config.policies]
-        rank_samples = [make_sample(lm.tokenizer, haystack, n, config.length, d, chat=config.chat)
-                        for n in config.rank_needles for d in config.rank_depths] if measured else []
+        rank_samples = (
+            [
+                make_sample(lm.tokenizer, haystack, n, config.length, d, chat=config.chat)
+                for n in config.rank_needles
+                for d in config.rank_depths
+            ]
+            if measured
+            else []
+        )
         for name in measured:
-            rec = run.item(f"ranking/{name}", lambda: {"kind": "ranking", **measure_ranking(
-                lm, name, rank_samples, sink=config.sink, window=config.window)}, advance=False)
+            rec = run.item(
+                f"ranking/{name}",
+                lambda: {
+                    "kind": "ranking",
+                    **measure_ranking(lm, name, rank_samples, sink=config.sink, window=config.window),
+                },
+                advance=False,
+            )
             rankings[name] = np.asarray(rec["kv_scores"], dtype=float)
         conditions = build_conditions(lm, rankings, config, items[0].context_len)
         run.bar.reset(total=len(conditions) * len(items))
@@ -242,12 +331,22 @@ def kv_eval(lm: LoadedModel, scores: DetectionResult | np.ndarray, config: KVEva
             run_item(lm, run, conditions, item)
         ids = samples[0].prompt_ids
         for cd in conditions if config.memory_probe else ():
-            run.item(f"memory/{cd.id}", lambda: {"kind": "memory", "condition": cd.id, "prompt_tokens": len(ids),
-                                                 **memory_probe(lm, cd.spec, ids, min(8, config.max_new_tokens))},
-                     advance=False)
-    full_bytes = full_cache_bytes(lm.spec, items[0].context_len, element_size=next(lm.model.parameters()).element_size())
-    result = KVEvalResult.from_run({**header, "conditions": [c.to_dict() for c in conditions],
-                                    "full_cache_bytes": full_bytes}, run.records)
+            run.item(
+                f"memory/{cd.id}",
+                lambda: {
+                    "kind": "memory",
+                    "condition": cd.id,
+                    "prompt_tokens": len(ids),
+                    **memory_probe(lm, cd.spec, ids, min(8, config.max_new_tokens)),
+                },
+                advance=False,
+            )
+    full_bytes = full_cache_bytes(
+        lm.spec, items[0].context_len, element_size=next(lm.model.parameters()).element_size()
+    )
+    result = KVEvalResult.from_run(
+        {**header, "conditions": [c.to_dict() for c in conditions], "full_cache_bytes": full_bytes}, run.records
+    )
     if out is not None:
         result.save(out)
     return result

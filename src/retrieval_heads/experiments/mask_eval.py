@@ -21,7 +21,6 @@ token span) or ``elsewhere``. A sample's shares are over all (step, head) pairs.
 left out because a uniformly masked head's argmax is meaningless (all weights equal).
 """
 
-
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -36,8 +35,7 @@ from ..models import LoadedModel
 from ..needles import EVALUATION_NEEDLES, Needle, Sample
 from ..results import DetectionResult
 from ..tasks.niah import ERROR_KINDS, NIAH, content_recall, error_kind
-from .conditions import (Answer, Condition, build_conditions, check_masking, count_tokens, prompts, run_masked,
-                         score_map)
+from .conditions import Answer, Condition, build_conditions, check_masking, count_tokens, prompts, run_masked, score_map
 from .runner import ExperimentResult, Run, check_scores, run_header
 
 LOCATIONS = ("sink", "needle", "elsewhere")
@@ -91,7 +89,7 @@ class MaskEvalResult(ExperimentResult):
     config: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_run(cls, config: dict[str, Any], records: list[dict[str, Any]], **kwargs: Any) -> "MaskEvalResult":
+    def from_run(cls, config: dict[str, Any], records: list[dict[str, Any]], **kwargs: Any) -> MaskEvalResult:
         return cls(config["model"], [Condition.from_dict(c) for c in config["conditions"]], records, config)
 
     def _by(self, cid: str) -> list[dict[str, Any]]:
@@ -104,9 +102,18 @@ class MaskEvalResult(ExperimentResult):
     def curves(self) -> dict[str, Any]:
         """Per K: top and random mean NIAH score (0-100) and exact-match rate; random as the mean
         over seeds with min/max over seeds. K = 0 is the baseline, shared by both curves."""
-        out: dict[str, Any] = {"k": self.ks, "top_score": [], "top_exact": [], "random_score": [],
-                               "random_score_min": [], "random_score_max": [], "random_exact": [],
-                               "random_exact_min": [], "random_exact_max": [], "random_draws": []}
+        out: dict[str, Any] = {
+            "k": self.ks,
+            "top_score": [],
+            "top_exact": [],
+            "random_score": [],
+            "random_score_min": [],
+            "random_score_max": [],
+            "random_exact": [],
+            "random_exact_min": [],
+            "random_exact_max": [],
+            "random_draws": [],
+        }
         for k in self.ks:
             conds = [c for c in self.conditions if c.k == k]
             base = [c for c in conds if c.kind == "base"]
@@ -138,13 +145,26 @@ class MaskEvalResult(ExperimentResult):
         for c in self.conditions:
             rs = self._by(c.id)
             failed = [r for r in rs if r["error_kind"] != "retrieved"]
-            loc = {k: (float(np.nanmean([r["attention"][k] for r in failed])) if failed else float("nan"))
-                   for k in LOCATIONS}
+            loc = {
+                k: (float(np.nanmean([r["attention"][k] for r in failed])) if failed else float("nan"))
+                for k in LOCATIONS
+            }
             ok = [r for r in rs if r["error_kind"] == "retrieved"]
-            loc_ok = {k: (float(np.nanmean([r["attention"][k] for r in ok])) if ok else float("nan")) for k in LOCATIONS}
-            rows.append({"condition": c.id, "kind": c.kind, "k": c.k, "seed": c.seed, "n": len(rs),
-                         **{e: sum(r["error_kind"] == e for r in rs) for e in ERROR_KINDS},
-                         "attention_failed": loc, "attention_retrieved": loc_ok})
+            loc_ok = {
+                k: (float(np.nanmean([r["attention"][k] for r in ok])) if ok else float("nan")) for k in LOCATIONS
+            }
+            rows.append(
+                {
+                    "condition": c.id,
+                    "kind": c.kind,
+                    "k": c.k,
+                    "seed": c.seed,
+                    "n": len(rs),
+                    **{e: sum(r["error_kind"] == e for r in rs) for e in ERROR_KINDS},
+                    "attention_failed": loc,
+                    "attention_retrieved": loc_ok,
+                }
+            )
         return rows
 
     def examples(self, per_kind: int = 2) -> list[dict[str, Any]]:
@@ -153,33 +173,61 @@ class MaskEvalResult(ExperimentResult):
         order = sorted(self.records, key=lambda r: (-r["k"], r["condition"], r["sample_id"]))
         for kind in ERROR_KINDS[1:]:
             for r in [r for r in order if r["error_kind"] == kind][:per_kind]:
-                out.append({k: r[k] for k in ("condition", "sample_id", "answer", "generated_text",
-                                              "niah_score", "error_kind", "copied_span", "attention")})
+                out.append(
+                    {
+                        k: r[k]
+                        for k in (
+                            "condition",
+                            "sample_id",
+                            "answer",
+                            "generated_text",
+                            "niah_score",
+                            "error_kind",
+                            "copied_span",
+                            "attention",
+                        )
+                    }
+                )
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "n_records": len(self.records), "config": self.config,
-                "conditions": [c.to_dict() for c in self.conditions], "curves": self.curves(),
-                "errors": self.errors(), "examples": self.examples()}
+        return {
+            "name": self.name,
+            "n_records": len(self.records),
+            "config": self.config,
+            "conditions": [c.to_dict() for c in self.conditions],
+            "curves": self.curves(),
+            "errors": self.errors(),
+            "examples": self.examples(),
+        }
 
     def table(self) -> str:
         """Markdown: score vs K for top vs random, then error kinds and attention per condition."""
         cv = self.curves()
-        lines = ["| K | top-K NIAH | top-K exact | random NIAH mean [min, max] | random exact mean [min, max] | random draws |",
-                 "|---:|---:|---:|---:|---:|---:|"]
+        lines = [
+            "| K | top-K NIAH | top-K exact | random NIAH mean [min, max] | random exact mean [min, max] | random draws |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
         for i, k in enumerate(cv["k"]):
             lines.append(
                 f"| {k} | {cv['top_score'][i]:.1f} | {cv['top_exact'][i]:.0%} | "
                 f"{cv['random_score'][i]:.1f} [{cv['random_score_min'][i]:.1f}, {cv['random_score_max'][i]:.1f}] | "
                 f"{cv['random_exact'][i]:.0%} [{cv['random_exact_min'][i]:.0%}, {cv['random_exact_max'][i]:.0%}] | "
-                f"{cv['random_draws'][i] or '-'} |")
-        lines += ["", "| condition | n | retrieved | incomplete | hallucination | wrong extraction | "
-                  "failed: attn sink / needle / elsewhere |", "|---|---:|---:|---:|---:|---:|---|"]
+                f"{cv['random_draws'][i] or '-'} |"
+            )
+        lines += [
+            "",
+            "| condition | n | retrieved | incomplete | hallucination | wrong extraction | "
+            "failed: attn sink / needle / elsewhere |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
         for e in self.errors():
             a = e["attention_failed"]
             att = "-" if np.isnan(a["sink"]) else f"{a['sink']:.0%} / {a['needle']:.0%} / {a['elsewhere']:.0%}"
-            lines.append(f"| {e['condition']} | {e['n']} | {e['retrieved']} | {e['incomplete']} | "
-                         f"{e['hallucination']} | {e['wrong_extraction']} | {att} |")
+            lines.append(
+                f"| {e['condition']} | {e['n']} | {e['retrieved']} | {e['incomplete']} | "
+                f"{e['hallucination']} | {e['wrong_extraction']} | {att} |"
+            )
         return "\n".join(lines)
 
 
@@ -215,8 +263,15 @@ def mask_eval(
     conditions = build_conditions(s, config.ks, config.random_seeds, config.watch)
     task = NIAH(config.needles, config.lengths, config.depths, config.haystack, config.max_new_tokens)
     task.prepare(lm.tokenizer, config.chat)
-    header = run_header(lm, "mask-eval", config.to_dict(), scores=s, scores_source=scores_source,
-                        haystack=task.haystack, haystack_name=config.haystack)
+    header = run_header(
+        lm,
+        "mask-eval",
+        config.to_dict(),
+        scores=s,
+        scores_source=scores_source,
+        haystack=task.haystack,
+        haystack_name=config.haystack,
+    )
     header["conditions"] = [c.to_dict() for c in conditions]
     means = None
     if config.method == "mean":  # per-head mean outputs over the start of the haystack
@@ -230,18 +285,47 @@ def mask_eval(
         answer, text = sample.needle.answer, a.text
         kind, span = error_kind(sample, text)
         recall = a.scores["answer_recall"]
-        return {"sample_id": sample.id, **sample.params(), "answer": answer,
-                "prompt_tokens": len(a.prompt.ids), "needle_start": sample.needle_start,
-                "needle_end": sample.needle_end, "generated_text": text, "generated_ids": a.generated_ids,
-                "answer_recall": recall, "niah_score": 100.0 * recall, "exact": bool(a.scores["exact"]),
-                "content_recall": content_recall(answer, text), "error_kind": kind, "copied_span": span,
-                "attention": locate(a.argmax, sample, config.sink_tokens), "watch_argmax": a.argmax.tolist()}
+        return {
+            "sample_id": sample.id,
+            **sample.params(),
+            "answer": answer,
+            "prompt_tokens": len(a.prompt.ids),
+            "needle_start": sample.needle_start,
+            "needle_end": sample.needle_end,
+            "generated_text": text,
+            "generated_ids": a.generated_ids,
+            "answer_recall": recall,
+            "niah_score": 100.0 * recall,
+            "exact": bool(a.scores["exact"]),
+            "content_recall": content_recall(answer, text),
+            "error_kind": kind,
+            "copied_span": span,
+            "attention": locate(a.argmax, sample, config.sink_tokens),
+            "watch_argmax": a.argmax.tolist(),
+        }
 
-    with Run(header, out=out, overwrite=overwrite, total=len(conditions) * task.size,
-             desc=f"mask-eval {lm.spec.name}", unit="sample", show_progress=show_progress) as run:
+    with Run(
+        header,
+        out=out,
+        overwrite=overwrite,
+        total=len(conditions) * task.size,
+        desc=f"mask-eval {lm.spec.name}",
+        unit="sample",
+        show_progress=show_progress,
+    ) as run:
         items = prompts(lm, task, task.docs(task.size, 0, count_tokens(lm)), "answer-only", config.chat)
-        run_masked(lm, task, "answer-only", items, conditions, run, method=config.method, phase=config.phase,
-                   means=means, record=record)
+        run_masked(
+            lm,
+            task,
+            "answer-only",
+            items,
+            conditions,
+            run,
+            method=config.method,
+            phase=config.phase,
+            means=means,
+            record=record,
+        )
     result = MaskEvalResult.from_run(header, run.records)
     if out is not None:
         result.save(out)

@@ -18,8 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -41,14 +42,27 @@ def scores_hash(scores: np.ndarray) -> str:
     return short_hash(np.nan_to_num(np.asarray(scores, dtype=float), nan=-1).tobytes())
 
 
-def run_header(lm: LoadedModel, kind: str, config: dict[str, Any], *, scores: np.ndarray | None = None,
-               scores_source: str = "", haystack: str | None = None, haystack_name: str | None = None,
-               kind_key: str = "task") -> dict[str, Any]:
+def run_header(
+    lm: LoadedModel,
+    kind: str,
+    config: dict[str, Any],
+    *,
+    scores: np.ndarray | None = None,
+    scores_source: str = "",
+    haystack: str | None = None,
+    haystack_name: str | None = None,
+    kind_key: str = "task",
+) -> dict[str, Any]:
     """The saved config of an experiment run: version, model, dtype, the experiment's own config,
     and fingerprints of its inputs (haystack text, score map)."""
-    head: dict[str, Any] = {"version": __version__, kind_key: kind, "model": lm.spec.name,
-                            "model_spec": lm.spec.to_dict(),
-                            "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""), **config}
+    head: dict[str, Any] = {
+        "version": __version__,
+        kind_key: kind,
+        "model": lm.spec.name,
+        "model_spec": lm.spec.to_dict(),
+        "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
+        **config,
+    }
     if haystack is not None:
         head["haystack"] = haystack_name or DEFAULT_HAYSTACK
         head["haystack_sha256"] = short_hash(haystack.encode())
@@ -61,8 +75,10 @@ def run_header(lm: LoadedModel, kind: str, config: dict[str, Any], *, scores: np
 def check_scores(lm: LoadedModel, scores: np.ndarray) -> None:
     """A score map must belong to the model and score at least one head."""
     if tuple(scores.shape) != lm.spec.shape:
-        raise ConfigError(f"score file has shape {tuple(scores.shape)} (layers x heads) but {lm.spec.name} has "
-                          f"{lm.spec.n_layers} x {lm.spec.n_heads} heads; scores of another model?")
+        raise ConfigError(
+            f"score file has shape {tuple(scores.shape)} (layers x heads) but {lm.spec.name} has "
+            f"{lm.spec.n_layers} x {lm.spec.n_heads} heads; scores of another model?"
+        )
     if np.isnan(scores).all():
         raise ConfigError("the score file scores no head (no kept detection sample); run a larger detection")
 
@@ -84,8 +100,17 @@ class Run:
     Without `out` nothing is written and nothing is resumed.
     """
 
-    def __init__(self, header: dict[str, Any], *, out: str | Path | None = None, overwrite: bool = False,
-                 total: int = 0, desc: str = "", unit: str = "run", show_progress: bool = True) -> None:
+    def __init__(
+        self,
+        header: dict[str, Any],
+        *,
+        out: str | Path | None = None,
+        overwrite: bool = False,
+        total: int = 0,
+        desc: str = "",
+        unit: str = "run",
+        show_progress: bool = True,
+    ) -> None:
         from tqdm.auto import tqdm
 
         self.header = header
@@ -94,7 +119,7 @@ class Run:
         self.records: list[dict[str, Any]] = []
         self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not show_progress)
 
-    def __enter__(self) -> "Run":
+    def __enter__(self) -> Run:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -136,7 +161,7 @@ class ExperimentResult:
     kind: ClassVar[str] = ""
 
     @classmethod
-    def from_run(cls, config: dict[str, Any], records: list[dict[str, Any]], **kwargs: Any) -> "ExperimentResult":
+    def from_run(cls, config: dict[str, Any], records: list[dict[str, Any]], **kwargs: Any) -> ExperimentResult:
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 
-def bootstrap_ci(x: Sequence[float], *, n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_ci(
+    x: Sequence[float], *, n_boot: int = 2000, ci: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """(mean, low, high): percentile bootstrap of the mean over examples, `n_boot` resamples from
     `numpy.random.default_rng(seed)`. NaN for no data; one value is its own interval."""
     a = np.asarray(x, dtype=float)

@@ -30,8 +30,7 @@ from ..models import LoadedModel
 from ..results import DetectionResult
 from ..tasks.base import Task
 from ..tasks.registry import get_task
-from .conditions import (Answer, Condition, build_conditions, check_masking, count_tokens, prompts, run_masked,
-                         score_map)
+from .conditions import Answer, Condition, build_conditions, check_masking, count_tokens, prompts, run_masked, score_map
 from .runner import ExperimentResult, Run, check_scores, run_header
 from .stats import bootstrap_ci
 
@@ -77,11 +76,19 @@ class TaskEvalResult(ExperimentResult):
     boot_seed: int = 0
 
     @classmethod
-    def from_run(cls, config: dict[str, Any], records: list[dict[str, Any]], **kwargs: Any) -> "TaskEvalResult":
+    def from_run(cls, config: dict[str, Any], records: list[dict[str, Any]], **kwargs: Any) -> TaskEvalResult:
         """`kwargs`: n_boot, ci, boot_seed of the bootstrap."""
         conds = [Condition.from_dict(c, watch=False) for c in config["conditions"]]
-        return cls(config["model"], config["task"]["name"], config["style"], config["metrics"], conds, records,
-                   config, **kwargs)
+        return cls(
+            config["model"],
+            config["task"]["name"],
+            config["style"],
+            config["metrics"],
+            conds,
+            records,
+            config,
+            **kwargs,
+        )
 
     def _values(self, cid: str, metric: str) -> dict[str, float]:
         return {r["doc_id"]: float(r["scores"][metric]) for r in self.records if r["condition"] == cid}
@@ -105,7 +112,9 @@ class TaskEvalResult(ExperimentResult):
         shown = [("none", "base", "no mask"), (f"top-k{k}", "top", f"top-{k} retrieval heads")]
         if self._random_ids():
             shown.append(("random", "random", f"random {k} heads (mean of {len(self._random_ids())} seeds)"))
-            shown += [(cid, "random-seed", f"  random {k}, seed {cid.rsplit('-s', 1)[1]}") for cid in self._random_ids()]
+            shown += [
+                (cid, "random-seed", f"  random {k}, seed {cid.rsplit('-s', 1)[1]}") for cid in self._random_ids()
+            ]
         rows = []
         for which, kind, label in shown:
             row: dict[str, Any] = {"condition": which, "kind": kind, "label": label}
@@ -132,8 +141,11 @@ class TaskEvalResult(ExperimentResult):
                     cells += ["-", "-"]
                     continue
                 cells.append(f"{100 * v['mean']:.1f} [{100 * v['low']:.1f}, {100 * v['high']:.1f}]")
-                cells.append("-" if r["condition"] == "none" or np.isnan(v["delta"]) else
-                             f"{100 * v['delta']:+.1f} [{100 * v['delta_low']:+.1f}, {100 * v['delta_high']:+.1f}]")
+                cells.append(
+                    "-"
+                    if r["condition"] == "none" or np.isnan(v["delta"])
+                    else f"{100 * v['delta']:+.1f} [{100 * v['delta_low']:+.1f}, {100 * v['delta_high']:+.1f}]"
+                )
             lines.append(f"| {r['label']} | {r['n']} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -146,18 +158,31 @@ class TaskEvalResult(ExperimentResult):
         for d, b in base.items():
             t = top.get(d)
             if t and b["scores"][m] > 0.5 >= t["scores"][m]:
-                out.append({"doc_id": d, "answers": b["answers"], "none": b["generated_text"],
-                            "top": t["generated_text"]})
+                out.append(
+                    {"doc_id": d, "answers": b["answers"], "none": b["generated_text"], "top": t["generated_text"]}
+                )
         return out[:n]
 
     def _by_doc(self, cid: str) -> dict[str, dict[str, Any]]:
         return {r["doc_id"]: r for r in self.records if r["condition"] == cid}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "task": self.task, "style": self.style, "metrics": self.metrics,
-                "n_records": len(self.records), "bootstrap": {"n_boot": self.n_boot, "ci": self.ci, "seed": self.boot_seed,
-                                                              "method": "percentile, numpy default_rng"},
-                "config": self.config, "rows": self.rows(), "examples": self.examples()}
+        return {
+            "name": self.name,
+            "task": self.task,
+            "style": self.style,
+            "metrics": self.metrics,
+            "n_records": len(self.records),
+            "bootstrap": {
+                "n_boot": self.n_boot,
+                "ci": self.ci,
+                "seed": self.boot_seed,
+                "method": "percentile, numpy default_rng",
+            },
+            "config": self.config,
+            "rows": self.rows(),
+            "examples": self.examples(),
+        }
 
 
 # ----------------------------------------------------------------------------------- experiment
@@ -196,23 +221,43 @@ def task_eval(
     task.prepare(lm.tokenizer, config.chat)
     docs = task.docs(limit, config.seed, count_tokens(lm))
     own = {k: v for k, v in config.to_dict().items() if k not in ("task", "task_args")}
-    header = run_header(lm, "task-eval", {"task": task.config(), **own, "limit": limit,
-                                          "metrics": [m.name for m in task.metrics]},
-                        scores=s, scores_source=scores_source, kind_key="kind")
+    header = run_header(
+        lm,
+        "task-eval",
+        {"task": task.config(), **own, "limit": limit, "metrics": [m.name for m in task.metrics]},
+        scores=s,
+        scores_source=scores_source,
+        kind_key="kind",
+    )
     header.update(doc_ids=[d.id for d in docs], conditions=[c.to_dict() for c in conditions])
     items = prompts(lm, task, docs, config.style, config.chat)
 
     def record(a: Answer) -> dict[str, Any]:
         d, req = a.prompt.doc, a.prompt.request
-        return {"doc_id": d.id, "style": config.style, "prompt_tokens": len(a.prompt.ids),
-                "assistant_prefix": req.assistant_prefix, "generated_text": a.text,
-                "n_generated": len(a.generated_ids), "prediction": a.prediction, "answers": list(d.answers),
-                "scores": a.scores}
+        return {
+            "doc_id": d.id,
+            "style": config.style,
+            "prompt_tokens": len(a.prompt.ids),
+            "assistant_prefix": req.assistant_prefix,
+            "generated_text": a.text,
+            "n_generated": len(a.generated_ids),
+            "prediction": a.prediction,
+            "answers": list(d.answers),
+            "scores": a.scores,
+        }
 
-    with Run(header, out=out, overwrite=overwrite, total=len(conditions) * len(docs),
-             desc=f"task-eval {task.name} {config.style}", unit="doc", show_progress=show_progress) as run:
-        run_masked(lm, task, config.style, items, conditions, run, method=config.method, phase=config.phase,
-                   record=record)
+    with Run(
+        header,
+        out=out,
+        overwrite=overwrite,
+        total=len(conditions) * len(docs),
+        desc=f"task-eval {task.name} {config.style}",
+        unit="doc",
+        show_progress=show_progress,
+    ) as run:
+        run_masked(
+            lm, task, config.style, items, conditions, run, method=config.method, phase=config.phase, record=record
+        )
     result = TaskEvalResult.from_run(header, run.records, n_boot=n_boot, ci=ci, boot_seed=boot_seed)
     if out is not None:
         result.save(out)

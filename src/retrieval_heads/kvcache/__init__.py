@@ -3,14 +3,41 @@ chosen KV heads (`cache`), the policies that choose them (`policies`), measureme
 with such caches (`measure`) and exports for other tools (`export`)."""
 
 from ..heads import kv_head_scores, random_kv_scores, top_mask
-from .cache import (ATTN_NAME, Eviction, HeadSparseCache, HeadSparseLayer, SinkWindowEviction, SnapKVEviction, Step,
-                    full_cache_bytes, head_sparse_attention, query_heads)
+from .cache import (
+    ATTN_NAME,
+    Eviction,
+    HeadSparseCache,
+    HeadSparseLayer,
+    SinkWindowEviction,
+    SnapKVEviction,
+    Step,
+    full_cache_bytes,
+    head_sparse_attention,
+    query_heads,
+)
 from .export import export_authors_json, export_duo_tsv, read_duo_tsv
 from .policies import FullPolicy, HeadPolicy, KVPolicy, SinkWindowPolicy, SnapKVPolicy
 
 __all__ = [
-    "ATTN_NAME", "Eviction", "FullPolicy", "HeadPolicy", "HeadSparseCache", "HeadSparseLayer", "KVPolicy",
-    "SinkWindowEviction", "SinkWindowPolicy", "SnapKVEviction", "SnapKVPolicy", "Step", "export_authors_json",
-    "export_duo_tsv", "full_cache_bytes", "head_sparse_attention", "kv_head_scores", "query_heads",
-    "random_kv_scores", "read_duo_tsv", "top_mask",
+    "ATTN_NAME",
+    "Eviction",
+    "FullPolicy",
+    "HeadPolicy",
+    "HeadSparseCache",
+    "HeadSparseLayer",
+    "KVPolicy",
+    "SinkWindowEviction",
+    "SinkWindowPolicy",
+    "SnapKVEviction",
+    "SnapKVPolicy",
+    "Step",
+    "export_authors_json",
+    "export_duo_tsv",
+    "full_cache_bytes",
+    "head_sparse_attention",
+    "kv_head_scores",
+    "query_heads",
+    "random_kv_scores",
+    "read_duo_tsv",
+    "top_mask",
 ]

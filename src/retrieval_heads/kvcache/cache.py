@@ -35,8 +35,9 @@ import contextvars
 import enum
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ from ..models import ModelSpec, attention_implementation, spec_from_config
 
 ATTN_NAME = "retrieval_heads_head_sparse"
 
-_ACTIVE: contextvars.ContextVar["HeadSparseCache | None"] = contextvars.ContextVar("rh_kv_cache", default=None)
+_ACTIVE: contextvars.ContextVar[HeadSparseCache | None] = contextvars.ContextVar("rh_kv_cache", default=None)
 
 
 def query_heads(kv_heads: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -71,7 +72,7 @@ class Eviction(ABC):
     needs_dense_prefill: ClassVar[bool] = False
 
     @abstractmethod
-    def keep(self, layer: "HeadSparseLayer", query: torch.Tensor | None, after_prefill: bool) -> torch.Tensor | None:
+    def keep(self, layer: HeadSparseLayer, query: torch.Tensor | None, after_prefill: bool) -> torch.Tensor | None:
         """Sorted indices `[n_part, k]` of the stored tokens each cut head keeps, or None (keep
         all). `query`: the prefill's (observation) queries `[B, Hq, q, D]` when known."""
 
@@ -92,7 +93,7 @@ class SinkWindowEviction(Eviction):
         if self.sink < 0 or self.window < 1:
             raise ConfigError(f"sink must be >= 0 and window >= 1, got sink={self.sink} window={self.window}")
 
-    def keep(self, layer: "HeadSparseLayer", query: torch.Tensor | None, after_prefill: bool) -> torch.Tensor | None:
+    def keep(self, layer: HeadSparseLayer, query: torch.Tensor | None, after_prefill: bool) -> torch.Tensor | None:
         if layer.pkeys.shape[-2] <= self.sink + self.window:
             return None
         pos = layer.ppos[0]  # every cut head holds the same positions
@@ -118,7 +119,7 @@ class SnapKVEviction(Eviction):
         if self.budget < 1:
             raise ConfigError(f"snapkv needs a token budget >= 1, got {self.budget}")
 
-    def keep(self, layer: "HeadSparseLayer", query: torch.Tensor | None, after_prefill: bool) -> torch.Tensor | None:
+    def keep(self, layer: HeadSparseLayer, query: torch.Tensor | None, after_prefill: bool) -> torch.Tensor | None:
         t = layer.pkeys.shape[-2]
         if not after_prefill or query is None or t <= self.budget:
             return None
@@ -148,8 +149,9 @@ class HeadSparseLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, whole: Sequence[bool], eviction: Eviction, *, dense_prefill: bool = True,
-                 record_obs: int = 0) -> None:
+    def __init__(
+        self, whole: Sequence[bool], eviction: Eviction, *, dense_prefill: bool = True, record_obs: int = 0
+    ) -> None:
         super().__init__()
         w = torch.as_tensor(list(whole), dtype=torch.bool)
         self.whole_idx = torch.nonzero(w).flatten()  # KV heads kept whole
@@ -181,8 +183,9 @@ class HeadSparseLayer(CacheLayerMixin):
         self.device, self.dtype = dev, dt
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys/values `[B, n_kv, q, D]`; return what the attention function reads:
         all heads on a dense prefill step, else the whole heads only (the others it takes from
         this layer)."""
@@ -241,7 +244,9 @@ class HeadSparseLayer(CacheLayerMixin):
         """Keep only the cut heads' stored tokens `idx` `[n_part, k]` (per-head indices, sorted)."""
         gather = idx[None, :, :, None]
         self.pkeys = self.pkeys.gather(2, gather.expand(self.pkeys.shape[0], -1, -1, self.pkeys.shape[-1])).contiguous()
-        self.pvalues = self.pvalues.gather(2, gather.expand(self.pvalues.shape[0], -1, -1, self.pvalues.shape[-1])).contiguous()
+        self.pvalues = self.pvalues.gather(
+            2, gather.expand(self.pvalues.shape[0], -1, -1, self.pvalues.shape[-1])
+        ).contiguous()
         self.ppos = self.ppos.gather(1, idx).contiguous()
 
     def evict(self, query: torch.Tensor | None = None, *, after_prefill: bool = False) -> None:
@@ -261,22 +266,33 @@ class HeadSparseLayer(CacheLayerMixin):
         return vis if extra is None else vis & extra
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None
+) -> torch.Tensor:
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def head_sparse_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                          **kwargs: Any) -> tuple[torch.Tensor, None]:
+def head_sparse_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """Attention function for `HeadSparseCache`: query `[B, Hq, q, D]` -> output `[B, q, Hq, D]`."""
     cache = _ACTIVE.get()
     if cache is None:
         raise RuntimeError(f"attention {ATTN_NAME!r} runs only inside HeadSparseCache.attached(model)")
     if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
-        raise ConfigError("head-sparse KV cache: models with attention soft-capping or sliding windows are not supported")
+        raise ConfigError(
+            "head-sparse KV cache: models with attention soft-capping or sliding windows are not supported"
+        )
     layer = cache.layers[module.layer_idx]
     step, layer.pending = layer.pending, None
     if step is Step.DENSE:
@@ -284,7 +300,7 @@ def head_sparse_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
 
         out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
         if layer.record_obs:
-            layer.obs_query = query[:, :, -layer.record_obs:].clone()
+            layer.obs_query = query[:, :, -layer.record_obs :].clone()
         layer.evict(query, after_prefill=True)
         return out
     if step is not Step.SPARSE:
@@ -313,16 +329,25 @@ class HeadSparseCache(Cache):
     whole: bool `[n_layers, n_kv_heads]`, True = keep every token of that KV head.
     """
 
-    def __init__(self, whole: np.ndarray, eviction: Eviction = SinkWindowEviction(), *, dense_prefill: bool = True,
-                 record_obs: int = 0) -> None:
+    def __init__(
+        self,
+        whole: np.ndarray,
+        eviction: Eviction = SinkWindowEviction(),
+        *,
+        dense_prefill: bool = True,
+        record_obs: int = 0,
+    ) -> None:
         if not isinstance(eviction, Eviction):
             raise ConfigError(f"unknown eviction {eviction!r}; use SinkWindowEviction or SnapKVEviction")
         if eviction.needs_dense_prefill and not dense_prefill:
             raise ConfigError(f"{type(eviction).__name__} needs a dense prefill")
         self.whole = np.asarray(whole, dtype=bool)
         self.eviction = eviction
-        super().__init__(layers=[HeadSparseLayer(row, eviction, dense_prefill=dense_prefill, record_obs=record_obs)
-                                 for row in self.whole])
+        super().__init__(
+            layers=[
+                HeadSparseLayer(row, eviction, dense_prefill=dense_prefill, record_obs=record_obs) for row in self.whole
+            ]
+        )
 
     def nbytes(self) -> int:
         """Bytes of the tensors the cache holds now (sum of numel * element_size)."""
@@ -332,7 +357,7 @@ class HeadSparseCache(Cache):
         """The largest `nbytes()` seen right after an update (sum of the per-layer peaks)."""
         return sum(layer.peak_bytes for layer in self.layers)
 
-    def load_prefill(self, dense: "HeadSparseCache") -> "HeadSparseCache":
+    def load_prefill(self, dense: HeadSparseCache) -> HeadSparseCache:
         """Fill this (empty) cache from `dense`, a cache with every head whole that has seen only
         the prompt in one dense forward (with `record_obs` set for SnapKV), and compress it as if
         this cache had run that prefill itself. Lets one prefill serve many policies; the tensors
@@ -350,7 +375,9 @@ class HeadSparseCache(Cache):
             new.pkeys = old.keys[:, new.part_idx].clone()
             new.pvalues = old.values[:, new.part_idx].clone()
             t = old.keys.shape[-2]
-            new.ppos = torch.arange(t, dtype=torch.int32, device=old.keys.device).expand(len(new.part_idx), t).contiguous()
+            new.ppos = (
+                torch.arange(t, dtype=torch.int32, device=old.keys.device).expand(len(new.part_idx), t).contiguous()
+            )
             new.seen = t
             new.peak_bytes = new.nbytes()
             new.evict(old.obs_query, after_prefill=True)
@@ -361,7 +388,7 @@ class HeadSparseCache(Cache):
         return np.array([layer.tokens_per_head() for layer in self.layers])
 
     @contextlib.contextmanager
-    def attached(self, model: Any, spec: ModelSpec | None = None) -> Iterator["HeadSparseCache"]:
+    def attached(self, model: Any, spec: ModelSpec | None = None) -> Iterator[HeadSparseCache]:
         """Run `model` with the head-sparse attention function; restores the model's own on exit.
         `spec` (default: read from the model's config) must have global attention only."""
         spec = spec if spec is not None else spec_from_config(model.config, type(model).__name__)

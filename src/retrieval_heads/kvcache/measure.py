@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -64,8 +65,9 @@ def dense_prefill(lm: LoadedModel, ids: Sequence[int], record_obs: int = 32) -> 
     return cache
 
 
-def answer_on(lm: LoadedModel, cache: HeadSparseCache, question_ids: Sequence[int], max_new_tokens: int,
-              stop: StopFn) -> list[int]:
+def answer_on(
+    lm: LoadedModel, cache: HeadSparseCache, question_ids: Sequence[int], max_new_tokens: int, stop: StopFn
+) -> list[int]:
     """Greedy answer: feed the question on the (compressed) cache, then decode."""
     import torch
 
@@ -78,8 +80,14 @@ def answer_on(lm: LoadedModel, cache: HeadSparseCache, question_ids: Sequence[in
     return gen
 
 
-def answers_on(lm: LoadedModel, policies: Sequence[KVPolicy], prompt_ids: Sequence[int], context_len: int,
-               max_new_tokens: int, stop: StopFn) -> Iterator[tuple[list[int], int, int]]:
+def answers_on(
+    lm: LoadedModel,
+    policies: Sequence[KVPolicy],
+    prompt_ids: Sequence[int],
+    context_len: int,
+    max_new_tokens: int,
+    stop: StopFn,
+) -> Iterator[tuple[list[int], int, int]]:
     """Per policy, lazily: the greedy answer to the question `prompt_ids[context_len:]` on the
     policy's cache compressed from one shared dense prefill of the context, with the cache's bytes
     after compression and at the end."""
@@ -93,16 +101,19 @@ def answers_on(lm: LoadedModel, policies: Sequence[KVPolicy], prompt_ids: Sequen
         yield gen, kv_bytes, cache.nbytes()
 
 
-def answer_logprob(lm: LoadedModel, cache: HeadSparseCache, question_ids: Sequence[int],
-                   answer: Sequence[int]) -> float:
+def answer_logprob(
+    lm: LoadedModel, cache: HeadSparseCache, question_ids: Sequence[int], answer: Sequence[int]
+) -> float:
     """Mean log-probability of the answer tokens (teacher forced) after the question, on `cache`."""
     import torch
 
     kw, _ = cache_io(lm.model)
     with cache.attached(lm.model, lm.spec), torch.no_grad():
-        logits = lm.model(input_ids=_ids(lm, list(question_ids) + list(answer)), **{kw: cache}, use_cache=True).logits[0]
+        logits = lm.model(input_ids=_ids(lm, list(question_ids) + list(answer)), **{kw: cache}, use_cache=True).logits[
+            0
+        ]
     n = len(answer)
-    lp = logits[-n - 1:-1].log_softmax(-1)
+    lp = logits[-n - 1 : -1].log_softmax(-1)
     return float(lp[torch.arange(n), torch.tensor(list(answer))].mean())
 
 
@@ -121,10 +132,11 @@ def needle_attention_scores(lm: LoadedModel, samples: Sequence[Sample]) -> np.nd
         with torch.no_grad():
             out = model(input_ids=ids[:, : n - 1], use_cache=True)
             with attention_implementation(model, "eager"):  # only the answer rows need weights
-                att = model(input_ids=ids[:, n - 1:], **{kw: getattr(out, attr)}, use_cache=True,
-                            output_attentions=True).attentions
+                att = model(
+                    input_ids=ids[:, n - 1 :], **{kw: getattr(out, attr)}, use_cache=True, output_attentions=True
+                ).attentions
         # att: per layer [1, heads, answer rows, keys]
-        mass = torch.stack([a[0, :, :, s.needle_start:s.needle_end].sum(-1).mean(-1) for a in att])
+        mass = torch.stack([a[0, :, :, s.needle_start : s.needle_end].sum(-1).mean(-1) for a in att])
         total += mass.float().cpu().numpy()
     return total / max(len(samples), 1)
 
@@ -163,8 +175,12 @@ def measure_ranking(lm: LoadedModel, name: str, samples: Sequence[Sample], *, si
         q, kv = None, gain_scores(lm, samples, sink, window)
     else:
         raise ConfigError(f"unknown measured ranking {name!r}; choose from {', '.join(MEASURED_RANKINGS)}")
-    return {"ranking": name, "kv_scores": kv.tolist(), "query_scores": None if q is None else q.tolist(),
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return {
+        "ranking": name,
+        "kv_scores": kv.tolist(),
+        "query_scores": None if q is None else q.tolist(),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 # ----------------------------------------------------------------------------------- memory
@@ -193,7 +209,17 @@ def memory_probe(lm: LoadedModel, policy: KVPolicy, ids: Sequence[int], max_new_
     kw, _ = cache_io(lm.model)
     t0 = time.perf_counter()
     with cache.attached(lm.model, lm.spec), torch.no_grad():
-        lm.model.generate(_ids(lm, ids), **{kw: cache}, max_new_tokens=max_new_tokens, do_sample=False,
-                          min_new_tokens=max_new_tokens, pad_token_id=lm.tokenizer.eos_token_id)
-    return {"peak_rss_mib": _vm("VmHWM") if rss_ok else None, "peak_cache_mib": cache.peak_nbytes() / 2**20,
-            "final_cache_mib": cache.nbytes() / 2**20, "seconds": round(time.perf_counter() - t0, 2)}
+        lm.model.generate(
+            _ids(lm, ids),
+            **{kw: cache},
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            min_new_tokens=max_new_tokens,
+            pad_token_id=lm.tokenizer.eos_token_id,
+        )
+    return {
+        "peak_rss_mib": _vm("VmHWM") if rss_ok else None,
+        "peak_cache_mib": cache.peak_nbytes() / 2**20,
+        "final_cache_mib": cache.nbytes() / 2**20,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }

@@ -49,9 +49,18 @@ class KVPolicy(ABC):
 
     @classmethod
     @abstractmethod
-    def for_budget(cls, spec: ModelSpec, budget: float, n_tokens: int, *, sink: int = 4, window: int = 60,
-                   ranking: np.ndarray | None = None, name: str | None = None,
-                   dense_prefill: bool = True) -> "KVPolicy":
+    def for_budget(
+        cls,
+        spec: ModelSpec,
+        budget: float,
+        n_tokens: int,
+        *,
+        sink: int = 4,
+        window: int = 60,
+        ranking: np.ndarray | None = None,
+        name: str | None = None,
+        dense_prefill: bool = True,
+    ) -> KVPolicy:
         """The policy whose cache after `n_tokens` tokens holds at most `budget` (a share) of the full
         cache's bytes. `sink`/`window`: what cut heads keep where the budget does not set it;
         `ranking`: KV-head scores `[n_layers, n_kv_heads]` for policies that choose whole heads."""
@@ -88,9 +97,18 @@ class FullPolicy(KVPolicy):
         return {"policy": self.name, "sink": self.sink, "window": self.window}
 
     @classmethod
-    def for_budget(cls, spec: ModelSpec, budget: float, n_tokens: int, *, sink: int = 4, window: int = 60,
-                   ranking: np.ndarray | None = None, name: str | None = None,
-                   dense_prefill: bool = True) -> "FullPolicy":
+    def for_budget(
+        cls,
+        spec: ModelSpec,
+        budget: float,
+        n_tokens: int,
+        *,
+        sink: int = 4,
+        window: int = 60,
+        ranking: np.ndarray | None = None,
+        name: str | None = None,
+        dense_prefill: bool = True,
+    ) -> FullPolicy:
         """The full cache, whatever the budget (it is the reference the budget is a share of)."""
         return cls(**_name(name), sink=sink, window=window, dense_prefill=dense_prefill)
 
@@ -113,9 +131,18 @@ class SinkWindowPolicy(KVPolicy):
         return {"policy": self.name, "sink": self.sink, "window": self.window}
 
     @classmethod
-    def for_budget(cls, spec: ModelSpec, budget: float, n_tokens: int, *, sink: int = 4, window: int = 60,
-                   ranking: np.ndarray | None = None, name: str | None = None,
-                   dense_prefill: bool = True) -> "SinkWindowPolicy":
+    def for_budget(
+        cls,
+        spec: ModelSpec,
+        budget: float,
+        n_tokens: int,
+        *,
+        sink: int = 4,
+        window: int = 60,
+        ranking: np.ndarray | None = None,
+        name: str | None = None,
+        dense_prefill: bool = True,
+    ) -> SinkWindowPolicy:
         """Sink + window = `budget * n_tokens` tokens per head (the budget sets the window)."""
         keep = max(sink + 1, int(round(budget * n_tokens)))
         return cls(**_name(name), sink=sink, window=keep - sink, dense_prefill=dense_prefill)
@@ -141,12 +168,20 @@ class SnapKVPolicy(KVPolicy):
         return {"policy": self.name, "budget_tokens": self.budget_tokens, "obs_window": self.obs_window}
 
     @classmethod
-    def for_budget(cls, spec: ModelSpec, budget: float, n_tokens: int, *, sink: int = 4, window: int = 60,
-                   ranking: np.ndarray | None = None, name: str | None = None,
-                   dense_prefill: bool = True) -> "SnapKVPolicy":
+    def for_budget(
+        cls,
+        spec: ModelSpec,
+        budget: float,
+        n_tokens: int,
+        *,
+        sink: int = 4,
+        window: int = 60,
+        ranking: np.ndarray | None = None,
+        name: str | None = None,
+        dense_prefill: bool = True,
+    ) -> SnapKVPolicy:
         """`budget * n_tokens` tokens per head (SnapKV chooses them; no sink or window)."""
-        return cls(**_name(name), budget_tokens=max(1, int(round(budget * n_tokens))),
-                   dense_prefill=dense_prefill)
+        return cls(**_name(name), budget_tokens=max(1, int(round(budget * n_tokens))), dense_prefill=dense_prefill)
 
 
 @dataclass(frozen=True)
@@ -170,7 +205,9 @@ class HeadPolicy(KVPolicy):
     def whole_mask(self, spec: ModelSpec) -> np.ndarray:
         w = np.asarray(self.whole, dtype=bool)
         if w.shape != (spec.n_layers, spec.n_kv_heads):
-            raise ConfigError(f"whole-head mask has shape {w.shape}, {spec.name} has {spec.n_layers} x {spec.n_kv_heads}")
+            raise ConfigError(
+                f"whole-head mask has shape {w.shape}, {spec.name} has {spec.n_layers} x {spec.n_kv_heads}"
+            )
         return w
 
     def eviction(self) -> Eviction:
@@ -194,17 +231,31 @@ class HeadPolicy(KVPolicy):
         return int(min(n, max(0, math.floor(k + 1e-9))))
 
     @classmethod
-    def for_budget(cls, spec: ModelSpec, budget: float, n_tokens: int, *, sink: int = 4, window: int = 60,
-                   ranking: np.ndarray | None = None, name: str | None = None,
-                   dense_prefill: bool = True) -> "HeadPolicy":
+    def for_budget(
+        cls,
+        spec: ModelSpec,
+        budget: float,
+        n_tokens: int,
+        *,
+        sink: int = 4,
+        window: int = 60,
+        ranking: np.ndarray | None = None,
+        name: str | None = None,
+        dense_prefill: bool = True,
+    ) -> HeadPolicy:
         """As many best-ranked KV heads whole as the budget allows, sink + window for the rest.
         NaN in `ranking` (not scored) ranks after every scored head (`heads.rank_heads`)."""
         if ranking is None:
             raise ConfigError("a head policy needs a ranking of the KV heads")
         r = np.asarray(ranking, dtype=float)
         if r.shape != (spec.n_layers, spec.n_kv_heads):
-            raise ConfigError(f"KV-head scores have shape {r.shape}, {spec.name} has {spec.n_layers} x {spec.n_kv_heads}")
+            raise ConfigError(
+                f"KV-head scores have shape {r.shape}, {spec.name} has {spec.n_layers} x {spec.n_kv_heads}"
+            )
         mask = top_mask(r, cls.n_whole_for(spec, budget, n_tokens, sink, window))
-        return cls(**_name(name), whole=tuple(map(tuple, mask.tolist())),
-                   rest=SinkWindowPolicy(sink=sink, window=window, dense_prefill=dense_prefill),
-                   dense_prefill=dense_prefill)
+        return cls(
+            **_name(name),
+            whole=tuple(map(tuple, mask.tolist())),
+            rest=SinkWindowPolicy(sink=sink, window=window, dense_prefill=dense_prefill),
+            dense_prefill=dense_prefill,
+        )

@@ -22,11 +22,23 @@ from .common import save_figure  # also selects the Agg backend
 if TYPE_CHECKING:
     from ..results import DetectionResult
 
-__all__ = ["BIN_LABELS", "plot_correlation", "plot_heatmap", "plot_niah", "plot_rank_stability",
-           "plot_score_vs_frequency", "plot_sparsity", "save_figure"]
+__all__ = [
+    "BIN_LABELS",
+    "plot_correlation",
+    "plot_heatmap",
+    "plot_niah",
+    "plot_rank_stability",
+    "plot_score_vs_frequency",
+    "plot_sparsity",
+    "save_figure",
+]
 
-BIN_LABELS = {"zero": "score = 0", "(0,0.1]": "0 < score ≤ 0.1", "(0.1,0.5]": "0.1 < score ≤ 0.5",
-              ">0.5": "score > 0.5"}
+BIN_LABELS = {
+    "zero": "score = 0",
+    "(0,0.1]": "0 < score ≤ 0.1",
+    "(0.1,0.5]": "0.1 < score ≤ 0.5",
+    ">0.5": "score > 0.5",
+}
 
 
 def plot_sparsity(table: pd.DataFrame) -> Figure:
@@ -44,9 +56,16 @@ def plot_sparsity(table: pd.DataFrame) -> Figure:
         bars = ax.bar(pos, np.maximum(vals, 1e-3), width, label=row["model"], color=cmap(i % cmap.N))
         if n <= 12:
             for b, v in zip(bars, vals):
-                ax.annotate(f"{v:.1f}" if v >= 1 else f"{v:.2f}", (b.get_x() + b.get_width() / 2, max(v, 1e-3)),
-                            ha="center", va="bottom", fontsize=6 if n > 4 else 8, rotation=90 if n > 4 else 0,
-                            xytext=(0, 2), textcoords="offset points")
+                ax.annotate(
+                    f"{v:.1f}" if v >= 1 else f"{v:.2f}",
+                    (b.get_x() + b.get_width() / 2, max(v, 1e-3)),
+                    ha="center",
+                    va="bottom",
+                    fontsize=6 if n > 4 else 8,
+                    rotation=90 if n > 4 else 0,
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                )
     ax.set_yscale("log")
     ax.set_ylim(0.01, 300)
     ax.set_xticks(x, [BIN_LABELS[b] for b in SPARSITY_BINS])
@@ -111,8 +130,14 @@ def plot_rank_stability(df: pd.DataFrame, name: str = "") -> Figure:
     ax.set_xlabel("kept samples used")
     ax.set_ylabel("rank among all heads (1 = best, log scale)")
     ax.set_title(f"{name + ': ' if name else ''}rank of the final top heads as samples accumulate (Fig. 13)")
-    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="head (final rank)",
-              title_fontsize=7)
+    ax.legend(
+        fontsize=7,
+        frameon=False,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        title="head (final rank)",
+        title_fontsize=7,
+    )
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return fig
@@ -148,8 +173,15 @@ def plot_correlation(matrix: pd.DataFrame, method: str = "pearson") -> Figure:
     ax.set_xticks(range(n), names, rotation=40, ha="right", fontsize=8)
     ax.set_yticks(range(n), names, fontsize=8)
     for (i, j), v in np.ndenumerate(matrix.to_numpy(dtype=float)):
-        ax.text(j, i, "nan" if not np.isfinite(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
-                color="white" if np.isfinite(v) and abs(v) > 0.6 else "black")
+        ax.text(
+            j,
+            i,
+            "nan" if not np.isfinite(v) else f"{v:.2f}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if np.isfinite(v) and abs(v) > 0.6 else "black",
+        )
     ax.set_xlabel("run")
     ax.set_ylabel("run")
     ax.set_title(f"{method.capitalize()} correlation of retrieval-score maps (Fig. 6)")

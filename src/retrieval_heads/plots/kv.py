@@ -13,8 +13,14 @@ from .common import save_figure  # also selects the Agg backend
 if TYPE_CHECKING:
     from ..experiments.kv_eval import KVEvalResult
 
-STYLE = {"retrieval": ("tab:red", "o-"), "needle_attention": ("tab:purple", "D-"), "gain": ("tab:orange", "^-"),
-         "random": ("tab:gray", "x--"), "sink_window": ("tab:blue", "s-"), "snapkv": ("tab:green", "v-")}
+STYLE = {
+    "retrieval": ("tab:red", "o-"),
+    "needle_attention": ("tab:purple", "D-"),
+    "gain": ("tab:orange", "^-"),
+    "random": ("tab:gray", "x--"),
+    "sink_window": ("tab:blue", "s-"),
+    "snapkv": ("tab:green", "v-"),
+}
 
 
 def plot_kv_eval(result: KVEvalResult, stem: str | Path, *, title: str | None = None) -> list[Path]:
@@ -28,9 +34,14 @@ def plot_kv_eval(result: KVEvalResult, stem: str | Path, *, title: str | None = 
         for policy in [p for p in STYLE if any(r["policy"] == p for r in rows)]:
             pts = sorted((100 * r["kv_share"], r["score"]) for r in rows if r["policy"] == policy)
             color, fmt = STYLE[policy]
-            label = {"retrieval": "retrieval heads whole + sink/window", "random": "random heads whole (per seed)",
-                     "sink_window": "sink + window, every head", "snapkv": "SnapKV, every head",
-                     "needle_attention": "needle-attention heads whole", "gain": "measured-gain heads whole"}[policy]
+            label = {
+                "retrieval": "retrieval heads whole + sink/window",
+                "random": "random heads whole (per seed)",
+                "sink_window": "sink + window, every head",
+                "snapkv": "SnapKV, every head",
+                "needle_attention": "needle-attention heads whole",
+                "gain": "measured-gain heads whole",
+            }[policy]
             ax.plot(*zip(*pts), "x" if policy == "random" else fmt, color=color, label=label)
         if full:
             ax.axhline(full[0]["score"], color="black", lw=1, ls=":", label="full cache")
@@ -42,6 +53,8 @@ def plot_kv_eval(result: KVEvalResult, stem: str | Path, *, title: str | None = 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
         what = "needle retrieval" if task == "niah" else "extractive QA"
-        ax.set_title(title or f"{result.name}: {what} vs KV bytes ({result.config.get('length', '?')} tokens)", fontsize=10)
+        ax.set_title(
+            title or f"{result.name}: {what} vs KV bytes ({result.config.get('length', '?')} tokens)", fontsize=10
+        )
     fig.tight_layout()
     return save_figure(fig, stem)

@@ -20,8 +20,10 @@ def plot_mask_eval(result: MaskEvalResult, stem: str | Path, *, title: str | Non
     cv = result.curves()
     k = np.asarray(cv["k"], dtype=float)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True)
-    for ax, key, label, scale in ((axes[0], "score", "NIAH score (ROUGE-1 recall x 100)", 1.0),
-                                  (axes[1], "exact", "exact answer match (%)", 100.0)):
+    for ax, key, label, scale in (
+        (axes[0], "score", "NIAH score (ROUGE-1 recall x 100)", 1.0),
+        (axes[1], "exact", "exact answer match (%)", 100.0),
+    ):
         top = np.asarray(cv[f"top_{key}"], dtype=float) * scale
         rnd = np.asarray(cv[f"random_{key}"], dtype=float) * scale
         lo = np.asarray(cv[f"random_{key}_min"], dtype=float) * scale
@@ -36,7 +38,11 @@ def plot_mask_eval(result: MaskEvalResult, stem: str | Path, *, title: str | Non
     axes[0].legend(fontsize=8, loc="upper right")
     cfg = result.config
     n_heads = cfg.get("model_spec", {}).get("n_layers", 0) * cfg.get("model_spec", {}).get("n_heads", 0)
-    fig.suptitle(title or f"{result.name}: masking retrieval vs random heads "
-                 f"({cfg.get('method', '?')}, phase {cfg.get('phase', '?')}, {n_heads} heads)", fontsize=10)
+    fig.suptitle(
+        title
+        or f"{result.name}: masking retrieval vs random heads "
+        f"({cfg.get('method', '?')}, phase {cfg.get('phase', '?')}, {n_heads} heads)",
+        fontsize=10,
+    )
     fig.tight_layout()
     return save_figure(fig, stem)

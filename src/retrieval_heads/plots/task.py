@@ -4,8 +4,9 @@ bootstrap intervals as error bars. Agg backend, PNG + SVG."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -15,12 +16,16 @@ from .common import save_figure  # also selects the Agg backend
 if TYPE_CHECKING:
     from ..experiments.task_eval import TaskEvalResult
 
-BARS = (("base", "no mask", "tab:gray"), ("random", "K random heads masked", "tab:blue"),
-        ("top", "top-K retrieval heads masked", "tab:red"))
+BARS = (
+    ("base", "no mask", "tab:gray"),
+    ("random", "K random heads masked", "tab:blue"),
+    ("top", "top-K retrieval heads masked", "tab:red"),
+)
 
 
-def plot_task_eval(results: Sequence[TaskEvalResult], stem: str | Path, *, metric: str | None = None,
-                   title: str | None = None) -> list[Path]:
+def plot_task_eval(
+    results: Sequence[TaskEvalResult], stem: str | Path, *, metric: str | None = None, title: str | None = None
+) -> list[Path]:
     """Write `stem.png` and `stem.svg`: one bar group per run (label: task, prompt style)."""
     fig, ax = plt.subplots(figsize=(max(4.0, 1.9 * len(results) + 1.5), 3.6))
     width = 0.26
@@ -35,8 +40,16 @@ def plot_task_eval(results: Sequence[TaskEvalResult], stem: str | Path, *, metri
             v = r[m]
             x = g + (b - 1) * width
             err = [[100 * (v["mean"] - v["low"])], [100 * (v["high"] - v["mean"])]]
-            ax.bar(x, 100 * v["mean"], width, color=color, label=label if g == 0 else None,
-                   yerr=err, capsize=3, error_kw={"linewidth": 1})
+            ax.bar(
+                x,
+                100 * v["mean"],
+                width,
+                color=color,
+                label=label if g == 0 else None,
+                yerr=err,
+                capsize=3,
+                error_kw={"linewidth": 1},
+            )
             ax.text(x, 100 * v["high"] + 1.5, f"{100 * v['mean']:.0f}", ha="center", fontsize=7)
         k = max((c.k for c in res.conditions), default=0)
         n = rows["base"]["n"]

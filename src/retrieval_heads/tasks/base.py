@@ -19,9 +19,10 @@ modules build on it without an import cycle.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from ..decoding import StopStrings, build_prompt
 from ..errors import ConfigError, DataError
@@ -60,8 +61,13 @@ class Request:
     def prompt(self, tokenizer: Any, chat: bool) -> str:
         """The text given to the model (`decoding.build_prompt`); tokenize it without special
         tokens (a chat template, or the plain prompt's BOS, already holds them)."""
-        return build_prompt(tokenizer, self.user, chat=chat, assistant_prefix=self.assistant_prefix,
-                            plain_separator=self.plain_separator)
+        return build_prompt(
+            tokenizer,
+            self.user,
+            chat=chat,
+            assistant_prefix=self.assistant_prefix,
+            plain_separator=self.plain_separator,
+        )
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,9 @@ class Task(ABC):
 
     def check_style(self, style: str) -> None:
         if style not in self.prompt_styles:
-            raise ConfigError(f"task {self.name!r} has no prompt style {style!r}; choose from {', '.join(self.prompt_styles)}")
+            raise ConfigError(
+                f"task {self.name!r} has no prompt style {style!r}; choose from {', '.join(self.prompt_styles)}"
+            )
 
 
 # ----------------------------------------------------------------------------------- data files

@@ -20,7 +20,8 @@ Umber"):
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..decoding import StopRule, build_prompt
 from ..errors import ConfigError, NeedleNotFoundError
@@ -59,7 +60,7 @@ def content_recall(answer: str, text: str) -> float:
 
 
 def ngrams(ws: Sequence[str], n: int) -> set[tuple[str, ...]]:
-    return {tuple(ws[i:i + n]) for i in range(len(ws) - n + 1)}
+    return {tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)}
 
 
 def copied_haystack_span(text: str, sample: Sample, n: int = COPY_WORDS) -> str | None:
@@ -72,7 +73,7 @@ def copied_haystack_span(text: str, sample: Sample, n: int = COPY_WORDS) -> str 
     own = ngrams(words(sample.needle.question), n) | ngrams(words(sample.needle.needle), n)
     ws = words(text)
     for i in range(len(ws) - n + 1):
-        g = tuple(ws[i:i + n])
+        g = tuple(ws[i : i + n])
         if g in hay and g not in own:
             return " ".join(g)
     return None
@@ -104,7 +105,7 @@ def user_message(tokenizer: Any, prompt: str, chat: bool) -> str:
     head, _, tail = build_prompt(tokenizer, "\x00", chat=chat).partition("\x00")
     if not (prompt.startswith(head) and prompt.endswith(tail)) or len(prompt) < len(head) + len(tail):
         raise NeedleNotFoundError("the chat template altered the prompt around the user message")
-    return prompt[len(head): len(prompt) - len(tail)]
+    return prompt[len(head) : len(prompt) - len(tail)]
 
 
 class NIAH(Task):
@@ -116,9 +117,14 @@ class NIAH(Task):
     prompt_styles = ("answer-only",)  # the authors' prompt: document, then the question
     default_limit = 18  # the default grid: 3 needles x 2 lengths x 3 depths
 
-    def __init__(self, needles: Sequence[Needle] = EVALUATION_NEEDLES, lengths: Sequence[int] = (500, 1000),
-                 depths: Sequence[float] = (10.0, 50.0, 90.0), path: str | None = None,
-                 max_new_tokens: int = 32) -> None:
+    def __init__(
+        self,
+        needles: Sequence[Needle] = EVALUATION_NEEDLES,
+        lengths: Sequence[int] = (500, 1000),
+        depths: Sequence[float] = (10.0, 50.0, 90.0),
+        path: str | None = None,
+        max_new_tokens: int = 32,
+    ) -> None:
         if not needles:
             raise ConfigError("no needles")
         if not lengths or not depths:
@@ -136,8 +142,14 @@ class NIAH(Task):
         return len(self.needles) * len(self.lengths) * len(self.depths)
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "needles": [n.to_dict() for n in self.needles], "lengths": list(self.lengths),
-                "depths": list(self.depths), "haystack": self.path, "max_new_tokens": self.max_new_tokens}
+        return {
+            "name": self.name,
+            "needles": [n.to_dict() for n in self.needles],
+            "lengths": list(self.lengths),
+            "depths": list(self.depths),
+            "haystack": self.path,
+            "max_new_tokens": self.max_new_tokens,
+        }
 
     def prepare(self, tokenizer: Any, chat: bool) -> None:
         self.tokenizer, self.chat = tokenizer, chat

@@ -59,15 +59,20 @@ def f1_score(prediction: str, gold: str) -> float:
 
 def qa_scores(prediction: str, answers: tuple[str, ...]) -> dict[str, float]:
     """Max F1 and max exact match over the gold answers."""
-    return {"f1": max(f1_score(prediction, a) for a in answers),
-            "exact": max(exact_score(prediction, a) for a in answers)}
+    return {
+        "f1": max(f1_score(prediction, a) for a in answers),
+        "exact": max(exact_score(prediction, a) for a in answers),
+    }
 
 
 # ----------------------------------------------------------------------------------- prompts
-ANSWER_ONLY = ("Read the passages and answer the question with a short phrase copied from them. "
-               "Reply with the answer only.")
-COT = ("Read the passages and answer the question. First copy the sentence(s) that contain the answer, "
-       "then write the final line as 'Answer: <short phrase copied from the passages>'.")
+ANSWER_ONLY = (
+    "Read the passages and answer the question with a short phrase copied from them. Reply with the answer only."
+)
+COT = (
+    "Read the passages and answer the question. First copy the sentence(s) that contain the answer, "
+    "then write the final line as 'Answer: <short phrase copied from the passages>'."
+)
 
 
 def extract_qa_answer(text: str, style: str) -> str:
@@ -76,7 +81,7 @@ def extract_qa_answer(text: str, style: str) -> str:
     if style == "cot":
         hits = list(re.finditer(r"answer\s*(?:is)?\s*:", text, flags=re.IGNORECASE))
         if hits:
-            rest = text[hits[-1].end():].strip()
+            rest = text[hits[-1].end() :].strip()
             line = rest.split("\n")[0] if rest else ""
         else:
             lines = [ln for ln in text.split("\n") if ln.strip()]
@@ -85,7 +90,7 @@ def extract_qa_answer(text: str, style: str) -> str:
         lines = [ln for ln in text.split("\n") if ln.strip()]
         line = lines[0] if lines else ""
         line = re.sub(r"^\s*answer\s*:\s*", "", line, flags=re.IGNORECASE)
-    return line.strip().strip('"\'“”').rstrip(".").strip()
+    return line.strip().strip("\"'“”").rstrip(".").strip()
 
 
 class _QATask(Task):
@@ -123,8 +128,11 @@ def squad_paragraphs(data: Any) -> list[dict[str, Any]]:
         out = []
         for art in data["data"]:
             for par in art["paragraphs"]:
-                qas = [(q["id"], q["question"], tuple(dict.fromkeys(a["text"] for a in q["answers"])))
-                       for q in par["qas"] if not q.get("is_impossible") and q["answers"]]
+                qas = [
+                    (q["id"], q["question"], tuple(dict.fromkeys(a["text"] for a in q["answers"])))
+                    for q in par["qas"]
+                    if not q.get("is_impossible") and q["answers"]
+                ]
                 out.append({"title": art["title"], "context": par["context"], "qas": qas})
         return out
     except (KeyError, TypeError) as e:
@@ -169,8 +177,19 @@ class ExtractiveQA(_QATask):
             order = r.permutation(len(passages))
             position = int(np.nonzero(order == 0)[0][0])
             context = "\n\n".join(f"Passage {n + 1}: {passages[i]}" for n, i in enumerate(order))
-            out.append(Doc(qid, {"question": question, "context": context, "gold_passage": position + 1,
-                                 "n_passages": len(passages), "context_tokens": total}, answers))
+            out.append(
+                Doc(
+                    qid,
+                    {
+                        "question": question,
+                        "context": context,
+                        "gold_passage": position + 1,
+                        "n_passages": len(passages),
+                        "context_tokens": total,
+                    },
+                    answers,
+                )
+            )
         return out
 
 
@@ -198,9 +217,19 @@ class HotpotQA(_QATask):
             try:
                 context = "\n\n".join(f"{title}: {''.join(sents).strip()}" for title, sents in ex["context"])
                 gold_titles = sorted({t for t, _ in ex["supporting_facts"]})
-                out.append(Doc(str(ex["_id"]), {"question": ex["question"], "context": context,
-                                                "type": ex.get("type", ""), "gold_titles": gold_titles,
-                                                "context_tokens": count_tokens(context)}, (str(ex["answer"]),)))
+                out.append(
+                    Doc(
+                        str(ex["_id"]),
+                        {
+                            "question": ex["question"],
+                            "context": context,
+                            "type": ex.get("type", ""),
+                            "gold_titles": gold_titles,
+                            "context_tokens": count_tokens(context),
+                        },
+                        (str(ex["answer"]),),
+                    )
+                )
             except (KeyError, TypeError, ValueError) as e:
                 raise DataError(f"not a HotpotQA record (missing {e})") from None
         return out

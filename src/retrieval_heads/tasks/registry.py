@@ -11,7 +11,8 @@ The registry imports the task modules, never the reverse (they build on `tasks.b
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import ConfigError
 from .base import Task
