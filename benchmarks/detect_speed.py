@@ -173,7 +173,8 @@ def main() -> None:
     lm = load_model(args.model, attn_implementation="sdpa")
     hay = load_haystack()
     print(
-        f"# detect_speed  {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  {platform.processor() or platform.machine()}"
+        f"# detect_speed  {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  "
+        f"{platform.processor() or platform.machine()}"
         f"  cpus={os.cpu_count()} threads={torch.get_num_threads()}  model={args.model}  new_tokens={n}"
     )
     sample = lambda L, d=50.0, k=0: make_sample(lm.tokenizer, hay, DETECTION_NEEDLES[k], L, d)  # noqa: E731
@@ -184,17 +185,18 @@ def main() -> None:
     rows = []
     phases = set(args.phases.split(","))
     print(
-        "\n| length | prompt tokens | plain generate s | reference s | fast s | fast/plain | fast/reference | peak RSS MiB plain / ref / fast |"
+        "\n| length | prompt tokens | plain generate s | reference s | fast s | fast/plain | fast/reference "
+        "| peak RSS MiB plain / ref / fast |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for L in lengths if "lengths" in phases else []:
         s = sample(L)
         lm.model.set_attn_implementation("sdpa")
-        tp, mp, gen_plain = timed(lambda: plain_generate(lm, s, n), rss)
+        tp, mp, gen_plain = timed(lambda s=s: plain_generate(lm, s, n), rss)
         ref = ReferenceEngine(lm)  # switches the model to eager
-        tr, mr, out_ref = timed(lambda: ref.run(s, max_new_tokens=n, stop=NEVER), rss)
+        tr, mr, out_ref = timed(lambda s=s, ref=ref: ref.run(s, max_new_tokens=n, stop=NEVER), rss)
         fast = FastEngine(lm, prefix_reuse=False)  # back to SDPA
-        tf, mf, out_fast = timed(lambda: fast.run(s, max_new_tokens=n, stop=NEVER), rss)
+        tf, mf, out_fast = timed(lambda s=s, fast=fast: fast.run(s, max_new_tokens=n, stop=NEVER), rss)
         # generate's min_new_tokens bans EOS, so compare with it only up to the engines' first EOS
         eos = lm.tokenizer.eos_token_id
         cut = out_fast.generated_ids.index(eos) if eos in out_fast.generated_ids else n
@@ -248,7 +250,7 @@ def main() -> None:
                 "identical to batch 1"
                 if all(
                     a.generated_ids == b.generated_ids and (a.argmax == b.argmax).all()
-                    for (_, a), (_, b) in zip(outs_1, outs_b)
+                    for (_, a), (_, b) in zip(outs_1, outs_b, strict=True)
                 )
                 else "DIFFERENT from batch 1"
             )
@@ -257,12 +259,15 @@ def main() -> None:
     if "batch" in phases:  # batched prefill + decode of several samples, no reuse (the GPU path)
         bs = args.batch_size
         batch = [
-            sample(lengths[0], d, k % len(DETECTION_NEEDLES)) for k, d in zip(range(bs), (10.0, 40.0, 70.0, 90.0) * bs)
+            sample(lengths[0], d, k % len(DETECTION_NEEDLES))
+            for k, d in zip(range(bs), (10.0, 40.0, 70.0, 90.0) * bs, strict=False)
         ]
         one = FastEngine(lm, prefix_reuse=False, batch_size=1)
         t1, _, o1 = timed(lambda: [one.run(s, max_new_tokens=n, stop=NEVER) for s in batch], rss)
-        tb, mb, ob = timed(lambda: FastEngine(lm, batch_size=bs).run_batch(batch, max_new_tokens=n, stop=NEVER), rss)
-        same = all(a.generated_ids == b.generated_ids and (a.argmax == b.argmax).all() for a, b in zip(o1, ob))
+        tb, _, ob = timed(lambda: FastEngine(lm, batch_size=bs).run_batch(batch, max_new_tokens=n, stop=NEVER), rss)
+        same = all(
+            a.generated_ids == b.generated_ids and (a.argmax == b.argmax).all() for a, b in zip(o1, ob, strict=True)
+        )
         print(
             f"\nBatching on {lm.model.device}: {bs} samples of ~{lengths[0]} tokens: one at a time {t1:.1f} s, "
             f"one batch {tb:.1f} s (ratio {tb / t1:.2f}; {'identical' if same else 'DIFFERENT'} outputs)"
@@ -272,13 +277,14 @@ def main() -> None:
     if rows:
         tot_p, tot_f = sum(r[1] for r in rows), sum(r[3] for r in rows)
         print(f"  fast / plain generate (all lengths):   {verdict(tot_f / tot_p, 1.1)}")
-        for L, tp, tr, tf in rows:
+        for L, tp, _tr, tf in rows:
             print(f"  fast / plain generate at {L}:         {verdict(tf / tp, 1.1)}")
         big = max(rows)
         print(f"  fast / paper-faithful at {big[0]}:       {verdict(big[3] / big[2], 0.35)}")
     if tg_plain:
         print(
-            f"  grid with reuse / plain generate grid: {verdict(tg_fast / tg_plain, 0.7)} (reuse alone can reach >= {bound:.2f})"
+            f"  grid with reuse / plain generate grid: {verdict(tg_fast / tg_plain, 0.7)} "
+            f"(reuse alone can reach >= {bound:.2f})"
         )
         print(f"  grid with reuse + batched decode / plain generate grid: {verdict(tg_fastb / tg_plain, 0.7)}")
     if args.rss_length:
@@ -286,7 +292,8 @@ def main() -> None:
         fastc = run_child(args, "fast")
         print(
             f"  peak RSS at {plain['tokens']} tokens: plain SDPA prefill {plain['peak']:.0f} MiB, "
-            f"fast engine ({args.rss_new_tokens} tokens) {fastc['peak']:.0f} MiB; ratio {verdict(fastc['peak'] / plain['peak'], 1.2)}"
+            f"fast engine ({args.rss_new_tokens} tokens) {fastc['peak']:.0f} MiB; "
+            f"ratio {verdict(fastc['peak'] / plain['peak'], 1.2)}"
         )
     print(f"\n  process peak RSS (ru_maxrss): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 

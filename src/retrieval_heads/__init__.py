@@ -7,9 +7,13 @@ Public API (no side effects at import; torch and transformers load lazily):
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+
+try:
+    __version__ = version("retrieval-heads")  # the installed distribution's (pyproject.toml)
+except PackageNotFoundError:  # a source checkout on sys.path, never installed
+    __version__ = "0+unknown"
 
 _LAZY = {
     "load_model": "models",

@@ -43,12 +43,12 @@ def head_label(layer: int, head: int) -> str:
 def load_results(paths: Iterable[str | Path]) -> list[DetectionResult]:
     """Load run folders or authors'-format JSON files; equal names get the file or folder name
     appended, then a number, so every result has a unique name."""
-    paths = [Path(p) for p in paths]
-    if not paths:
+    folders = [Path(p) for p in paths]
+    if not folders:
         raise DataError("no run folder or score file given")
-    results = [DetectionResult.load(p) for p in paths]
+    results = [DetectionResult.load(p) for p in folders]
     names = [r.name for r in results]
-    for r, p in zip(results, paths):
+    for r, p in zip(results, folders, strict=True):
         if names.count(r.name) > 1:
             r.name = f"{r.name} ({p.name})"
     if len({r.name for r in results}) < len(results):
@@ -91,10 +91,12 @@ def sparsity_table(results: Sequence[DetectionResult], threshold: float = RETRIE
 
 
 def top_heads(result: DetectionResult, k: int = 20) -> pd.DataFrame:
-    """The k best heads: rank, layer, head, label, score, activation_frequency.
+    """The k best heads: rank, layer, head, label, score, its 95 % bootstrap interval over kept
+    samples (ci_low, ci_high; NaN without per-sample scores), activation_frequency.
 
     activation_frequency is NaN where the result holds no kept sample.
     """
+    low, high = result.intervals()
     rows = [
         {
             "model": result.name,
@@ -103,11 +105,30 @@ def top_heads(result: DetectionResult, k: int = 20) -> pd.DataFrame:
             "head": h.head,
             "label": head_label(h.layer, h.head),
             "score": h.score,
+            "ci_low": float(low[h.layer, h.head]),
+            "ci_high": float(high[h.layer, h.head]),
             "activation_frequency": h.activation_frequency,
         }
         for i, h in enumerate(result.top(k), 1)
     ]
-    return pd.DataFrame(rows, columns=["model", "rank", "layer", "head", "label", "score", "activation_frequency"])
+    cols = ["model", "rank", "layer", "head", "label", "score", "ci_low", "ci_high", "activation_frequency"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def score_agreement(result: DetectionResult, k: int = 10) -> pd.DataFrame:
+    """How the scores of one detection run agree, per pair of scores: Spearman correlation of the
+    head maps and the overlap of their top-k heads (shared heads / k)."""
+    names = result.score_names()
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            ra, rb = result.with_score(a), result.with_score(b)
+            x, y = ra.scores.ravel(), rb.scores.ravel()
+            ok = ~(np.isnan(x) | np.isnan(y))
+            rho = float(stats.spearmanr(x[ok], y[ok]).statistic) if ok.sum() > 2 else float("nan")
+            overlap = len(set(rank_heads(ra.scores)[:k]) & set(rank_heads(rb.scores)[:k])) / k
+            rows.append({"model": result.name, "score_a": a, "score_b": b, "spearman": rho, f"top{k}_overlap": overlap})
+    return pd.DataFrame(rows, columns=["model", "score_a", "score_b", "spearman", f"top{k}_overlap"])
 
 
 def _descending_ranks(scores: np.ndarray) -> np.ndarray:
@@ -156,7 +177,7 @@ def rank_stability(result: DetectionResult, k: int = 10, n_points: int = 20) -> 
 
 
 def check_same_shape(results: Sequence[DetectionResult]) -> tuple[int, int]:
-    shapes = {r.name: tuple(r.shape) for r in results}
+    shapes = {r.name: r.shape for r in results}
     if len(set(shapes.values())) > 1:
         desc = ", ".join(f"{n} {s[0]}x{s[1]}" for n, s in shapes.items())
         raise ShapeMismatchError(

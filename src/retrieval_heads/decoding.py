@@ -61,7 +61,7 @@ class StopStrings:
             return True
         if not self.stops:
             return False
-        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        text: str = self.tokenizer.decode(generated, skip_special_tokens=True)
         return self.cut(text) != text
 
 
@@ -125,7 +125,7 @@ def build_prompt(
     message and the generation prompt; otherwise BOS (when the tokenizer adds one) + the message +
     `plain_separator`. `assistant_prefix` starts the answer in both cases."""
     if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
+        text: str = tokenizer.apply_chat_template(
             [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
         )
     else:

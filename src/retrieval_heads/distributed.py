@@ -18,7 +18,7 @@ from typing import Any
 from .errors import ConfigError, DataError, RunConflictError
 from .needles import sample_id
 from .results import DetectionResult
-from .runs import CONFIG_FILE, RECORDS_FILE, read_records, semantic
+from .runs import CONFIG_FILE, RECORDS_FILE, RunLock, read_config, read_records, semantic
 from .scorefile import atomic_write_text
 
 
@@ -80,16 +80,16 @@ def merge_runs(runs: Sequence[str | Path], out: str | Path | None = None) -> Det
     """
     if not runs:
         raise ConfigError("merge needs at least one run folder")
-    configs, by_id = [], {}
+    configs: list[dict[str, Any]] = []
+    by_id: dict[str, dict[str, Any]] = {}
     for r in runs:
         p = Path(r)
         cfg_path = p / CONFIG_FILE
         if not cfg_path.exists():
             raise DataError(f"{p}: not a run folder (no {CONFIG_FILE})")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError:
-            raise DataError(f"{cfg_path}: not valid JSON") from None
+        cfg = read_config(cfg_path)
+        if "grid" not in cfg:
+            raise DataError(f"{cfg_path}: not the config of a detection run (no grid)")
         configs.append(cfg)
         for rec in read_records(p / RECORDS_FILE):
             old = by_id.get(rec["id"])
@@ -97,12 +97,15 @@ def merge_runs(runs: Sequence[str | Path], out: str | Path | None = None) -> Det
                 raise RunConflictError(f"sample {rec['id']} appears in two runs with different results")
             by_id[rec["id"]] = rec
     base = {k: v for k, v in semantic(configs[0]).items() if k != "shard"}
-    for r, cfg in zip(runs, configs):
+    for r, cfg in zip(runs, configs, strict=True):
         other = {k: v for k, v in semantic(cfg).items() if k != "shard"}
         if other != base:
             diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
             raise RunConflictError(f"{r}: incompatible config (differs in: {', '.join(diff)})")
-    order = grid_order(configs[0])
+    try:
+        order = grid_order(configs[0])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{runs[0]}: the config's grid is malformed ({type(e).__name__}: {str(e)[:80]})") from None
     unknown = set(by_id) - set(order)
     if unknown:
         raise RunConflictError(f"records not in the grid: {sorted(unknown)[:3]}")
@@ -112,9 +115,10 @@ def merge_runs(runs: Sequence[str | Path], out: str | Path | None = None) -> Det
     if out is not None:
         d = Path(out)
         d.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(d / CONFIG_FILE, json.dumps(config, indent=1, sort_keys=True))
-        atomic_write_text(d / RECORDS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-        result.save(d)
+        with RunLock(d):  # one writer per folder, as for a run
+            atomic_write_text(d / CONFIG_FILE, json.dumps(config, indent=1, sort_keys=True))
+            atomic_write_text(d / RECORDS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+            result.save(d)
     return result
 
 

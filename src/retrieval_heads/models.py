@@ -142,9 +142,7 @@ def spec_from_config(config: Any, name: str) -> ModelSpec:
 
 # ----------------------------------------------------------------------------------- attention modules
 def _text_layers(model: Any) -> int:
-    return int(
-        getattr(_text_config(model.config), "num_hidden_layers", None) or _text_config(model.config).n_layer
-    )
+    return int(getattr(_text_config(model.config), "num_hidden_layers", None) or _text_config(model.config).n_layer)
 
 
 def _attention_of(layer: Any) -> Any:
@@ -208,7 +206,7 @@ def package_dir(package: str) -> Path | None:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def resolve_alias(alias: str) -> Path:
@@ -224,17 +222,18 @@ def resolve_alias(alias: str) -> Path:
     target = cache_dir() / "gguf" / a.gguf_name
     try:
         mod = __import__(a.package)
-        if target.exists():
-            return Path(mod.assemble(output_path=target))  # verifies the SHA-256
-        # Assemble under a private name, then rename: concurrent processes never see half a file.
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            mod.assemble(output_path=tmp, overwrite=True)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return target
+        with cache_lock(target):  # concurrent processes (torchrun ranks) assemble once
+            if target.exists():
+                return Path(mod.assemble(output_path=target))  # verifies the SHA-256
+            # Assemble under a private name, then rename: readers never see half a file.
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            try:
+                mod.assemble(output_path=tmp, overwrite=True)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+            return target
     except (FileNotFoundError, ModuleNotFoundError) as e:
         raise ModelLoadError(f"model {alias!r}: parts missing ({e}); {a.install}") from e
     except ValueError as e:
@@ -255,8 +254,37 @@ def gguf_to_safetensors(gguf: Path) -> Path:
         raise ModelLoadError(f"GGUF file not found: {gguf}")
     key = _sha256(gguf)[:16]
     out = cache_dir() / "converted" / f"{gguf.stem}-{key}"
-    if (out / "model.safetensors").exists() and (out / "config.json").exists():
+    if _converted(out):
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with cache_lock(out):  # one process converts; the others wait here, then find it done
+        if not _converted(out):
+            _convert_gguf(gguf, out, key)
+    return out
+
+
+def _converted(out: Path) -> bool:
+    return (out / "model.safetensors").exists() and (out / "config.json").exists()
+
+
+@contextmanager
+def cache_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock of one cache entry (`.<name>.lock` beside it); waits for the holder."""
+    import filelock
+
+    with filelock.FileLock(str(path.with_name(f".{path.name}.lock")), mode=0o666 & ~current_umask()):
+        yield
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it; it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _convert_gguf(gguf: Path, out: Path, key: str) -> None:
+    """Dequantize `gguf` into the folder `out` (built under a temp name, then renamed)."""
     logger.info("dequantizing %s once into %s", gguf, out)
     import torch
     from safetensors.torch import save_file
@@ -269,8 +297,8 @@ def gguf_to_safetensors(gguf: Path) -> Path:
         raise ModelLoadError(
             f"cannot read GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from e
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: colleagues could not read the cache
     try:
         # Tied weights share storage; safetensors refuses shared tensors, so save each once.
         state = {k: v.contiguous().clone() for k, v in model.state_dict().items()}
@@ -284,13 +312,16 @@ def gguf_to_safetensors(gguf: Path) -> Path:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        if out.exists():
+        if out.exists():  # a stale, incomplete conversion (we hold the lock: nobody reads it)
             shutil.rmtree(out)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # a non-empty folder appeared (a writer without the lock): keep a complete one
+            if not _converted(out):
+                raise ModelLoadError(f"cannot place the converted model in {out}; remove it and retry") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def resolve_source(model: str) -> tuple[str, str]:

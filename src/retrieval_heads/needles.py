@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +35,16 @@ class Needle:
     def __post_init__(self) -> None:
         if not self.id:
             object.__setattr__(self, "id", hashlib.sha1(self.needle.encode()).hexdigest()[:8])
+        # The retrieval score is measured on the answer's tokens inside the needle (the authors'
+        # `real_needle`), so the answer must appear in the needle verbatim.
+        if self.answer not in self.needle:
+            raise ConfigError(f"needle {self.id!r}: its answer {self.answer!r} is not in the needle text verbatim")
+
+    @property
+    def answer_offset(self) -> int:
+        """Character offset of the answer inside the needle sentence (its last occurrence: the
+        answer completes the fact)."""
+        return self.needle.rfind(self.answer)
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -89,14 +100,26 @@ def load_needles(path: str | Path) -> list[Needle]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"needles file not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        lineno = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{p}:{lineno}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{p}: cannot read ({e.strerror or e})") from None
     out: list[Needle] = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+        except (ValueError, RecursionError):  # an integer of > 4300 digits, nesting too deep
+            raise DataError(f"{p}:{i}: not valid JSON") from None
+        if isinstance(obj, dict) and all(isinstance(obj.get(k), str) for k in ("needle", "answer")):
+            if obj["answer"].strip() not in obj["needle"].strip():
+                raise DataError(f"{p}:{i}: the answer {obj['answer'].strip()!r} is not in the needle text verbatim")
         if not isinstance(obj, dict):
             raise DataError(f"{p}:{i}: expected an object with needle, question, answer")
         missing = [k for k in ("needle", "question", "answer") if not isinstance(obj.get(k), str) or not obj[k].strip()]
@@ -129,7 +152,10 @@ def load_haystack(path: str | Path | None = None) -> str:
         files = [p]
     else:
         raise DataError(f"haystack not found: {p}")
-    text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace").strip() for f in files)
+    try:
+        text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace").strip() for f in files)
+    except OSError as e:
+        raise DataError(f"{e.filename or p}: cannot read ({e.strerror or e})") from None
     if not text.strip():
         raise DataError(f"haystack is empty: {p}")
     return text
@@ -137,7 +163,8 @@ def load_haystack(path: str | Path | None = None) -> str:
 
 @dataclass(frozen=True)
 class Sample:
-    """One NIAH sample: prompt token ids and the exact needle token span [start, end)."""
+    """One NIAH sample: prompt token ids, the exact needle token span [needle_start, needle_end)
+    and, inside it, the answer's token span [answer_start, answer_end)."""
 
     id: str
     needle: Needle
@@ -148,16 +175,31 @@ class Sample:
     needle_end: int
     document_tokens: int
     prompt: str
+    answer_start: int = -1
+    answer_end: int = -1
 
     @property
     def needle_len(self) -> int:
         return self.needle_end - self.needle_start
+
+    @property
+    def answer_len(self) -> int:
+        return self.answer_end - self.answer_start
+
+    def span(self, which: str) -> tuple[int, int]:
+        """The scored token span: "answer" (the authors' scale) or "needle" (the whole sentence)."""
+        if which == "answer":
+            return self.answer_start, self.answer_end
+        if which == "needle":
+            return self.needle_start, self.needle_end
+        raise ConfigError(f"unknown span {which!r}; choose answer or needle")
 
     def params(self) -> dict[str, Any]:
         return {"needle_id": self.needle.id, "length": self.length, "depth": self.depth}
 
 
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]?\s")
+_ENDS_SENTENCE = re.compile(r"[.!?][\"')\]]?$")  # a text whose last sentence is complete
 
 
 def sentence_boundary_before(text: str, pos: int) -> int:
@@ -172,13 +214,20 @@ def sentence_boundary_before(text: str, pos: int) -> int:
 def insert_needle(haystack: str, needle: str, depth: float) -> tuple[str, int]:
     """Insert `needle` at `depth` percent of `haystack`, moved back to a sentence boundary.
 
-    Returns the document and the character offset where the needle starts.
+    At depth 100 the needle ends the document, right after the last full sentence: text after the
+    last sentence end (a sentence cut by trimming) is dropped; a haystack without any sentence end
+    is kept whole. Returns the document and the character offset where the needle starts.
     """
     if not 0 <= depth <= 100:
         raise ConfigError(f"depth must be within 0..100, got {depth}")
     haystack = haystack.strip()
     raw = round(len(haystack) * depth / 100)
-    pos = len(haystack) if depth >= 100 else sentence_boundary_before(haystack, raw)
+    if depth >= 100:
+        if not _ENDS_SENTENCE.search(haystack):  # drop the sentence that trimming cut
+            haystack = haystack[: sentence_boundary_before(haystack, len(haystack)) or len(haystack)]
+        pos = len(haystack)
+    else:
+        pos = sentence_boundary_before(haystack, raw)
     before, after = haystack[:pos].rstrip(), haystack[pos:].lstrip()
     sep_before = " " if before else ""
     sep_after = " " if after else ""
@@ -206,14 +255,25 @@ def _trim_to_tokens(tokenizer: Any, text: str, n_tokens: int) -> str:
     return text[: offsets[n_tokens][0]]
 
 
-def _fit_haystack(tokenizer: Any, haystack: str, n_tokens: int) -> str:
-    """The first `n_tokens` tokens of the haystack, repeating it when it is too short."""
+def _fit_haystack(tokenizer: Any, haystack: str, n_tokens: int, *, sentence_end: bool = False) -> str:
+    """The first `n_tokens` tokens of the haystack, repeating it when it is too short.
+
+    `sentence_end` (depth 100, where the needle follows the haystack's last sentence): end at the
+    sentence end whose token count is nearest `n_tokens`, at most `max(32, n_tokens // 20)` tokens
+    past it; none there (no sentence end at all): the plain cut."""
     # Roughly 3 characters per token is a safe lower bound for prose; repeat to be long enough.
     need_chars = n_tokens * 8 + 1000
     text = haystack
     while len(text) < need_chars:
         text = text + "\n\n" + haystack
-    return _trim_to_tokens(tokenizer, text[:need_chars], n_tokens)
+    text = text[:need_chars]
+    if not sentence_end:
+        return _trim_to_tokens(tokenizer, text, n_tokens)
+    starts = [a for a, _ in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)] + ([len(text)] if _ENDS_SENTENCE.search(text) else [])
+    over = max(32, n_tokens // 20)
+    fits = [(abs(bisect_left(starts, e) - n_tokens), e) for e in ends if bisect_left(starts, e) <= n_tokens + over]
+    return text[: min(fits)[1]] if fits else _trim_to_tokens(tokenizer, text, n_tokens)
 
 
 def build_prompt(tokenizer: Any, document: str, question: str, chat: bool) -> tuple[str, int]:
@@ -244,7 +304,7 @@ def make_sample(
     needle_tokens = len(tokenizer(" " + needle.needle, add_special_tokens=False)["input_ids"])
     if length <= needle_tokens:
         raise ConfigError(f"length {length} is too short for a needle of {needle_tokens} tokens")
-    hay = _fit_haystack(tokenizer, haystack, length - needle_tokens)
+    hay = _fit_haystack(tokenizer, haystack, length - needle_tokens, sentence_end=depth >= 100)
     document, needle_char = insert_needle(hay, needle.needle, depth)
     prompt, doc_start = build_prompt(tokenizer, document, needle.question, chat)
     c0 = doc_start + needle_char
@@ -261,6 +321,13 @@ def make_sample(
             f"needle {needle.id!r} not recoverable from its tokens at length={length} depth={depth}: "
             f"decoded span is {span_text[:80]!r}"
         )
+    a0 = c0 + needle.answer_offset
+    a_start, a_end = locate_span(enc["offset_mapping"], a0, a0 + len(needle.answer))
+    answer_text = tokenizer.decode(ids[a_start:a_end])
+    if needle.answer.strip().replace(" ", "") not in answer_text.replace(" ", ""):
+        raise NeedleNotFoundError(
+            f"answer of needle {needle.id!r} not recoverable from its tokens: decoded span is {answer_text[:80]!r}"
+        )
     doc_tokens = len(tokenizer(document, add_special_tokens=False)["input_ids"])
     sid = sample_id(needle.id, length, depth)
     return Sample(
@@ -273,4 +340,6 @@ def make_sample(
         needle_end=end,
         document_tokens=doc_tokens,
         prompt=prompt,
+        answer_start=a_start,
+        answer_end=a_end,
     )

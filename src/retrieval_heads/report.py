@@ -10,7 +10,7 @@ import base64
 import html
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -47,21 +47,32 @@ def _img(fig, alt: str) -> str:
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+    return (
+        f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(alt)}</figcaption></figure>"
+    )
 
 
 def _table(df: pd.DataFrame, pct: Sequence[str] = (), digits: int = 3) -> str:
-    fmt = {}
+    fmt: dict[str, Callable[[Any], str]] = {}
     for c in df.columns:
         if c in pct:
             fmt[c] = lambda v: "" if pd.isna(v) else f"{100 * v:.2f} %"
         elif pd.api.types.is_float_dtype(df[c]):
-            fmt[c] = lambda v, d=digits: "" if pd.isna(v) else f"{v:.{d}f}"
+            fmt[c] = lambda v: "" if pd.isna(v) else f"{v:.{digits}f}"
     return df.to_html(classes="data", index=False, border=0, formatters=fmt, escape=True, na_rep="")
 
 
 def _matrix_table(m: pd.DataFrame) -> str:
     return m.to_html(classes="data", border=0, float_format=lambda v: f"{v:.3f}", escape=True, na_rep="nan")
+
+
+def _nulls(a: np.ndarray) -> list[Any]:
+    """NaN -> None (a gap in the heatmap), as nested lists."""
+    out = a.astype(object)
+    out[np.isnan(a)] = None
+    nested: list[Any] = out.tolist()
+    return nested
 
 
 def interactive_heatmap(result: DetectionResult, div_id: str) -> str:
@@ -72,8 +83,7 @@ def interactive_heatmap(result: DetectionResult, div_id: str) -> str:
 
     s, f = result.scores, result.activation_frequency  # [L, H]
     n_layers, n_heads = s.shape
-    z = np.where(np.isnan(s), None, np.round(s, 5)).tolist()
-    cd = np.where(np.isnan(f), None, np.round(f, 4)).tolist()
+    z, cd = _nulls(np.round(s, 5)), _nulls(np.round(f, 4))
     fig = go.Figure(
         go.Heatmap(
             z=z,
@@ -83,7 +93,9 @@ def interactive_heatmap(result: DetectionResult, div_id: str) -> str:
             colorscale="Viridis",
             zmin=0,
             colorbar={"title": {"text": "retrieval score"}},
-            hovertemplate="layer %{y}<br>head %{x}<br>score %{z:.3f}<br>activation frequency %{customdata:.2f}<extra></extra>",
+            hovertemplate=(
+                "layer %{y}<br>head %{x}<br>score %{z:.3f}<br>activation frequency %{customdata:.2f}<extra></extra>"
+            ),
         )
     )
     fig.update_layout(
@@ -118,6 +130,14 @@ def _run_section(i: int, r: DetectionResult, top_k: int, threshold: float) -> st
     parts.append(f'<div class="plot">{interactive_heatmap(r, f"heatmap-{i}")}</div>')
     parts.append(f"<h3>Top {top_k} heads</h3>")
     parts.append(_table(A.top_heads(r, top_k).drop(columns=["model"])))
+    if r.has_per_sample and r.n_kept > 1:
+        parts.append(
+            f'<p class="meta">ci_low / ci_high: 95 % percentile bootstrap over the {r.n_kept} kept samples; '
+            f"top-10 stability (mean Jaccard of the top 10 over 1000 resamples): {r.top_k_stability(10):.2f}</p>"
+        )
+    if len(r.score_names()) > 1:
+        parts.append("<h3>How the scores of this run agree</h3>")
+        parts.append(_table(A.score_agreement(r).drop(columns=["model"])))
     parts.append(_img(P.plot_heatmap(r), f"{r.name}: layer x head retrieval scores (Fig. 5)"))
     parts.append(
         _img(P.plot_score_vs_frequency(r, top_k), f"{r.name}: retrieval score vs activation frequency (Fig. 4)")
@@ -179,7 +199,8 @@ def _mask_eval_section(m: Any) -> str:
             f"<p>method {html.escape(str(cfg.get('method')))}, phase {html.escape(str(cfg.get('phase')))}; "
             "NIAH score = ROUGE-1 recall x 100 of the answer; random heads drawn (seeded) outside the top-K set.</p>",
             _table(curves, pct=("top_exact", "random_exact"), digits=1),
-            f'<figure><img alt="score vs K" src="data:image/png;base64,{data}"><figcaption>NIAH score vs K (Fig. 7)</figcaption></figure>',
+            f'<figure><img alt="score vs K" src="data:image/png;base64,{data}">'
+            "<figcaption>NIAH score vs K (Fig. 7)</figcaption></figure>",
             "<h3>Error kinds and where the watched retrieval heads attended (failed samples, Fig. 9)</h3>",
             _table(errors, pct=tuple(c for c in errors.columns if c.startswith("failed attn"))),
             "<h3>Examples</h3>",
@@ -208,20 +229,20 @@ def build_report(
         f"{len(results)} run(s). A head is a retrieval head when its score &gt; {threshold:g} (Wu et al. 2024).</p>",
         "<nav>" + "".join(f'<a href="#run-{i}">{html.escape(r.name)}</a>' for i, r in enumerate(results)) + "</nav>",
         "<h2>Sparsity (share of heads per score bin)</h2>",
-        _table(table, pct=A.SPARSITY_BINS + ("retrieval_share",)),
+        _table(table, pct=(*A.SPARSITY_BINS, "retrieval_share")),
         _img(P.plot_sparsity(table), "Share of heads per retrieval-score bin (Fig. 3)"),
     ]
     groups: dict[tuple[int, int], list[DetectionResult]] = {}
     for r in results:
         if r.n_kept:
-            groups.setdefault(tuple(r.shape), []).append(r)
+            groups.setdefault(r.shape, []).append(r)
     comparable = [g for g in groups.values() if len(g) >= 2]
     if comparable:
         body.append("<h2>Correlation of score maps (Fig. 6)</h2>")
         for g in comparable:
             body.append(f"<h3>{g[0].shape[0]} x {g[0].shape[1]} models</h3>")
             for method in ("pearson", "spearman"):
-                m = A.correlation_matrix(g, method)  # type: ignore[arg-type]
+                m = A.correlation_matrix(g, method)
                 body.append(f"<p>{method.capitalize()}</p>" + _matrix_table(m))
                 body.append(_img(P.plot_correlation(m, method), f"{method.capitalize()} correlation of score maps"))
     for i, r in enumerate(results):

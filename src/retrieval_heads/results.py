@@ -4,22 +4,88 @@ or from any authors'-format score file."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .heads import top_heads
 from .reference import is_reference, is_reference_map, parse_reference_map, reference_path
-from .runs import CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, read_records
-from .scorefile import atomic_write_text, parse_scores, read_json, read_scores, write_scores
+from .runs import CONFIG_FILE, RECORDS_FILE, SCORES_FILE, SUMMARY_FILE, read_config, read_numbered_records
+from .scorefile import MAX_HEADS, MAX_LAYERS, atomic_write_text, parse_scores, read_json, read_scores, write_scores
 from .scoring import aggregate
 
-SCORES_FILE = "retrieval_scores.json"  # authors' format
+SCORES_DIR = "scores"  # the other scores, one authors'-format file each
 
 RETRIEVAL_THRESHOLD = 0.1  # paper: a head is a retrieval head when its score > 0.1
+
+
+def _matrix(value: Any, where: str, what: str) -> np.ndarray:
+    """A `[layers][heads]` list of finite numbers as an array, else one DataError line."""
+    if not isinstance(value, list) or not value or len(value) > MAX_LAYERS:
+        raise DataError(f"{where}: {what} must be a non-empty [layer][head] list (at most {MAX_LAYERS} layers)")
+    try:
+        a = np.asarray(value, dtype=float)
+    except (ValueError, TypeError, OverflowError):
+        raise DataError(f"{where}: {what} must be a [layer][head] list of numbers of one shape") from None
+    if a.ndim != 2 or not 0 < a.shape[1] <= MAX_HEADS:
+        raise DataError(f"{where}: {what} must be a [layer][head] list of numbers (at most {MAX_HEADS} heads)")
+    if not np.isfinite(a).all():
+        raise DataError(f"{where}: {what} holds a non-finite number")
+    return a
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_records(records: Sequence[Any], source: str = "records", lines: Sequence[int] | None = None) -> None:
+    """Detection records as `from_records` needs them, else one DataError naming `source:line`:
+    objects with unique ids; `copy_counts` non-negative counts of one `[layers][heads]` shape;
+    `kept` a boolean; `needle_tokens` (and `span_tokens`) positive integers; the other scores,
+    when present, of the same shape and names in every kept record."""
+    shape: tuple[int, ...] | None = None
+    names: list[str] | None = None
+    seen: dict[str, str] = {}
+    for i, r in enumerate(records):
+        where = f"{source}:{lines[i] if lines is not None else i + 1}"
+        if not isinstance(r, dict):
+            raise DataError(f"{where}: a record must be a JSON object")
+        rid = r.get("id")
+        if rid is not None:
+            if not isinstance(rid, str) or rid in seen:
+                raise DataError(f"{where}: duplicate or non-string record id {str(rid)[:80]!r}")
+            seen[rid] = where
+        if "copy_counts" not in r:
+            raise DataError(f"{where}: record has no copy_counts (not a detection record?)")
+        counts = _matrix(r["copy_counts"], where, "copy_counts")
+        if (counts < 0).any():
+            raise DataError(f"{where}: copy_counts holds a negative count")
+        if shape is None:
+            shape = counts.shape
+        elif counts.shape != shape:
+            raise DataError(f"{where}: copy_counts has shape {counts.shape}, the first record {shape}")
+        kept = r.get("kept", False)
+        if not isinstance(kept, bool):
+            raise DataError(f"{where}: kept must be true or false")
+        for key in ("needle_tokens", "span_tokens"):
+            if (kept and key == "needle_tokens") or key in r:
+                if not _positive_int(r.get(key)):
+                    raise DataError(f"{where}: {key} must be a positive integer, got {str(r.get(key))[:40]}")
+        if kept:
+            extra = r.get("attention_scores") or {}
+            if not isinstance(extra, dict):
+                raise DataError(f"{where}: attention_scores must be an object of [layer][head] maps")
+            if names is None:
+                names = sorted(extra)
+            elif sorted(extra) != names:
+                raise DataError(f"{where}: attention_scores names {sorted(extra)} differ from the first kept record's")
+            for n, m in extra.items():
+                if _matrix(m, where, f"attention_scores[{n!r}]").shape != shape:
+                    raise DataError(f"{where}: attention_scores[{n!r}] does not have the shape {shape}")
 
 
 @dataclass(frozen=True)
@@ -51,6 +117,18 @@ def sparsity(scores: np.ndarray) -> dict[str, float]:
     }
 
 
+def _json_map(a: np.ndarray) -> list[Any]:
+    """NaN -> None (JSON null), as nested lists."""
+    out = a.astype(object)
+    out[np.isnan(a)] = None
+    nested: list[Any] = out.tolist()
+    return nested
+
+
+def _json_float(x: float) -> float | None:
+    return None if np.isnan(x) else float(x)
+
+
 @dataclass
 class DetectionResult:
     """Scores of one model. Arrays are `[n_layers, n_heads]`; NaN means not scored.
@@ -59,6 +137,9 @@ class DetectionResult:
     records: the per-sample records (all samples, kept or not) when loaded from a run folder.
     aggregates: (retrieval score, activation frequency, n_kept) of a result known only by its
     aggregates (the shipped reference maps); `per_sample` is then empty `[0, L, H]`.
+    extra: the other scores of the same kept samples, name -> `[n_kept, n_layers, n_heads]`
+    (topk_mass, needle_mass, distant_mass; see `scoring.attention_scores`). `per_sample` is the
+    copy score (the paper's retrieval score); `with_score(name)` makes any of them the score.
     """
 
     name: str
@@ -66,6 +147,55 @@ class DetectionResult:
     records: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     aggregates: tuple[np.ndarray, np.ndarray, int] | None = None
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    score_name: str = "copy"
+
+    def score_names(self) -> list[str]:
+        """The scores this result holds: the current one first."""
+        return [self.score_name, *(n for n in self.extra if n != self.score_name)]
+
+    def with_score(self, name: str) -> DetectionResult:
+        """The same result with `name` as its score (rankings, top heads, sparsity follow it)."""
+        if name == self.score_name:
+            return self
+        pool = {self.score_name: self.per_sample, **self.extra}
+        if name not in pool:
+            raise ConfigError(f"{self.name} has no score {name!r}; it has: {', '.join(self.score_names())}")
+        rest = {n: v for n, v in pool.items() if n != name}
+        return DetectionResult(self.name, pool[name], self.records, self.config, None, rest, name)
+
+    def intervals(self, *, n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Percentile bootstrap interval of each head's score over kept samples: (low, high), each
+        `[n_layers, n_heads]` (NaN without per-sample scores)."""
+        means = self._bootstrap_means(n_boot, seed)
+        if means is None:
+            nan = np.full(self.shape, np.nan)
+            return nan, nan.copy()
+        lo, hi = np.quantile(means, [(1 - ci) / 2, 1 - (1 - ci) / 2], axis=0)
+        return lo.reshape(self.shape), hi.reshape(self.shape)
+
+    def top_k_stability(self, k: int = 10, *, n_boot: int = 1000, seed: int = 0) -> float:
+        """Mean Jaccard index between the top-k heads and the top-k of each bootstrap resample of
+        the kept samples (1 = the same heads whatever the resample; NaN without per-sample scores)."""
+        means = self._bootstrap_means(n_boot, seed)
+        if means is None:
+            return float("nan")
+        ref = set(top_heads(self.scores, k))
+        jac = []
+        for m in means:
+            other = set(top_heads(m.reshape(self.shape), k))
+            jac.append(len(ref & other) / len(ref | other))
+        return float(np.mean(jac))
+
+    def _bootstrap_means(self, n_boot: int, seed: int) -> np.ndarray | None:
+        """`[n_boot, n_layers * n_heads]` means over resampled kept samples (seeded)."""
+        n = self.per_sample.shape[0]
+        if not self.has_per_sample or n < 2:
+            return None
+        rng = np.random.default_rng(seed)
+        counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)])  # [B, n]
+        means: np.ndarray = counts @ self.per_sample.reshape(n, -1) / n
+        return means
 
     @classmethod
     def from_aggregate(
@@ -86,7 +216,7 @@ class DetectionResult:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.per_sample.shape[1:])  # type: ignore[return-value]
+        return tuple(self.per_sample.shape[1:])
 
     @property
     def scores(self) -> np.ndarray:
@@ -106,13 +236,16 @@ class DetectionResult:
         return [HeadScore(l, h, float(s[l, h]), float(f[l, h])) for l, h in top_heads(s, k)]
 
     def retrieval_heads(self, threshold: float = RETRIEVAL_THRESHOLD) -> list[tuple[int, int]]:
-        return [(int(l), int(h)) for l, h in zip(*np.nonzero(np.nan_to_num(self.scores) > threshold))]
+        return [(int(l), int(h)) for l, h in zip(*np.nonzero(np.nan_to_num(self.scores) > threshold), strict=True)]
 
     def sparsity(self) -> dict[str, float]:
         return sparsity(self.scores)
 
     def summary(self, k: int = 20) -> dict[str, Any]:
+        low, high = self.intervals()
+        maps = {n: self.with_score(n) for n in self.score_names()}
         return {
+            "score": self.score_name,
             "name": self.name,
             "shape": list(self.shape),
             "n_samples": len(self.records) if self.records else self.n_kept,
@@ -120,10 +253,26 @@ class DetectionResult:
             "sparsity": self.sparsity(),
             "n_retrieval_heads": len(self.retrieval_heads()),
             "top": [h.to_dict() for h in self.top(k)],
-            "scores": np.where(np.isnan(self.scores), None, self.scores).tolist(),
-            "activation_frequency": np.where(
-                np.isnan(self.activation_frequency), None, self.activation_frequency
-            ).tolist(),
+            "scores": _json_map(self.scores),
+            "activation_frequency": _json_map(self.activation_frequency),
+            "intervals": {
+                "method": "percentile bootstrap over kept samples",
+                "n_boot": 1000,
+                "ci": 0.95,
+                "seed": 0,
+                "low": _json_map(low),
+                "high": _json_map(high),
+            },
+            "top_10_stability": _json_float(self.top_k_stability(10)),
+            "other_scores": {
+                n: {
+                    "scores": _json_map(r.scores),
+                    "top": [h.to_dict() for h in r.top(k)],
+                    "top_10_stability": _json_float(r.top_k_stability(10)),
+                }
+                for n, r in maps.items()
+                if n != self.score_name
+            },
         }
 
     def save(self, folder: str | Path) -> None:
@@ -131,6 +280,9 @@ class DetectionResult:
         d = Path(folder)
         d.mkdir(parents=True, exist_ok=True)
         write_scores(d / SCORES_FILE, self.per_sample)
+        for name, per in self.extra.items():  # every other score, in the authors' format too
+            (d / SCORES_DIR).mkdir(exist_ok=True)
+            write_scores(d / SCORES_DIR / f"{name}.json", per)
         atomic_write_text(d / SUMMARY_FILE, json.dumps(self.summary(), indent=1))
 
     @classmethod
@@ -141,11 +293,14 @@ class DetectionResult:
             path = reference_path(str(path))
         p = Path(path)
         if p.is_dir():
-            records = read_records(p / RECORDS_FILE)
+            numbered = read_numbered_records(p / RECORDS_FILE)
             cfg_path = p / CONFIG_FILE
-            config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-            if records:
-                return cls.from_records(config.get("model", p.name), records, config)
+            config = read_config(cfg_path) if cfg_path.exists() else {}
+            if numbered:
+                records = [r for _, r in numbered]
+                name = str(config.get("model", p.name))
+                lines = [i for i, _ in numbered]
+                return cls.from_records(name, records, config, source=str(p / RECORDS_FILE), lines=lines)
             if (p / SCORES_FILE).exists():
                 return cls(config.get("model", p.name), read_scores(p / SCORES_FILE), [], config)
             raise DataError(f"{p}: no records or score file in this folder")
@@ -165,8 +320,16 @@ class DetectionResult:
 
     @classmethod
     def from_records(
-        cls, name: str, records: list[dict[str, Any]], config: dict[str, Any] | None = None
+        cls,
+        name: str,
+        records: list[dict[str, Any]],
+        config: dict[str, Any] | None = None,
+        *,
+        source: str = "records",
+        lines: Sequence[int] | None = None,
     ) -> DetectionResult:
+        """From detection records (validated by `check_records`; errors name `source:line`)."""
+        check_records(records, source, lines)
         kept = [r for r in records if r.get("kept")]
         if records:
             shape = np.asarray(records[0]["copy_counts"]).shape
@@ -174,5 +337,8 @@ class DetectionResult:
             shape = (0, 0)
         per = np.zeros((len(kept), *shape))
         for i, r in enumerate(kept):
-            per[i] = np.asarray(r["copy_counts"], dtype=float) / float(r["needle_tokens"])
-        return cls(name, per, list(records), dict(config or {}))
+            # runs before the answer span scored the whole needle: needle_tokens is their span
+            per[i] = np.asarray(r["copy_counts"], dtype=float) / float(r.get("span_tokens", r["needle_tokens"]))
+        names = sorted(kept[0].get("attention_scores") or {}) if kept else []  # records are written key-sorted
+        extra = {n: np.array([np.asarray(r["attention_scores"][n], dtype=float) for r in kept]) for n in names}
+        return cls(name, per, list(records), dict(config or {}), extra=extra)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -29,12 +30,14 @@ def copy_events(
     inside = (argmax >= needle_start) & (argmax < needle_end)
     safe = np.clip(argmax, 0, len(prompt) - 1)
     same = prompt[safe] == gen[:, None, None]
-    return inside & same
+    events: np.ndarray = inside & same
+    return events
 
 
 def copy_counts(events: np.ndarray) -> np.ndarray:
     """int64 `[n_layers, n_heads]`: copy events per head over the generated tokens."""
-    return events.sum(axis=0).astype(np.int64)
+    counts: np.ndarray = events.sum(axis=0).astype(np.int64)
+    return counts
 
 
 def sample_scores(counts: np.ndarray, needle_len: int) -> np.ndarray:
@@ -42,16 +45,35 @@ def sample_scores(counts: np.ndarray, needle_len: int) -> np.ndarray:
     return counts.astype(np.float64) / float(needle_len)
 
 
-@lru_cache(maxsize=1)
-def _rouge():
+def attention_scores(row_scores: dict[str, np.ndarray], span_len: int) -> dict[str, np.ndarray]:
+    """Per-sample attention scores `[n_layers, n_heads]` from the per-step row scores
+    (`engines.base.row_scores`, each `[n_steps, n_layers, n_heads]`):
+
+    - topk_mass: summed over the generated tokens, divided by the span length (HeadKV-R2's
+      normalisation, the same as the copy score's);
+    - needle_mass, distant_mass: the mean over the generated tokens.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, per_step in row_scores.items():
+        a = np.asarray(per_step, dtype=np.float64)
+        if name == "topk_mass":
+            out[name] = a.sum(axis=0) / float(max(span_len, 1))
+        else:
+            out[name] = a.mean(axis=0) if a.shape[0] else np.zeros(a.shape[1:])
+    return out
+
+
+@lru_cache(maxsize=2)
+def _rouge(stem: bool) -> Any:  # rouge_score has no types
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
+    return rouge_scorer.RougeScorer(["rouge1"], use_stemmer=stem)
 
 
-def answer_recall(answer: str, generated: str) -> float:
-    """ROUGE-1 recall of the needle's answer against the generated text (rouge-score)."""
-    return float(_rouge().score(answer, generated)["rouge1"].recall)
+def answer_recall(answer: str, generated: str, *, stem: bool = True) -> float:
+    """ROUGE-1 recall of the needle's answer against the generated text (rouge-score), with
+    Porter stemming as the authors (`use_stemmer=True`)."""
+    return float(_rouge(stem).score(answer, generated)["rouge1"].recall)
 
 
 def aggregate(per_sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -47,7 +47,7 @@ def tiny_tokenizer(extra_words: tuple[str, ...] = ()) -> Any:
 def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
     import transformers as T
 
-    common = dict(vocab_size=vocab_size, max_position_embeddings=4096)
+    common = {"vocab_size": vocab_size, "max_position_embeddings": 4096}
     if arch == "llama":
         cfg = T.LlamaConfig(
             hidden_size=64,

@@ -62,7 +62,7 @@ def test_fast_equals_reference_on_smollm2(smollm2, haystack):
         lm.model.set_attn_implementation("sdpa")
     copied = 0
     assert len({len(s.prompt_ids) for s in samples}) > 1  # the batch really pads
-    for s, f, r, u, b, rb in zip(samples, plain, refs, reused, batched, reuse_batched):
+    for s, f, r, u, b, rb in zip(samples, plain, refs, reused, batched, reuse_batched, strict=True):
         text = lm.tokenizer.decode(r.generated_ids, skip_special_tokens=True)
         assert f.generated_ids == r.generated_ids == u.generated_ids == b.generated_ids == rb.generated_ids, (
             s.id,

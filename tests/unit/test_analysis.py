@@ -166,7 +166,7 @@ def test_correlations_show_the_papers_picture(authors) -> None:
 
 
 def test_shape_mismatch_is_a_clear_error(authors, monkeypatch, capsys) -> None:
-    with pytest.raises(A.ShapeMismatchError, match="32x32.*40x40|40x40.*32x32"):
+    with pytest.raises(A.ShapeMismatchError, match=r"32x32.*40x40|40x40.*32x32"):
         A.correlation_matrix([authors["Mistral-7B-v0.2-hf"], authors["Qwen1.5-14B"]])
     code, _, err = _cli_main(monkeypatch, capsys, "compare", "ref:Yi-6B-200K", str(REF / "Qwen1.5-14B.json"))
     assert code == 2 and err.count("\n") == 1 and "differ in shape" in err

@@ -164,7 +164,7 @@ def test_command_modules_do_not_import_the_app():
         '"--progress/--no-progress"',
         '"torch CPU threads"',
         '"replace a run with a different config in --out"',
-        '"detection run folder or authors\'-format score JSON"',
+        '"detection run folder, authors\'-format score JSON, or ref:<name> (a shipped map)"',
         '"cpu, cuda, cuda:1, mps"',
         '"--chat/--no-chat"',
     ],

@@ -38,7 +38,11 @@ def test_detect_runs_on_every_architecture(arch, cfg):
     assert 1 <= len(rec["generated_ids"]) <= 6
 
 
-def test_run_folder_files_and_determinism(tmp_path, cfg):
+def test_run_folder_files_and_determinism(tmp_path, cfg, monkeypatch):
+    import retrieval_heads.detect as D
+
+    stamp = D.run_stamp("cpu")  # when and where: the same for both runs, so config.json is comparable
+    monkeypatch.setattr(D, "run_stamp", lambda device: stamp)
     lm = tiny_model("llama")
     a = detect(lm, GRID, cfg, out=tmp_path / "a", show_progress=False)
     b = detect(lm, GRID, cfg, out=tmp_path / "b", show_progress=False)
@@ -260,3 +264,112 @@ def test_bad_inputs_give_one_line_and_nonzero_exit(tmp_path, cli, tiny_llama_dir
         "cannot parse",
         "m8",
     )
+
+
+def test_answer_span_scores_and_every_attention_score_from_one_pass(tmp_path, cfg):
+    """The copy score is on the answer's tokens (the authors' scale) by default; the attention
+    scores of the same rows are in every record, in the summary and as authors'-format files."""
+    lm = tiny_model("llama")
+    grid = Grid((80,), (50.0,), NEEDLES)
+    res = detect(lm, grid, cfg, out=tmp_path / "a", show_progress=False)
+    for rec in res.records:
+        assert rec["span"] == "answer" and rec["span_tokens"] == rec["answer_end"] - rec["answer_start"]
+        assert rec["needle_start"] <= rec["answer_start"] < rec["answer_end"] <= rec["needle_end"]
+        assert rec["span_tokens"] < rec["needle_tokens"]
+        assert set(rec["attention_scores"]) == {"topk_mass", "needle_mass", "distant_mass"}
+    per = res.per_sample
+    counts = np.array([r["copy_counts"] for r in res.records], dtype=float)
+    np.testing.assert_allclose(per, counts / np.array([r["span_tokens"] for r in res.records])[:, None, None])
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["score"] == "copy" and set(summary["other_scores"]) == {"topk_mass", "needle_mass", "distant_mass"}
+    assert 0 <= summary["top_10_stability"] <= 1
+    low, high = np.array(summary["intervals"]["low"], float), np.array(summary["intervals"]["high"], float)
+    assert (low <= res.scores + 1e-12).all() and (res.scores <= high + 1e-12).all()
+    for name in ("topk_mass", "needle_mass", "distant_mass"):
+        other = DetectionResult.load(tmp_path / "a" / "scores" / f"{name}.json")
+        np.testing.assert_allclose(
+            other.scores, DetectionResult.load(tmp_path / "a").with_score(name).scores, atol=1e-6
+        )
+    # --span needle keeps the old scale: copies on the whole needle / needle tokens
+    old = detect(lm, grid, DetectConfig(**{**cfg.__dict__, "span": "needle"}), show_progress=False)
+    for rec in old.records:
+        assert rec["span"] == "needle" and rec["span_tokens"] == rec["needle_tokens"]
+
+
+def test_with_score_intervals_and_stability_by_hand():
+    per = np.array([[[1.0, 0.0]], [[0.0, 0.5]], [[1.0, 0.5]]])  # 3 kept samples, 1 layer x 2 heads
+    other = np.array([[[0.0, 0.9]], [[0.1, 0.8]], [[0.0, 0.7]]])
+    r = DetectionResult("m", per, extra={"needle_mass": other})
+    assert r.score_names() == ["copy", "needle_mass"]
+    np.testing.assert_allclose(r.scores, [[2 / 3, 1 / 3]])
+    m = r.with_score("needle_mass")
+    np.testing.assert_allclose(m.scores, [[1 / 30, 0.8]])
+    assert [(h.layer, h.head) for h in m.top(1)] == [(0, 1)] and m.with_score(
+        "copy"
+    ).scores.tolist() == r.scores.tolist()
+    low, high = r.intervals(n_boot=500)
+    assert low[0, 0] == 0.0 and high[0, 0] == 1.0  # resamples of {1, 0, 1}: means from 0 to 1
+    assert r.top_k_stability(2) == 1.0  # top-2 of 2 heads: always the same set
+    assert 0 < r.top_k_stability(1, n_boot=500) < 1
+    with pytest.raises(Exception, match="no score 'gain'"):
+        r.with_score("gain")
+
+
+def test_interleaved_order_covers_every_cell_first():
+    grid = Grid(lengths=(100, 200, 300), depths=(0.0, 50.0, 100.0), needles=NEEDLES)
+    pts = list(grid.interleaved_points())
+    assert sorted((n.id, L, d) for n, L, d in pts) == sorted((n.id, L, d) for n, L, d in grid.points())
+    first = pts[:9]
+    assert len({(L, d) for _, L, d in first}) == 9  # each (length, depth) once before any repeats
+    assert {n.id for n, _, _ in first} == {"stew", "pw"}  # needles rotate
+    assert pts == list(grid.interleaved_points())  # fixed order
+
+
+def test_until_stable_stops_when_the_top_heads_settle():
+    from retrieval_heads.detect import STABLE_MIN_KEPT, STABLE_PATIENCE, stable
+
+    def rec(counts):
+        return {"kept": True, "copy_counts": counts, "needle_tokens": 4, "span_tokens": 4}
+
+    same = [rec([[4, 0, 0, 0], [0, 3, 0, 0]]) for _ in range(30)]
+    need = STABLE_MIN_KEPT + STABLE_PATIENCE - 1
+    assert not stable(same[: need - 1], 2, 0.9)
+    assert stable(same[:need], 2, 0.9)
+    rng = np.random.default_rng(0)
+    noisy = [rec(rng.integers(0, 2, (2, 4)).tolist()) for _ in range(30)]
+    assert not stable(noisy, 2, 0.9)  # random copies: the top-2 changes from resample to resample
+    assert not stable([*same[:need], {**same[0], "kept": False}], 2, 0.9)  # checked after kept samples only
+
+
+def test_until_stable_run_records_its_order_and_stops(tmp_path, cfg):
+    lm = tiny_model("llama")
+    grid = Grid(lengths=(80, 120, 160), depths=(0.0, 50.0, 100.0), needles=NEEDLES)
+    res = detect(
+        lm,
+        grid,
+        DetectConfig(**{**cfg.__dict__, "until_stable": 2, "stable_jaccard": 0.01}),
+        out=tmp_path / "s",
+        show_progress=False,
+    )
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert config["until_stable"]["k"] == 2 and config["until_stable"]["order"] == "interleaved"
+    assert len(res.records) == 12 < len(grid)  # 10 kept at least, then 3 checks in a row: 12 of 18
+    with pytest.raises(Exception, match="cannot run in shards"):
+        from retrieval_heads.distributed import Shard
+
+        detect(lm, grid, DetectConfig(**{**cfg.__dict__, "until_stable": 2}), shard=Shard(0, 2), show_progress=False)
+
+
+def test_score_agreement_and_top_head_intervals():
+    from retrieval_heads import analysis as A
+
+    rng = np.random.default_rng(1)
+    per = rng.random((8, 2, 5))
+    r = DetectionResult("m", per, extra={"same": per.copy(), "reversed": -per})
+    agree = A.score_agreement(r, k=3).set_index(["score_a", "score_b"])
+    assert agree.loc[("copy", "same"), "spearman"] == pytest.approx(1.0)
+    assert agree.loc[("copy", "same"), "top3_overlap"] == 1.0
+    assert agree.loc[("copy", "reversed"), "spearman"] == pytest.approx(-1.0)
+    assert agree.loc[("copy", "reversed"), "top3_overlap"] == 0.0
+    top = A.top_heads(r, 3)
+    assert (top["ci_low"] <= top["score"]).all() and (top["score"] <= top["ci_high"]).all()

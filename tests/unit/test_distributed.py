@@ -39,11 +39,11 @@ def test_shard_parse_and_take():
 def test_shards_merge_to_single_process_result(tmp_path, haystack_file, cli):
     lm = tiny_model("llama")
     cfg = _cfg(haystack_file)
-    single = detect(lm, GRID, cfg, out=tmp_path / "single", show_progress=False)
+    detect(lm, GRID, cfg, out=tmp_path / "single", show_progress=False)
     # shards finish in any order: run shard 2 first
     for i in (2, 0, 1):
         detect(lm, GRID, cfg, out=tmp_path / f"s{i}", show_progress=False, shard=Shard(i, 3))
-    code, out, err = cli("merge", tmp_path / "s1", tmp_path / "s2", tmp_path / "s0", "--out", tmp_path / "merged")
+    code, _out, err = cli("merge", tmp_path / "s1", tmp_path / "s2", tmp_path / "s0", "--out", tmp_path / "merged")
     assert code == 0, err
     for name in ("retrieval_scores.json", "summary.json"):
         assert (tmp_path / "merged" / name).read_text() == (tmp_path / "single" / name).read_text()
@@ -53,7 +53,7 @@ def test_shards_merge_to_single_process_result(tmp_path, haystack_file, cli):
     # an incompatible run is refused with one line
     other = Grid(lengths=(80,), depths=(0.0,), needles=NEEDLES)
     detect(lm, other, cfg, out=tmp_path / "other", show_progress=False)
-    code, out, err = cli("merge", tmp_path / "s0", tmp_path / "other", "--out", tmp_path / "bad")
+    code, _out, err = cli("merge", tmp_path / "s0", tmp_path / "other", "--out", tmp_path / "bad")
     assert code != 0 and "incompatible config" in err and err.count("\n") == 1
 
 
@@ -95,7 +95,9 @@ SCRIPT = textwrap.dedent("""
     from retrieval_heads.needles import Needle
     from retrieval_heads.testing import tiny_model
     needles = (
-        Needle("the secret ingredient is smoked tamarind .", "what is the secret ingredient ?", "smoked tamarind", "stew"),
+        Needle(
+            "the secret ingredient is smoked tamarind .", "what is the secret ingredient ?", "smoked tamarind", "stew"
+        ),
         Needle("the password is lantern fig seventy .", "what is the password ?", "lantern fig seventy", "pw"),
     )
     grid = Grid(lengths=(80, 160), depths=(0.0, 50.0, 100.0), needles=needles)
@@ -129,7 +131,7 @@ def test_torchrun_two_gloo_ranks_equal_single_process(tmp_path, haystack_file):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "dist").iterdir() if p.is_dir()) == ["rank-0", "rank-1"]
+    assert sorted(p.name for p in (tmp_path / "dist").iterdir() if p.is_dir()) == ["rank-0", "rank-1", "scores"]
     assert (tmp_path / "dist" / "retrieval_scores.json").read_text() == (
         tmp_path / "single" / "retrieval_scores.json"
     ).read_text()

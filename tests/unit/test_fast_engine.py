@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from retrieval_heads.engines import ENGINES, make_engine
+from retrieval_heads.engines.base import ROW_SCORES, row_scores
 from retrieval_heads.engines.fast import FastEngine, capture_argmax, last_row_argmax
 from retrieval_heads.engines.prefix import common_prefix, reuse_targets
 from retrieval_heads.engines.reference import ReferenceEngine
@@ -40,6 +41,14 @@ def samples(tok, lengths=(60, 120), depths=(0.0, 50.0, 100.0), needles=NEEDLES):
     return [make_sample(tok, HAYSTACK, n, L, d, chat=False) for n in needles for L in lengths for d in depths]
 
 
+def same_row_scores(a, b, msg="", atol=1e-5):
+    """The attention scores of two engines' outputs agree (SDPA vs eager rounding only)."""
+    assert set(a.row_scores) == set(b.row_scores) == set(ROW_SCORES)
+    for name in ROW_SCORES:
+        assert a.row_scores[name].shape == a.argmax.shape
+        np.testing.assert_allclose(a.row_scores[name], b.row_scores[name], atol=atol, err_msg=f"{msg} {name}")
+
+
 def decisions(s, out):
     return copy_events(out.argmax, out.generated_ids, s.prompt_ids, s.needle_start, s.needle_end)
 
@@ -67,12 +76,19 @@ def test_fast_equals_reference(arch):
         assert lm.spec.sliding_window[0] == 16 and all(len(s.prompt_ids) > 16 for s in ss)
     refs = reference_outputs(lm, ss)
     fast = make_engine("fast", lm)
-    for s, ref in zip(ss, refs):
+    for s, ref in zip(ss, refs, strict=True):
         out = fast.run(s, max_new_tokens=6, stop=NEVER)
         assert out.generated_ids == ref.generated_ids, s.id
         assert out.argmax.shape == ref.argmax.shape == (6, lm.spec.n_layers, lm.spec.n_heads)
         np.testing.assert_array_equal(out.argmax, ref.argmax, err_msg=s.id)
         np.testing.assert_array_equal(decisions(s, out), decisions(s, ref))
+        same_row_scores(out, ref, s.id)
+        assert out.row_scores["needle_mass"].max() > 0  # the answer span is really measured
+    # the needle span (--span needle) is measured the same way by both engines
+    for s, ref in zip(
+        ss, [ReferenceEngine(lm, span="needle").run(s, max_new_tokens=4, stop=NEVER) for s in ss], strict=True
+    ):
+        same_row_scores(FastEngine(lm, span="needle").run(s, max_new_tokens=4, stop=NEVER), ref, s.id)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
@@ -83,9 +99,10 @@ def test_prefix_reuse_same_decisions(arch):
     plain = list(fast.run_many(ss, max_new_tokens=5, stop=NEVER, prefix_reuse=False))
     reused = list(fast.run_many(ss, max_new_tokens=5, stop=NEVER, prefix_reuse=True))
     assert [s.id for s, _ in reused] == [s.id for s in ss]  # input order kept
-    for (s, a), (_, b) in zip(plain, reused):
+    for (s, a), (_, b) in zip(plain, reused, strict=True):
         assert a.generated_ids == b.generated_ids, s.id
         np.testing.assert_array_equal(a.argmax, b.argmax, err_msg=s.id)
+        same_row_scores(a, b, s.id)
 
 
 def test_prefix_store_prefills_each_shared_token_once():
@@ -97,7 +114,7 @@ def test_prefix_store_prefills_each_shared_token_once():
     store = PrefixStore(lm.model, lambda full: eng.new_cache(full=full), [s.prompt_ids for s in ss], min_reuse=8)
     starts = [store.cache_for(i)[1] for i in range(len(ss))]
     assert max(starts) > 60  # the long depth-100 samples reuse most of their haystack
-    assert all(st < len(s.prompt_ids) for st, s in zip(starts, ss))
+    assert all(st < len(s.prompt_ids) for st, s in zip(starts, ss, strict=True))
     # three prefix families (haystack first; each needle's depth-0 prompts): each prefilled once
     assert store.prefilled <= 0.4 * sum(starts)
 
@@ -180,9 +197,10 @@ def test_batched_equals_batch_one(arch):
     batched = FastEngine(lm, batch_size=3)
     assert batched.batch_size == 3
     outs = batched.run_batch(ss[:3], max_new_tokens=6, stop=NEVER)
-    for s, a, b in zip(ss[:3], [one.run(s, max_new_tokens=6, stop=NEVER) for s in ss[:3]], outs):
+    for s, a, b in zip(ss[:3], [one.run(s, max_new_tokens=6, stop=NEVER) for s in ss[:3]], outs, strict=True):
         assert a.generated_ids == b.generated_ids, s.id
         np.testing.assert_array_equal(a.argmax, b.argmax, err_msg=s.id)
+        same_row_scores(a, b, s.id)
 
     # run_many: batched prefill (no reuse) and per-row prefill from shared prefixes + batched decode
     for reuse in (False, True):
@@ -191,11 +209,13 @@ def test_batched_equals_batch_one(arch):
         assert list(got) == [s.id for s in ss]  # input order kept
         if reuse:
             assert eng.prefill_stats["prefilled"] < 0.8 * eng.prefill_stats["prompt_tokens"]  # reuse happened
-        for s, a in zip(ss, alone):
+        for s, a in zip(ss, alone, strict=True):
             b = got[s.id]
             k = stop_at[s.id]
             assert b.generated_ids[:k] == a.generated_ids, (reuse, s.id)
             np.testing.assert_array_equal(b.argmax[:k], a.argmax, err_msg=f"{reuse} {s.id}")
+            for name in ROW_SCORES:
+                np.testing.assert_allclose(b.row_scores[name][:k], a.row_scores[name], atol=1e-5)
     assert len({len(s.prompt_ids) for s in ss[:3]}) > 1
 
 
@@ -212,7 +232,7 @@ def test_batched_rows_stop_independently():
         eng.run_batch(ss, max_new_tokens=6, stop=stop_after_two),
         eng.run_batch(ss, max_new_tokens=6, stop=stop_after_two, caches=[(None, 0), (None, 0)]),
     ):
-        for a, b in zip(alone, outs):
+        for a, b in zip(alone, outs, strict=True):
             assert len(b.generated_ids) == 2 and b.argmax.shape[0] == 2
             assert a.generated_ids == b.generated_ids
             np.testing.assert_array_equal(a.argmax, b.argmax)
@@ -224,3 +244,43 @@ def test_auto_batch_size_is_one_on_cpu():
     assert auto_batch_size("cpu") == 1 and auto_batch_size("cuda:0") == 8
     with pytest.raises(ValueError):
         FastEngine(tiny_model("llama", attn_implementation="sdpa"), batch_size=0)
+
+
+def test_row_scores_by_hand():
+    """One row, two heads, keys at positions 0..7, span [3, 6) (k = 3), query at 7, window 2, sink 1."""
+    w = torch.tensor(
+        [[[0.05, 0.05, 0.10, 0.30, 0.05, 0.20, 0.15, 0.10], [0.40, 0.00, 0.00, 0.10, 0.10, 0.10, 0.00, 0.30]]]
+    )
+    key_pos = torch.arange(8)[None]
+    got = row_scores(w, key_pos, torch.tensor([7]), torch.tensor([[3, 6]]), window=2, sink=1)
+    topk, needle, distant = got[:, 0]
+    # head 0: top-3 keys are 3 (0.30), 5 (0.20), 6 (0.15): in span 0.30 + 0.20
+    # head 1: top-3 keys are 0 (0.40), 7 (0.30), then 3/4/5 tie at 0.10: one of them (lowest index first)
+    assert topk.tolist() == pytest.approx([0.50, 0.10])
+    assert needle.tolist() == pytest.approx([0.55, 0.30])
+    # distant: keys at positions >= sink (1) and <= query - window (5): positions 1..5
+    assert distant.tolist() == pytest.approx([0.70, 0.30])
+    # padding keys (negative positions) never count
+    padded = row_scores(
+        torch.cat([torch.full((1, 2, 2), 0.0), w], -1),
+        torch.arange(-2, 8)[None],
+        torch.tensor([7]),
+        torch.tensor([[3, 6]]),
+        window=2,
+        sink=1,
+    )
+    assert torch.allclose(padded, got)
+
+
+def test_attention_scores_aggregate_by_hand():
+    from retrieval_heads.scoring import attention_scores
+
+    steps = {
+        "topk_mass": np.array([[[0.5]], [[0.25]]]),
+        "needle_mass": np.array([[[0.6]], [[0.2]]]),
+        "distant_mass": np.array([[[1.0]], [[0.0]]]),
+    }
+    got = attention_scores(steps, span_len=3)
+    assert got["topk_mass"][0, 0] == pytest.approx(0.75 / 3)  # summed over tokens / span length
+    assert got["needle_mass"][0, 0] == pytest.approx(0.4)  # mean over tokens
+    assert got["distant_mass"][0, 0] == pytest.approx(0.5)

@@ -107,7 +107,7 @@ def test_cut_heads_see_only_sink_and_window():
     c = pol.make_cache(lm.spec)
     _greedy(lm, c, a, n=1)
     pos = sorted(c.layers[0].ppos[0].tolist())
-    assert pos == [0, 1, 2, 3] + list(range(61 - 16, 61))
+    assert pos == [0, 1, 2, 3, *range(61 - 16, 61)]
 
 
 def test_cut_heads_match_a_masked_reference():
@@ -138,7 +138,7 @@ def test_cut_heads_match_a_masked_reference():
 def test_load_prefill_equals_compressing_after_own_prefill(policy):
     lm = tiny_model("llama", attn_implementation="sdpa")
     ids = _ids(lm)
-    a, la = _greedy(lm, policy.make_cache(lm.spec), ids)
+    a, _la = _greedy(lm, policy.make_cache(lm.spec), ids)
     dense = HeadSparseCache(np.ones((2, 2), bool), record_obs=32)
     with dense.attached(lm.model), torch.no_grad():
         first = lm.model(input_ids=ids, cache=dense, use_cache=True).logits[0, -1]
@@ -328,6 +328,41 @@ def test_kv_eval_scores_each_task_by_its_primary_metric():
     assert [TASKS[t].metrics[0].name for t in TASK_TITLES] == ["answer_recall", "f1"] and QA_TASK in TASK_TITLES
 
 
+def test_kv_eval_pairs_each_policy_with_sink_window_at_the_same_budget():
+    from retrieval_heads.experiments.kv_eval import KVEvalResult
+
+    def rec(cid, sample, v, task="niah"):
+        policy, budget = (cid, 1.0) if cid == "full" else (cid.split("-b")[0], float(cid.split("-b")[1].split("-")[0]))
+        key = "answer_recall" if task == "niah" else "f1"
+        return {"kind": "eval", "task": task, "condition": cid, "policy": policy, "budget": budget, "sample_id": sample,
+                key: v, "exact": v == 1, "kv_bytes": 10, "kv_share": budget, "kv_bytes_end": 10}  # fmt: skip
+
+    recs = [
+        *(rec("full", s, 1.0) for s in "abc"),
+        *(rec("sink_window-b0.5", s, v) for s, v in zip("abc", (0.0, 0.5, 0.0), strict=True)),
+        *(rec("retrieval-b0.5", s, v) for s, v in zip("abc", (1.0, 0.5, 0.0), strict=True)),
+        *(rec("retrieval-b0.25", s, 1.0) for s in "ab"),  # no sink_window at 0.25: nothing to pair with
+        rec("sink_window-b0.5", "q1", 0.2, "extractive-qa"),
+        rec("snapkv-b0.5", "q1", 0.6, "extractive-qa"),
+    ]
+    res = KVEvalResult("x", recs, {})
+    rows = {r["condition"]: r for r in res.rows()}
+    assert rows["retrieval-b0.5"]["vs_sink_window"] == pytest.approx(1 / 3)  # a: +1, b: 0, c: 0
+    assert rows["retrieval-b0.5"]["vs_sink_window_n"] == 3
+    assert rows["retrieval-b0.5"]["vs_sink_window_low"] <= 1 / 3 <= rows["retrieval-b0.5"]["vs_sink_window_high"]
+    for cid in ("full", "sink_window-b0.5", "retrieval-b0.25"):
+        assert np.isnan(rows[cid]["vs_sink_window"]) and rows[cid]["vs_sink_window_n"] == 0
+    qa = {r["condition"]: r for r in res.rows("extractive-qa")}  # per task: the task's primary metric
+    assert qa["snapkv-b0.5"]["vs_sink_window"] == pytest.approx(0.4) and qa["snapkv-b0.5"]["vs_sink_window_n"] == 1
+    table = res.table()
+    assert "Δanswer recall vs sink + window, paired [95% CI]" in table and "ΔF1 vs sink + window" in table
+    line = next(x for x in table.splitlines() if x.startswith("| retrieval-b0.5 |"))
+    assert line.split("|")[-2].startswith(" +0.33 [")
+    summary = res.to_dict()
+    assert summary["bootstrap"]["n_boot"] == 2000 and summary["bootstrap"]["seed"] == 0
+    assert summary["tasks"]["extractive-qa"][1]["vs_sink_window"] == pytest.approx(0.4)
+
+
 def test_split_at_marks_the_question():
     from retrieval_heads.kvcache.measure import split_at
 
@@ -402,7 +437,7 @@ def _scores_file(tmp_path, arr):
     ],
 )
 def test_cli_bad_input(cli, tiny_llama_dir, haystack_file, tmp_path, args, match):
-    code, out, err = cli(
+    code, _out, err = cli(
         "kv-eval",
         "--scores",
         _scores_file(tmp_path, SCORES),
@@ -443,7 +478,7 @@ def test_cli_missing_scores_and_shape(cli, tiny_llama_dir, haystack_file, tmp_pa
 
 def test_cli_export_heads(cli, tmp_path):
     scores = _scores_file(tmp_path, SCORES)
-    code, out, err = cli(
+    code, _out, err = cli(
         "export-heads", "--scores", scores, "--out", tmp_path / "x", "--n-whole", "2", "--kv-heads", "2"
     )
     assert code == 0, err

@@ -91,6 +91,74 @@ def test_bad_k(cfg, ks, match):
         build_conditions(SCORES, c.ks, c.random_seeds, c.watch)
 
 
+def test_random_heads_come_from_non_retrieval_heads_by_default():
+    scores = np.random.default_rng(1).random((6, 8)) * 0.3  # about a third of the heads score > 0.1
+    order = rank_heads(scores)
+    default = build_conditions(scores, (0, 2, 5), range(4))
+    assert default == build_conditions(scores, (0, 2, 5), range(4), pool="non-retrieval")
+    outside = build_conditions(scores, (0, 2, 5), range(4), pool="outside-top")
+    for conds in (default, outside):
+        for c in conds:
+            if c.kind == "random":
+                assert len(set(c.heads)) == c.k and not set(c.heads) & set(order[: c.k])
+    assert all(scores[h] <= 0.1 for c in default if c.kind == "random" for h in c.heads)
+    assert any(scores[h] > 0.1 for c in outside if c.kind == "random" for h in c.heads)  # the old pool
+    assert build_conditions(scores, (5,), (3,)) == build_conditions(scores, (5,), (3,))  # seeded
+    # unscored (NaN) heads are never drawn as non-retrieval heads
+    nan = SCORES.copy()
+    nan[1, 2] = np.nan
+    drawn = {h for c in build_conditions(nan, (2,), range(10)) if c.kind == "random" for h in c.heads}
+    assert drawn == {(0, 1), (0, 3), (1, 0)}
+    with pytest.raises(ConfigError, match="unknown random pool 'nearby'"):
+        build_conditions(SCORES, (2,), (0,), pool="nearby")
+    # 3 heads of SCORES score <= 0.1 outside its top 5: one clear error; the old pool allows K = 4
+    with pytest.raises(ConfigError, match=r"cannot draw 5 random heads from the 3 heads with score <= 0\.1"):
+        build_conditions(SCORES, (0, 5), (0,))
+    with pytest.raises(ConfigError, match=r"cannot draw 4 random heads from the 2 heads with score <= 0\.1"):
+        build_conditions(np.array([[0.9, 0.15, 0.2, 0.05], [0.0, 0.6, 0.15, 0.3]]), (4,), (0,))
+    assert build_conditions(SCORES, (4,), (0,), pool="outside-top")[-1].k == 4
+    assert build_conditions(SCORES, (5,), ())[-1].id == "top-k5"  # no random draw, no pool needed
+
+
+def test_paired_top_minus_random_and_the_pool_in_the_table(tmp_path):
+    from retrieval_heads.runs import CONFIG_FILE, RECORDS_FILE
+
+    conds = build_conditions(SCORES, (0, 2), (0, 1))
+    attention = {"sink": 0.5, "needle": 0.5, "elsewhere": 0.0}
+    recs = [
+        {"condition": c, "kind": c.split("-")[0], "k": 0 if c == "base" else 2, "seed": None, "sample_id": sid,
+         "niah_score": v, "exact": v == 100, "error_kind": "retrieved", "attention": attention}
+        for c, sid, v in [
+            ("base", "a", 100.0), ("base", "b", 100.0),
+            ("top-k2", "a", 0.0), ("top-k2", "b", 100.0),
+            ("random-k2-s0", "a", 100.0), ("random-k2-s0", "b", 100.0),
+            ("random-k2-s1", "a", 50.0),  # seed 1 did not finish sample b: b's random score is seed 0's
+        ]
+    ]  # fmt: skip
+    res = MaskEvalResult("x", conds, recs, {"random_pool": "non-retrieval"})
+    pd = res.paired()
+    assert pd["k"] == [2] and pd["n"] == [2] and pd["mean"] == [(-75.0 + 0.0) / 2]  # a: 0 - 75, b: 100 - 100
+    assert pd["low"][0] <= -37.5 <= pd["high"][0] and pd["low"][0] >= -75.0
+    table = res.table()
+    assert (
+        table.splitlines()[0]
+        == "random heads drawn from: heads with score <= 0.1 outside the top K (pool 'non-retrieval')"
+    )
+    assert "top minus random NIAH, paired [95% CI]" in table and "| -37.5 [" in table
+    d = res.to_dict()
+    assert d["paired_top_minus_random"] == pd and d["random_pool"] == "non-retrieval"
+    assert d["bootstrap"]["n_boot"] == 2000 and d["bootstrap"]["seed"] == 0
+    again = MaskEvalResult("x", conds, recs, {"random_pool": "non-retrieval"}, n_boot=500, boot_seed=3)
+    assert again.paired()["mean"] == pd["mean"] and again.to_dict()["bootstrap"]["n_boot"] == 500
+    # a run saved before `random_pool` existed loads, and says it drew from every head outside the top K
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"model": "x", "conditions": [c.to_dict() for c in conds]}))
+    lines = [json.dumps({"id": f"{r['condition']}/{r['sample_id']}", **r}) + "\n" for r in recs]
+    (tmp_path / RECORDS_FILE).write_text("".join(lines))
+    old = MaskEvalResult.load(tmp_path)
+    assert old.to_dict()["random_pool"] == "outside-top" and "every head outside the top K" in old.table()
+    assert old.paired() == pd
+
+
 def test_mask_eval_end_to_end_and_resume(lm, cfg, tmp_path, monkeypatch):
     out = tmp_path / "run"
     res = mask_eval(lm, SCORES, cfg, out=out, show_progress=False)
@@ -99,7 +167,7 @@ def test_mask_eval_end_to_end_and_resume(lm, cfg, tmp_path, monkeypatch):
     for name in ("config.json", "records.jsonl", "summary.json", "table.md"):  # the CLI draws mask_eval.png/.svg
         assert (out / name).exists(), name
     config = json.loads((out / "config.json").read_text())
-    assert config["random_seeds"] == [0, 1]
+    assert config["random_seeds"] == [0, 1] and config["random_pool"] == "non-retrieval"
     assert {c["seed"] for c in config["conditions"] if c["kind"] == "random"} == {0, 1}
     rec = res.records[0]
     assert rec["error_kind"] in niah.ERROR_KINDS and 0 <= rec["niah_score"] <= 100
@@ -108,6 +176,7 @@ def test_mask_eval_end_to_end_and_resume(lm, cfg, tmp_path, monkeypatch):
     assert np.asarray(rec["watch_argmax"]).shape == (len(rec["generated_ids"]), 3)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["curves"]["k"] == [0, 2, 3] and len(summary["errors"]) == 7
+    assert summary["paired_top_minus_random"]["k"] == [2, 3] and summary["paired_top_minus_random"]["n"] == [4, 4]
     assert "| K |" in res.table()
 
     # resume: drop the last records and tear the last line, then rerun: only the missing ones run
@@ -190,11 +259,13 @@ def _scores_file(tmp_path, arr):
         (["--method", "gaussian"], "unknown masking method 'gaussian'"),
         (["--mask-phase", "prefill"], "unknown mask phase"),
         (["--k", "a,b"], "--k must be a comma list"),
+        (["--random-pool", "nearby"], "unknown --random-pool 'nearby'"),
+        (["--k", "5", "--random-pool", "outside-top"], "cannot draw 5 random heads outside the top 5 of 8"),
     ],
 )
 def test_cli_bad_input(cli, tiny_llama_dir, needles_file, haystack_file, tmp_path, args, match):
     scores = _scores_file(tmp_path, SCORES)
-    code, out, err = cli(
+    code, _out, err = cli(
         "mask-eval",
         "--scores",
         scores,
@@ -221,7 +292,7 @@ def test_cli_bad_input(cli, tiny_llama_dir, needles_file, haystack_file, tmp_pat
 
 def test_cli_shape_mismatch(cli, tiny_llama_dir, needles_file, haystack_file, tmp_path):
     scores = _scores_file(tmp_path, np.ones((3, 4)))
-    code, out, err = cli(
+    code, _out, err = cli(
         "mask-eval",
         "--scores",
         scores,

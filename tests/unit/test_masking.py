@@ -53,7 +53,7 @@ def head_outputs(model, ids, **kw):
 
 
 def _check_only_head_changed(base, masked, layer: int, head: int) -> None:
-    for l, (b, m) in enumerate(zip(base, masked)):
+    for l, (b, m) in enumerate(zip(base, masked, strict=True)):
         if l < layer:
             assert torch.equal(b, m), f"layer {l} before the masked layer changed"
         elif l == layer:
@@ -81,7 +81,7 @@ def test_only_the_masked_head_changes(models, arch, impl, method):
     if method == "mean":
         assert torch.allclose(masked[layer][0, :, head], means[layer, head].expand(SEQ, -1))
     # hooks are gone after the block
-    after, after_out = head_outputs(lm.model, ids)
+    _after, after_out = head_outputs(lm.model, ids)
     assert torch.equal(after_out.logits, base_out.logits)
 
 

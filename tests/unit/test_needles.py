@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 
 import pytest
 from hypothesis import given, settings
@@ -31,7 +32,7 @@ def offsets_and_range(draw):
     n = draw(st.integers(5, 200))
     cuts = sorted(set(draw(st.lists(st.integers(1, n - 1), max_size=40))))
     bounds = [0, *cuts, n]
-    offs = [(a, b) for a, b in zip(bounds, bounds[1:])]
+    offs = list(pairwise(bounds))
     if draw(st.booleans()):
         offs = [(0, 0), *offs]  # a BOS-like special token
     c0 = draw(st.integers(0, n - 1))
@@ -91,6 +92,27 @@ def test_depth_zero_and_hundred():
         insert_needle(hay, "N.", 101)
 
 
+def test_depth_hundred_follows_the_last_full_sentence():
+    # a haystack cut inside a sentence: the cut sentence is dropped, the needle follows the last full one
+    doc, at = insert_needle("Alpha beta. Gamma delta. Epsilon ze", "N.", 100)
+    assert doc == "Alpha beta. Gamma delta. N." and doc[at:] == "N."
+    assert insert_needle("Alpha beta. Gamma delta!", "N.", 100)[0] == "Alpha beta. Gamma delta! N."  # nothing cut
+    assert insert_needle("no sentence end here", "N.", 100)[0] == "no sentence end here N."  # nothing to go back to
+    assert insert_needle("Alpha beta. Gamma delta. Epsilon ze", "N.", 99)[0].endswith("N. Epsilon ze")  # only 100
+
+
+@pytest.mark.parametrize("length", [60, 80, 100, 137, 160, 200, 300, 500])
+def test_make_sample_at_depth_hundred_ends_on_a_sentence_near_the_length(length):
+    tok = tiny_tokenizer()
+    s = make_sample(tok, HAYSTACK, NEEDLE, length, 100, chat=False)
+    document = s.prompt[: s.prompt.index("\n\nBased on the content")]
+    assert document.endswith(" " + NEEDLE.needle)  # the needle ends the document ...
+    before = document[: -len(NEEDLE.needle)].rstrip()
+    assert before.endswith((" good .", " idea .", " year ."))  # ... right after a full haystack sentence
+    assert abs(s.document_tokens - length) <= 5  # the nearest sentence end: half the longest sentence (10 tokens)
+    assert s.needle_end == len(tok(document, add_special_tokens=False)["input_ids"])
+
+
 @pytest.mark.parametrize("depth", [0, 25, 50, 75, 100])
 @pytest.mark.parametrize("length", [100, 300])
 def test_make_sample_span_decodes_to_needle(depth, length):
@@ -130,3 +152,34 @@ def test_empty_haystack(tmp_path):
         load_haystack(tmp_path / "e.txt")
     with pytest.raises(DataError, match="not found"):
         load_haystack(tmp_path / "missing")
+
+
+def test_answer_must_be_in_the_needle_and_has_its_own_token_span(tmp_path):
+    import pytest as _pytest
+
+    from retrieval_heads.errors import ConfigError, DataError
+    from retrieval_heads.needles import DETECTION_NEEDLES, EVALUATION_NEEDLES, Needle, load_needles, make_sample
+    from retrieval_heads.testing import tiny_model
+
+    with _pytest.raises(ConfigError, match="not in the needle text verbatim"):
+        Needle("the password is lantern fig seventy .", "what is the password ?", "lantern fig eighty", "pw")
+    bad = tmp_path / "n.jsonl"
+    bad.write_text('{"needle": "the sky is green .", "question": "what colour is the sky ?", "answer": "blue"}\n')
+    with _pytest.raises(DataError, match=r"n.jsonl:1: the answer 'blue' is not in the needle"):
+        load_needles(bad)
+    for n in DETECTION_NEEDLES + EVALUATION_NEEDLES:
+        assert n.needle[n.answer_offset :].startswith(n.answer)
+    tok = tiny_model("llama").tokenizer
+    s = make_sample(
+        tok,
+        "One sentence here. Another one there. " * 40,
+        Needle(
+            "the secret ingredient is smoked tamarind .", "what is the secret ingredient ?", "smoked tamarind", "stew"
+        ),
+        120,
+        50.0,
+        chat=False,
+    )
+    assert s.needle_start < s.answer_start < s.answer_end < s.needle_end
+    assert tok.decode(s.prompt_ids[s.answer_start : s.answer_end]).strip() == "smoked tamarind"
+    assert s.span("answer") == (s.answer_start, s.answer_end) and s.span("needle") == (s.needle_start, s.needle_end)

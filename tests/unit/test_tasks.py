@@ -358,7 +358,7 @@ def test_missing_data_is_one_clear_error(tmp_path):
 
 def test_arith_chain_is_consistent_and_seeded():
     for i in range(200):
-        q, cot, a = make_chain(np.random.default_rng([3, i]), 3)
+        _q, cot, a = make_chain(np.random.default_rng([3, i]), 3)
         nums = [int(x) for x in __import__("re").findall(r"\d+", cot)]
         assert cot.endswith(f"The answer is {a}.") and 0 <= a <= 30 and all(0 <= n <= 30 for n in nums)
         # the worked steps are right: each "x +/- y = z" holds
@@ -378,6 +378,60 @@ def test_bootstrap_ci():
     assert m == 0.5 and 0.3 < lo < 0.5 < hi < 0.7
     assert bootstrap_ci(x, seed=0) == (m, lo, hi)  # reproducible from the recorded seed
     assert np.isnan(bootstrap_ci([])[0]) and bootstrap_ci([0.25]) == (0.25, 0.25, 0.25)
+
+
+def test_paired_difference_pairs_by_example():
+    from retrieval_heads.experiments.stats import fmt_interval, named, paired_difference
+
+    a, b = {"x": 1.0, "y": 0.0, "z": 1.0}, {"x": 0.0, "y": 0.0, "w": 5.0}  # pairs: x and y only
+    d = paired_difference(a, b, seed=0)
+    assert d["n"] == 2 and d["mean"] == 0.5 and 0.0 <= d["low"] <= 0.5 <= d["high"] <= 1.0
+    assert paired_difference(a, b, seed=0) == d  # reproducible from the recorded seed
+    assert np.isnan(paired_difference(a, {}, seed=0)["mean"]) and paired_difference(a, {}, seed=0)["n"] == 0
+    assert named(d, "vs_x") == {"vs_x": 0.5, "vs_x_low": d["low"], "vs_x_high": d["high"], "vs_x_n": 2}
+    assert fmt_interval({"mean": 0.5, "low": -0.25, "high": 1.0}, scale=100) == "+50.0 [-25.0, +100.0]"
+    assert fmt_interval(named(d, "vs_x"), "vs_x") == fmt_interval(d) and fmt_interval(None) == "-"
+
+
+def test_top_minus_random_is_paired_by_doc_and_the_pool_is_named():
+    conds = conditions.build_conditions(SCORES, (0, 2), (0, 1))
+    acc = {  # per condition, per doc; seed 1 did not finish d2: its random value is seed 0's
+        "base": {"d1": 1, "d2": 1, "d3": 1},
+        "top-k2": {"d1": 0, "d2": 1, "d3": 0},
+        "random-k2-s0": {"d1": 1, "d2": 0, "d3": 1},
+        "random-k2-s1": {"d1": 0, "d3": 1},
+    }
+    recs = [
+        {"condition": c, "doc_id": d, "scores": {"acc": float(v)}, "answers": ["a"], "generated_text": "a"}
+        for c, per in acc.items()
+        for d, v in per.items()
+    ]
+    config = {
+        "model": "x",
+        "task": {"name": "t"},
+        "style": "answer-only",
+        "metrics": ["acc"],
+        "random_pool": "non-retrieval",
+    }
+    config["conditions"] = [c.to_dict() for c in conds]
+    res = TaskEvalResult.from_run(config, recs)
+    top = next(r for r in res.rows() if r["kind"] == "top")
+    # top - mean(random seeds): d1 0 - 0.5, d2 1 - 0, d3 0 - 1
+    assert top["acc"]["minus_random"] == pytest.approx((-0.5 + 1 - 1) / 3) and top["acc"]["minus_random_n"] == 3
+    assert top["acc"]["minus_random_low"] <= top["acc"]["minus_random"] <= top["acc"]["minus_random_high"]
+    assert all("minus_random" not in r["acc"] for r in res.rows() if r["kind"] != "top")
+    table = res.table()
+    assert table.splitlines()[0] == (
+        "random heads drawn from: heads with score <= 0.1 outside the top K (pool 'non-retrieval')"
+    )
+    assert "Δacc top minus random, paired [95% CI]" in table
+    top_line = next(line for line in table.splitlines() if line.startswith("| top-2 retrieval heads"))
+    assert top_line.split("|")[-2].startswith(" -16.7 [") and top_line.count("|") == 6  # the last column
+    assert res.to_dict()["random_pool"] == "non-retrieval"
+    # a run saved before `random_pool` existed: the old pool, every head outside the top K
+    del config["random_pool"]
+    old = TaskEvalResult.from_run(config, recs)
+    assert old.to_dict()["random_pool"] == "outside-top" and "every head outside the top K" in old.table()
 
 
 # ----------------------------------------------------------------------------------- end to end
@@ -409,6 +463,9 @@ def test_task_eval_end_to_end_and_resume(lm, data, tmp_path, monkeypatch):
     assert "top-2 retrieval heads" in table and "random 2 heads (mean of 1 seeds)" in table
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bootstrap"]["seed"] == 0 and summary["bootstrap"]["n_boot"] == 2000
+    assert summary["random_pool"] == config["random_pool"] == "non-retrieval"
+    top_row = next(r for r in summary["rows"] if r["kind"] == "top")
+    assert top_row["f1"]["minus_random_n"] == 2 and "minus_random_low" in top_row["f1"]
 
     # resume: nothing is generated again, and the result is identical
     def boom(*a, **k):
@@ -496,10 +553,11 @@ def _scores(tmp_path, arr=SCORES):
         (["--task", "arith-chain", "--data", "x.json"], "generates its data"),
         (["--task", "gsm8k", "--data", "/no/such/file.jsonl"], "does not exist"),
         (["--task", "arith-chain", "--method", "blur"], "unknown masking method"),
+        (["--task", "arith-chain", "--random-pool", "all"], "unknown --random-pool 'all'"),
     ],
 )
 def test_cli_bad_input(cli, tiny_llama_dir, tmp_path, args, match):
-    code, out, err = cli("task-eval", "--scores", _scores(tmp_path), "--model", tiny_llama_dir, *args)
+    code, _out, err = cli("task-eval", "--scores", _scores(tmp_path), "--model", tiny_llama_dir, *args)
     assert code == 2 and match in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 

@@ -79,6 +79,9 @@ def analyze(
             )
         console.print(tt)
     written += _write_frame(pd.concat(tops, ignore_index=True), out / "top_heads")
+    agree = [A.score_agreement(r) for r in results if len(r.score_names()) > 1]
+    if agree:  # runs with several scores: how they agree (Spearman, top-10 overlap)
+        written += _write_frame(pd.concat(agree, ignore_index=True), out / "score_agreement")
     if figures:
         from ..plots import detection as P
 
@@ -122,13 +125,14 @@ def compare(
     written = []
     saved = {}
     for method in ("pearson", "spearman"):
-        m = A.correlation_matrix(results, method)  # type: ignore[arg-type]
+        m = A.correlation_matrix(results, method)
         saved[method] = {
             str(k): {str(c): (None if v != v else float(v)) for c, v in row.items()}
             for k, row in m.to_dict(orient="index").items()
         }
         t = Table(
-            title=f"{method.capitalize()} correlation of retrieval-score maps ({results[0].shape[0]} x {results[0].shape[1]})"
+            title=f"{method.capitalize()} correlation of retrieval-score maps "
+            f"({results[0].shape[0]} x {results[0].shape[1]})"
         )
         t.add_column("")
         for c in m.columns:
@@ -156,8 +160,8 @@ def report(
     threshold: Threshold = RETRIEVAL_THRESHOLD,
     title: Annotated[str, typer.Option(help="page title")] = "Retrieval heads report",
     mask_eval: Annotated[
-        list[Path], typer.Option("--mask-eval", help="mask-eval run folder(s) to include (Fig. 7, Fig. 9)")
-    ] = [],
+        list[Path] | None, typer.Option("--mask-eval", help="mask-eval run folder(s) to include (Fig. 7, Fig. 9)")
+    ] = None,
 ) -> None:
     """One self-contained HTML report (opens offline): tables, figures, interactive heatmaps."""
     from .. import analysis as A
@@ -165,6 +169,6 @@ def report(
     from ..report import write_report
 
     results = A.load_results(runs)
-    masks = [MaskEvalResult.load(m) for m in mask_eval]
+    masks = [MaskEvalResult.load(m) for m in mask_eval or []]
     p = write_report(results, output, top_k=top, threshold=threshold, title=title, mask_evals=masks)
     typer.echo(f"report: {p} ({p.stat().st_size / 1e6:.1f} MB, self-contained)")

@@ -37,7 +37,8 @@ def print_summary(result: DetectionResult, k: int = 10) -> None:
     console = Console()
     sp = result.sparsity()
     table = Table(
-        title=f"Top {k} retrieval heads of {result.name} ({result.n_kept} kept of {len(result.records) or result.n_kept} samples)"
+        title=f"Top {k} retrieval heads of {result.name} "
+        f"({result.n_kept} kept of {len(result.records) or result.n_kept} samples)"
     )
     for col in ("rank", "layer", "head", "retrieval score", "activation freq."):
         table.add_column(col, justify="right")
@@ -50,6 +51,15 @@ def print_summary(result: DetectionResult, k: int = 10) -> None:
         f"heads: {n}; score = 0: {sp['zero']:.1%}; score > 0.1: {gt01:.1%} "
         f"({len(result.retrieval_heads())} retrieval heads); score > 0.5: {sp['>0.5']:.1%}"
     )
+    if result.has_per_sample and result.n_kept > 1:
+        console.print(
+            f"top-10 stability (mean Jaccard over 1000 bootstrap resamples of kept samples): "
+            f"{result.top_k_stability(10):.2f}"
+        )
+    for name in result.score_names()[1:]:
+        other = result.with_score(name)
+        heads = ", ".join(f"L{h.layer}H{h.head} {h.score:.3f}" for h in other.top(5))
+        console.print(f"top 5 by {name}: {heads}")
 
 
 def detect(
@@ -82,7 +92,8 @@ def detect(
     batch_size: Annotated[
         int | None,
         typer.Option(
-            help="fast engine: samples per batch, left-padded; each still prefilled from its shared prefix, then decoded together (default: 1 on a CPU, 8 on a GPU)"
+            help="fast engine: samples per batch, left-padded; each still prefilled from its shared prefix, "
+            "then decoded together (default: 1 on a CPU, 8 on a GPU)"
         ),
     ] = None,
     threads: Threads = None,
@@ -97,9 +108,32 @@ def detect(
     overwrite: Overwrite = False,
     trust_remote_code: Annotated[bool, typer.Option(help="allow the model's own code from the hub")] = False,
     progress: Progress = True,
+    span: Annotated[
+        str,
+        typer.Option(
+            help="scored span: answer (the needle's answer tokens, the authors' scale) or needle (the whole sentence)"
+        ),
+    ] = "answer",
+    until_stable: Annotated[
+        int | None,
+        typer.Option(
+            help="stop once the top-K heads are stable (mean bootstrap Jaccard >= --stable-jaccard); "
+            "samples run in an interleaved order covering lengths and depths early"
+        ),
+    ] = None,
+    stable_jaccard: Annotated[float, typer.Option(help="stability threshold for --until-stable")] = 0.9,
 ) -> None:
     """Detect retrieval heads with needle-in-a-haystack samples."""
     setup_runtime(threads)
+    from ..engines import SPANS
+    from ..errors import ConfigError
+
+    if span not in SPANS:
+        raise ConfigError(f"unknown span {span!r}; choose from {', '.join(SPANS)}")
+    if until_stable is not None and until_stable < 1:
+        raise ConfigError(f"--until-stable needs K >= 1, got {until_stable}")
+    if not 0 < stable_jaccard <= 1:
+        raise ConfigError(f"--stable-jaccard must lie within (0, 1], got {stable_jaccard}")
     from .. import detect as D
     from ..distributed import Shard, torchrun_rank
     from ..models import load_model
@@ -110,8 +144,8 @@ def detect(
     lm = load_model(
         model,
         device=device,
-        dtype=dtype,
-        attn_implementation="eager" if engine == "reference" else "sdpa",  # type: ignore[arg-type]
+        dtype=dtype,  # type: ignore[arg-type]  # a CLI string; load_model rejects an unknown dtype in one line
+        attn_implementation="eager" if engine == "reference" else "sdpa",
         trust_remote_code=trust_remote_code,
         device_map=device_map,
     )
@@ -128,6 +162,9 @@ def detect(
         chat=chat,
         haystack=str(haystack) if haystack else None,
         batch_size=batch_size,
+        span=span,
+        until_stable=until_stable,
+        stable_jaccard=stable_jaccard,
     )
     out = out or default_run_folder(lm)
     result = D.detect(

@@ -16,6 +16,7 @@ from .options import (
     MaxNewTokens,
     Overwrite,
     Progress,
+    ScoreName,
     Scores,
     ScoresModel,
     Sink,
@@ -27,12 +28,14 @@ from .options import (
     load_scores,
     optional_figure,
     parse_depths,
+    scores_label,
     setup_runtime,
 )
 
 
 def kv_eval_cmd(
     scores: Scores,
+    score: ScoreName = "copy",
     budgets: Annotated[
         str, typer.Option(help="KV-byte budgets as shares of the full cache, comma list")
     ] = "0.14,0.25,0.5",
@@ -55,7 +58,8 @@ def kv_eval_cmd(
         int,
         typer.Option(
             min=0,
-            help="also N extractive-QA examples (SQuAD v2 dev, gold passage among distractors, ~--length tokens), scored by F1",
+            help="also N extractive-QA examples (SQuAD v2 dev, gold passage among distractors, ~--length tokens), "
+            "scored by F1",
         ),
     ] = 0,
     qa_data: Annotated[
@@ -68,7 +72,7 @@ def kv_eval_cmd(
     overwrite: Overwrite = False,
     progress: Progress = True,
 ) -> None:
-    """Needle retrieval (and extractive QA) vs measured KV-cache bytes: retrieval-head cache vs sink+window, random heads, SnapKV."""
+    """Needle retrieval (and extractive QA) vs measured KV-cache bytes: retrieval-head cache vs sink+window, random heads, SnapKV."""  # noqa: E501  (typer lists a command by its docstring's first line)
     from ..errors import ConfigError
 
     setup_runtime(threads)
@@ -84,7 +88,7 @@ def kv_eval_cmd(
     from ..models import load_model
     from ..needles import EVALUATION_NEEDLES, load_needles
 
-    result, name = load_scores(scores, model)
+    result, name = load_scores(scores, model, score)
     cfg = KVEvalConfig(
         budgets=bs,
         policies=pols,
@@ -103,7 +107,9 @@ def kv_eval_cmd(
     )
     lm = load_model(name, dtype=dtype, attn_implementation="sdpa")  # type: ignore[arg-type]
     out = out or default_run_folder(lm, "-kv")
-    res = kv_eval(lm, result, cfg, out=out, overwrite=overwrite, show_progress=progress, scores_source=str(scores))
+    res = kv_eval(
+        lm, result, cfg, out=out, overwrite=overwrite, show_progress=progress, scores_source=scores_label(scores, score)
+    )
     with optional_figure():
         from ..plots.kv import plot_kv_eval
 
@@ -152,10 +158,12 @@ def export_heads_cmd(
     ranking: Annotated[
         str,
         typer.Option(
-            help="retrieval (the detection scores), or a ranking measured by kv-eval: needle_attention, gain (needs --kv-run)"
+            help="retrieval (the detection scores), or a ranking measured by kv-eval: needle_attention, gain "
+            "(needs --kv-run)"
         ),
     ] = "retrieval",
     kv_run: Annotated[Path | None, typer.Option(help="kv-eval run folder holding the measured ranking")] = None,
+    score: ScoreName = "copy",
 ) -> None:
     """Write KV-head scores in the authors' JSON format and a DuoAttention-style 0/1 head table."""
     from ..errors import ConfigError
@@ -168,7 +176,7 @@ def export_heads_cmd(
         raise ConfigError("give exactly one of --budget and --n-whole")
     if budget is not None and not 0 < budget <= 1:
         raise ConfigError(f"--budget must lie within (0, 1], got {budget}")
-    result = DetectionResult.load(scores)
+    result = DetectionResult.load(scores).with_score(score)
     s = result.scores
     n_layers, n_heads = s.shape
     spec_d = result.config.get("model_spec") or {}

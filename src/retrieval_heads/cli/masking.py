@@ -17,10 +17,13 @@ from .options import (
     MaxNewTokens,
     Overwrite,
     Progress,
+    RandomPool,
+    ScoreName,
     Scores,
     ScoresModel,
     Threads,
     check_mask_phase,
+    check_random_pool,
     check_random_seeds,
     comma_ints,
     default_run_folder,
@@ -28,15 +31,18 @@ from .options import (
     optional_figure,
     parse_depths,
     parse_lengths,
+    scores_label,
     setup_runtime,
 )
 
 
 def mask_eval_cmd(
     scores: Scores,
+    score: ScoreName = "copy",
     model: ScoresModel = None,
     k: Annotated[str, typer.Option("--k", help="numbers of masked heads, comma list")] = "0,5,10,20,50,100",
     random_seeds: Annotated[int, typer.Option(help="random-head draws per K (seeds 0..n-1); 0 = top heads only")] = 3,
+    random_pool: RandomPool = "non-retrieval",
     method: Annotated[
         str, typer.Option(help="uniform (authors': zero query), zero (zero head output), mean")
     ] = "uniform",
@@ -66,17 +72,18 @@ def mask_eval_cmd(
     check_mask_phase(mask_phase)
     ks = comma_ints(k, "--k")
     check_random_seeds(random_seeds)
+    check_random_pool(random_pool)
 
     from ..experiments.mask_eval import MaskEvalConfig, mask_eval
     from ..models import load_model
     from ..needles import EVALUATION_NEEDLES, load_needles
 
-    result, name = load_scores(scores, model)
+    result, name = load_scores(scores, model, score)
     cfg = MaskEvalConfig(
         ks=ks,
         random_seeds=tuple(range(random_seeds)),
         method=method,
-        phase=mask_phase,  # type: ignore[arg-type]
+        phase=mask_phase,
         lengths=parse_lengths(lengths),
         depths=parse_depths(depths),
         needles=tuple(load_needles(needles)) if needles else EVALUATION_NEEDLES,
@@ -84,10 +91,13 @@ def mask_eval_cmd(
         chat=chat,
         haystack=str(haystack) if haystack else None,
         watch=watch,
+        random_pool=random_pool,
     )
     lm = load_model(name, device=device, dtype=dtype, attn_implementation="sdpa")  # type: ignore[arg-type]
     out = out or default_run_folder(lm, f"-mask-{method}")
-    res = mask_eval(lm, result, cfg, out=out, overwrite=overwrite, show_progress=progress, scores_source=str(scores))
+    res = mask_eval(
+        lm, result, cfg, out=out, overwrite=overwrite, show_progress=progress, scores_source=scores_label(scores, score)
+    )
     with optional_figure():
         from ..plots.mask import plot_mask_eval
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,17 +39,32 @@ SummaryTop = Annotated[int, typer.Option(help="heads shown in the summary")]
 Threshold = Annotated[float, typer.Option(help="a head is a retrieval head when its score > this")]
 
 # experiments on top of a detection run (mask-eval, task-eval, kv-eval, export-heads)
-Scores = Annotated[Path, typer.Option(help="detection run folder or authors'-format score JSON")]
+Scores = Annotated[
+    Path, typer.Option(help="detection run folder, authors'-format score JSON, or ref:<name> (a shipped map)")
+]
+ScoreName = Annotated[
+    str,
+    typer.Option(
+        "--score",
+        help="which score of the detection run ranks the heads: copy (the paper's), topk_mass, needle_mass, "
+        "distant_mass",
+    ),
+]
 ScoresModel = Annotated[
     str | None, typer.Option(help=f"model (default: the model of the --scores run, else {DEFAULT_MODEL})")
 ]
 EvalNeedles = Annotated[
     Path | None, typer.Option(help="JSONL of {needle, question, answer} (default: evaluation needles)")
 ]
-Haystack = Annotated[
-    Path | None, typer.Option(help="folder of .txt files or one file (default: Paul Graham essays)")
-]
+Haystack = Annotated[Path | None, typer.Option(help="folder of .txt files or one file (default: Paul Graham essays)")]
 MaskPhase = Annotated[str, typer.Option(help="all (prefill and decode) or decode (authors': decode steps only)")]
+RandomPool = Annotated[
+    str,
+    typer.Option(
+        help="where random-K heads come from: non-retrieval (heads with score <= 0.1 outside the top K, "
+        "the paper's control) or outside-top (every head outside the top K: the earlier default)"
+    ),
+]
 Sink = Annotated[int, typer.Option(min=0, help="attention-sink tokens kept by cut heads")]
 Window = Annotated[int, typer.Option(min=1, help="recent tokens kept by cut heads (head policies)")]
 
@@ -75,17 +91,27 @@ def setup_runtime(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def load_scores(scores: Path, model: str | None) -> tuple[DetectionResult, str]:
-    """The detection result of `--scores` and the model to run: `--model`, else the run's model."""
+def load_scores(scores: Path, model: str | None, score: str = "copy") -> tuple[DetectionResult, str]:
+    """The detection result of `--scores` ranked by `--score`, and the model to run: `--model`,
+    else the run's model."""
     from ..results import DetectionResult
 
-    result = DetectionResult.load(scores)
+    result = DetectionResult.load(scores).with_score(score)
     return result, model or result.config.get("model") or DEFAULT_MODEL
 
 
+def scores_label(scores: Path, score: str) -> str:
+    """What a run records as its score source: the file or folder, and the score when not copy
+    (a run made before `--score` existed recorded the plain path, so copy keeps that form)."""
+    return str(scores) if score == "copy" else f"{scores} [score: {score}]"
+
+
 def default_run_folder(lm: LoadedModel, suffix: str = "") -> Path:
-    """runs/<model><suffix>, the model's name made a file name."""
-    return Path("runs") / f"{lm.spec.name.replace('/', '_')}{suffix}"
+    """runs/<model><suffix>, the model's name made a file name: never a path out of runs/
+    (`--model ..` or `--model /abs/path` name a folder inside it)."""
+    # no separator and no leading dot: neither ".." nor a hidden name
+    name = re.sub(r"[^\w.+-]", "_", f"{lm.spec.name}{suffix}").lstrip(".") or "model"
+    return Path("runs") / name
 
 
 @contextmanager
@@ -146,3 +172,10 @@ def check_mask_phase(phase: str) -> None:
 def check_random_seeds(n: int) -> None:
     if n < 0:
         raise ConfigError("--random-seeds must be >= 0")
+
+
+def check_random_pool(pool: str) -> None:
+    from ..experiments.conditions import RANDOM_POOLS
+
+    if pool not in RANDOM_POOLS:
+        raise ConfigError(f"unknown --random-pool {pool!r}; choose from {', '.join(RANDOM_POOLS)}")

@@ -15,14 +15,18 @@ from .options import (
     MaskPhase,
     Overwrite,
     Progress,
+    RandomPool,
+    ScoreName,
     Scores,
     ScoresModel,
     Threads,
     check_mask_phase,
+    check_random_pool,
     check_random_seeds,
     default_run_folder,
     load_scores,
     optional_figure,
+    scores_label,
     setup_runtime,
 )
 
@@ -32,8 +36,10 @@ PLOT_STEM = "task_eval"  # the figure of a task-eval run folder: task_eval.png/.
 def task_eval_cmd(
     task: Annotated[str, typer.Option("--task", help="extractive-qa, hotpotqa, gsm8k, mmlu, arith-chain")],
     scores: Scores,
+    score: ScoreName = "copy",
     k: Annotated[int, typer.Option("--k", help="number of masked heads")] = 20,
     random_seeds: Annotated[int, typer.Option(help="random-head draws (seeds 0..n-1); 0 = no random control")] = 2,
+    random_pool: RandomPool = "non-retrieval",
     prompt: Annotated[str, typer.Option(help="answer-only or cot")] = "answer-only",
     limit: Annotated[int | None, typer.Option(help="number of examples (default: the task's, 40-60)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the example draw (and of generated tasks)")] = 0,
@@ -75,6 +81,7 @@ def task_eval_cmd(
     if k < 1:
         raise ConfigError(f"--k must be >= 1, got {k}")
     check_random_seeds(random_seeds)
+    check_random_pool(random_pool)
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {limit}")
     args: dict = {}
@@ -94,7 +101,7 @@ def task_eval_cmd(
     from ..experiments.task_eval import TaskEvalConfig, task_eval
     from ..models import load_model
 
-    det, name = load_scores(scores, model)
+    det, name = load_scores(scores, model, score)
     cfg = TaskEvalConfig(
         task=task,
         style=prompt,
@@ -106,11 +113,19 @@ def task_eval_cmd(
         method=method,
         phase=mask_phase,
         chat=chat,
+        random_pool=random_pool,
     )
     lm = load_model(name, device=device, dtype=dtype, attn_implementation="sdpa")  # type: ignore[arg-type]
     out = out or default_run_folder(lm, f"-task-{task}-{prompt}-k{k}")
     res = task_eval(
-        lm, det, cfg, out=out, overwrite=overwrite, show_progress=progress, scores_source=str(scores), n_boot=n_boot
+        lm,
+        det,
+        cfg,
+        out=out,
+        overwrite=overwrite,
+        show_progress=progress,
+        scores_source=scores_label(scores, score),
+        n_boot=n_boot,
     )
     with optional_figure():
         from ..plots.task import plot_task_eval

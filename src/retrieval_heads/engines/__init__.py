@@ -17,19 +17,28 @@ from .reference import ReferenceEngine
 ENGINES: dict[str, type] = {"reference": ReferenceEngine, "fast": FastEngine}
 
 
-def make_engine(name: str, lm: Any, batch_size: int | None = None) -> Engine:
-    """`batch_size`: samples per forward (fast engine only; None = 1 on a CPU, 8 on a GPU)."""
+SPANS = ("answer", "needle")
+
+
+def make_engine(name: str, lm: Any, batch_size: int | None = None, span: str = "answer") -> Engine:
+    """`batch_size`: samples per forward (fast engine only; None = 1 on a CPU, 8 on a GPU).
+    `span`: the token span the attention scores measure (the answer's, or the whole needle's)."""
+    if span not in SPANS:
+        raise ConfigError(f"unknown span {span!r}; choose from {', '.join(SPANS)}")
     try:
         cls = ENGINES[name]
     except KeyError:
         raise ConfigError(f"unknown engine {name!r}; choose from {', '.join(sorted(ENGINES))}") from None
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    engine: Engine  # ENGINES holds classes of differing signatures
     if name == "fast":
-        return cls(lm, batch_size=batch_size)
+        engine = cls(lm, batch_size=batch_size, span=span)
+        return engine
     if batch_size not in (None, 1):
         raise ConfigError(f"engine {name!r} runs one sample at a time; use --engine fast for --batch-size {batch_size}")
-    return cls(lm)
+    engine = cls(lm, span=span)
+    return engine
 
 
-__all__ = ["ENGINES", "Engine", "EngineOutput", "FastEngine", "ReferenceEngine", "StopRule", "make_engine"]
+__all__ = ["ENGINES", "SPANS", "Engine", "EngineOutput", "FastEngine", "ReferenceEngine", "StopRule", "make_engine"]

@@ -47,7 +47,7 @@ import torch
 from ..decoding import greedy
 from ..models import LoadedModel, attention_implementation, attention_modules
 from ..needles import Sample
-from .base import EngineOutput
+from .base import ROW_SCORES, EngineOutput, row_scores
 from .prefix import PrefixStore
 
 IMPL_NAME = "retrieval_heads_argmax"
@@ -55,10 +55,11 @@ IMPL_NAME = "retrieval_heads_argmax"
 
 @dataclass
 class _Recorder:
-    """Rows recorded during one forward: layer -> (argmax `[batch, n_heads]`, key length K)."""
+    """Rows recorded during one forward: layer -> (argmax `[batch, n_heads]`, key length K, the
+    row's fp32 weights `[batch, n_heads, K]` for the attention scores)."""
 
     layer_of: dict[int, int]
-    rows: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    rows: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = field(default_factory=dict)
     active: bool = True
 
 
@@ -78,6 +79,19 @@ def last_row_argmax(
     attention_mask `[batch|1, 1|n_heads, q_len, key_len]` (bool: True = attend; float: additive)
     or None. Returns int64 `[batch, n_heads]`, indices into key_len.
     """
+    weights = last_row_weights(query, key, attention_mask, scaling, softcap)
+    return weights.to(query.dtype).argmax(dim=-1)
+
+
+def last_row_weights(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """The last query row's attention weights, fp32 `[batch, n_heads, key_len]` (see
+    `last_row_argmax` for the shapes). Rounded to the model dtype they are eager attention's."""
     b, h, _, d = query.shape
     kv, k_len = key.shape[1], key.shape[2]
     q = query[:, :, -1, :].reshape(b, kv, h // kv, d)  # [batch, kv_head, group, dim] = repeat_kv order
@@ -89,17 +103,18 @@ def last_row_argmax(
     if attention_mask is not None:
         m = attention_mask[:, :, -1, -k_len:]  # [batch|1, 1|head, key_pos]
         logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m
-    weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-    return weights.argmax(dim=-1)
+    return torch.softmax(logits, dim=-1, dtype=torch.float32)
 
 
 def _delegate(module: torch.nn.Module, softcap: float | None) -> Callable[..., Any]:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if softcap is None:
-        return ALL_ATTENTION_FUNCTIONS["sdpa"]
+        sdpa: Callable[..., Any] = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        return sdpa
     # SDPA has no soft-capping: use the model's own eager function (e.g. Gemma-2).
-    return sys.modules[type(module).__module__].eager_attention_forward
+    eager: Callable[..., Any] = sys.modules[type(module).__module__].eager_attention_forward
+    return eager
 
 
 def argmax_attention(
@@ -116,11 +131,12 @@ def argmax_attention(
     softcap = kwargs.get("softcap")
     rec = _RECORDER.get()
     if rec is not None and rec.active and id(module) in rec.layer_of:
-        j = last_row_argmax(query, key, attention_mask, scaling, softcap)
-        rec.rows[rec.layer_of[id(module)]] = (j, key.shape[2])
-    return _delegate(module, softcap)(
+        w = last_row_weights(query, key, attention_mask, scaling, softcap)
+        rec.rows[rec.layer_of[id(module)]] = (w.to(query.dtype).argmax(dim=-1), key.shape[2], w)
+    out: tuple[torch.Tensor, Any] = _delegate(module, softcap)(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )
+    return out
 
 
 def _register() -> None:
@@ -158,9 +174,16 @@ class FastEngine:
     name = "fast"
 
     def __init__(
-        self, lm: LoadedModel, *, prefix_reuse: bool = True, min_reuse: int = 64, batch_size: int | None = None
+        self,
+        lm: LoadedModel,
+        *,
+        prefix_reuse: bool = True,
+        min_reuse: int = 64,
+        batch_size: int | None = None,
+        span: str = "answer",
     ) -> None:
         self.lm = lm
+        self.span = span
         self.prefix_reuse = prefix_reuse
         self.min_reuse = min_reuse
         self.batch_size = auto_batch_size(self.device) if batch_size is None else batch_size
@@ -169,7 +192,8 @@ class FastEngine:
 
     @property
     def device(self) -> torch.device:
-        return next(self.lm.model.parameters()).device
+        device: torch.device = next(self.lm.model.parameters()).device
+        return device
 
     def new_cache(self, full: bool = False) -> Any:
         """The model's own cache layout; `full`: every layer keeps all keys (sliding layers too)."""
@@ -177,10 +201,13 @@ class FastEngine:
 
         return DynamicCache() if full else DynamicCache(config=self.lm.model.config)
 
-    def _rows(self, rec: _Recorder, total: int) -> torch.Tensor:
-        """Absolute positions `[n_layers, n_heads]` from the rows recorded for a query at total-1
-        (batch of one, no padding)."""
-        return self._batch_rows(rec, total, torch.zeros(1, dtype=torch.long, device=self.device))[0]
+    def _rows(self, rec: _Recorder, total: int, sample: Sample) -> torch.Tensor:
+        """`_batch_rows` of a batch of one, no padding: `[n_layers, n_heads, 1 + 3]`."""
+        zero = torch.zeros(1, dtype=torch.long, device=self.device)
+        return self._batch_rows(rec, total, zero, self._spans([sample]))[0]
+
+    def _spans(self, samples: list[Sample]) -> torch.Tensor:
+        return torch.tensor([s.span(self.span) for s in samples], dtype=torch.long, device=self.device)
 
     @torch.no_grad()
     def run(
@@ -208,24 +235,41 @@ class FastEngine:
                 cache=cache,
                 max_new_tokens=max_new_tokens,
                 stop=stop,
-                on_step=lambda t, out: steps.append(self._rows(rec, total=n + t)),
+                on_step=lambda t, out: steps.append(self._rows(rec, n + t, sample)),
             )
-        spec = self.lm.spec
-        argmax = (
-            torch.stack(steps).cpu().numpy().astype(np.int64)
-            if steps
-            else np.zeros((0, spec.n_layers, spec.n_heads), np.int64)
-        )
-        return EngineOutput(generated_ids=generated, argmax=argmax)
+        return self._output(generated, steps)
 
-    def _batch_rows(self, rec: _Recorder, total: int, pads: torch.Tensor) -> torch.Tensor:
-        """Per row, absolute positions `[batch, n_layers, n_heads]` of a left-padded batch whose
-        query sits at padded position total-1 (key index -> padded position -> the row's own)."""
+    def _output(self, generated: list[int], steps: list[torch.Tensor]) -> EngineOutput:
+        """Split the recorded `[n_layers, n_heads, 1 + 3]` step rows into argmax and row scores."""
+        spec = self.lm.spec
+        rows = (
+            torch.stack(steps).cpu().numpy()
+            if steps
+            else np.zeros((0, spec.n_layers, spec.n_heads, 1 + len(ROW_SCORES)))
+        )
+        return EngineOutput(
+            generated_ids=generated,
+            argmax=rows[..., 0].astype(np.int64),
+            row_scores={name: rows[..., 1 + i] for i, name in enumerate(ROW_SCORES)},
+        )
+
+    def _batch_rows(self, rec: _Recorder, total: int, pads: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
+        """Per row of a left-padded batch whose query sits at padded position total-1, float64
+        `[batch, n_layers, n_heads, 1 + 3]`: channel 0 the argmax's absolute position in the row's
+        own numbering (key index -> padded position -> the row's own; exact in float64), channels
+        1-3 the ROW_SCORES of the row over `spans` (`[batch, 2]`, the row's own positions)."""
         n = self.lm.spec.n_layers
         assert len(rec.rows) == n, f"recorded {len(rec.rows)} of {n} layers"
-        rows = torch.stack([rec.rows[i][0] + (total - rec.rows[i][1]) for i in range(n)], 1) - pads[:, None, None]
+        query = total - 1 - pads
+        layers = []
+        for i in range(n):
+            argmax, k_len, weights = rec.rows[i]
+            pos = argmax + (total - k_len) - pads[:, None]  # [b, h]
+            key_pos = torch.arange(total - k_len, total, device=pads.device)[None] - pads[:, None]  # [b, K]
+            scores = row_scores(weights, key_pos, query, spans)  # [3, b, h]
+            layers.append(torch.cat([pos[None].double(), scores.double()]).permute(1, 2, 0))  # [b, h, 4]
         rec.rows.clear()
-        return rows
+        return torch.stack(layers, 1)
 
     @staticmethod
     def _merge_left_padded(caches: list[Any], lens: list[int]) -> Any:
@@ -237,7 +281,7 @@ class FastEngine:
         merged = DynamicCache()
         for i in range(len(caches[0].layers)):
             ks, vs = [], []
-            for c, n in zip(caches, lens):
+            for c, n in zip(caches, lens, strict=True):
                 k, v = c.layers[i].keys, c.layers[i].values
                 assert k.shape[2] == n, "merging needs every layer's full keys (new_cache(full=True))"
                 pad = (0, 0, width - n, 0)  # left-pad the position axis
@@ -275,6 +319,7 @@ class FastEngine:
         width = max(lens)
         pads = torch.tensor([width - n for n in lens], device=device)
         mask = (torch.arange(width, device=device)[None] >= pads[:, None]).long()  # 0 on padding
+        spans = self._spans(samples)
         generated: list[list[int]] = [[] for _ in samples]
         steps: list[list[torch.Tensor]] = [[] for _ in samples]
         live = [True] * n_b
@@ -297,10 +342,10 @@ class FastEngine:
                 out = model(
                     input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
                 )
-                rows, tokens = self._batch_rows(rec, width, pads), out.logits[:, -1].argmax(-1)
+                rows, tokens = self._batch_rows(rec, width, pads, spans), out.logits[:, -1].argmax(-1)
             else:
                 row_caches, row_steps, row_tokens = [], [], []
-                for s, (c, start) in zip(samples, caches):
+                for s, (c, start) in zip(samples, caches, strict=True):
                     c = self.new_cache(full=True) if c is None else c
                     out = model(
                         input_ids=torch.tensor([s.prompt_ids[start:]], device=device),
@@ -308,7 +353,7 @@ class FastEngine:
                         use_cache=True,
                         logits_to_keep=1,
                     )
-                    row_steps.append(self._rows(rec, total=len(s.prompt_ids)))
+                    row_steps.append(self._rows(rec, len(s.prompt_ids), s))
                     row_tokens.append(out.logits[0, -1].argmax())
                     row_caches.append(c)
                 cache = self._merge_left_padded(row_caches, lens)
@@ -325,7 +370,7 @@ class FastEngine:
                         use_cache=True,
                         logits_to_keep=1,
                     )
-                    rows, tokens = self._batch_rows(rec, width + t, pads), out.logits[:, -1].argmax(-1)
+                    rows, tokens = self._batch_rows(rec, width + t, pads, spans), out.logits[:, -1].argmax(-1)
                 for b in range(n_b):
                     if live[b]:
                         steps[b].append(rows[b])
@@ -334,12 +379,7 @@ class FastEngine:
                 if not any(live):
                     break
                 mask = torch.cat([mask, mask.new_ones((n_b, 1))], dim=1)
-        spec = self.lm.spec
-        empty = np.zeros((0, spec.n_layers, spec.n_heads), np.int64)
-        return [
-            EngineOutput(generated_ids=g, argmax=torch.stack(st).cpu().numpy().astype(np.int64) if st else empty)
-            for g, st in zip(generated, steps)
-        ]
+        return [self._output(g, st) for g, st in zip(generated, steps, strict=True)]
 
     def run_many(
         self,
@@ -367,7 +407,7 @@ class FastEngine:
                     if bs > 1
                     else [self.run(chunk[0], max_new_tokens=max_new_tokens, stop=stop)]
                 )
-                yield from zip(chunk, outs)
+                yield from zip(chunk, outs, strict=True)
             return
         store = PrefixStore(
             self.lm.model,
@@ -384,13 +424,13 @@ class FastEngine:
                 for i in range(0, len(samples), bs):
                     chunk = samples[i : i + bs]
                     caches = [store.cache_for(j, full=bs > 1) for j in range(i, i + len(chunk))]
-                    own += sum(len(s.prompt_ids) - start for s, (_, start) in zip(chunk, caches))
+                    own += sum(len(s.prompt_ids) - start for s, (_, start) in zip(chunk, caches, strict=True))
                     self.prefill_stats["prefilled"] = store.prefilled + own
                     if bs > 1:
                         outs = self.run_batch(chunk, max_new_tokens=max_new_tokens, stop=stop, caches=caches)
                     else:
                         ((cache, start),) = caches
                         outs = [self.run(chunk[0], max_new_tokens=max_new_tokens, stop=stop, cache=cache, start=start)]
-                    yield from zip(chunk, outs)
+                    yield from zip(chunk, outs, strict=True)
         finally:
             store.clear()

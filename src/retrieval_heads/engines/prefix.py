@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,7 @@ def reuse_targets(prompts: Sequence[Sequence[int]]) -> list[int]:
     n = len(prompts)
     order = sorted(range(n), key=lambda i: tuple(prompts[i]))
     best = [0] * n
-    for a, b in zip(order, order[1:]):
+    for a, b in pairwise(order):
         lcp = common_prefix(prompts[a], prompts[b])
         best[a], best[b] = max(best[a], lcp), max(best[b], lcp)
     return [min(best[i], len(prompts[i]) - 1) for i in range(n)]

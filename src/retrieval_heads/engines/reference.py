@@ -17,7 +17,20 @@ import torch
 from ..decoding import StopFn, cache_io, greedy
 from ..models import LoadedModel, attention_implementation
 from ..needles import Sample
-from .base import EngineOutput
+from .base import ROW_SCORES, EngineOutput, row_scores
+
+
+def attention_row_scores(attentions: tuple[torch.Tensor, ...], total: int, span: tuple[int, int]) -> np.ndarray:
+    """Per layer and head, the ROW_SCORES of the last query row: float `[3, n_layers, n_heads]`."""
+    device = attentions[0].device
+    spans = torch.tensor([span], device=device)
+    query = torch.tensor([total - 1], device=device)
+    out = []
+    for a in attentions:
+        k = a.shape[-1]
+        key_pos = torch.arange(total - k, total, device=device)[None]
+        out.append(row_scores(a[:, :, -1, :], key_pos, query, spans)[:, 0])  # [3, heads]
+    return torch.stack(out, 1).cpu().numpy()
 
 
 def row_argmax(attentions: tuple[torch.Tensor, ...], total: int) -> np.ndarray:
@@ -39,8 +52,9 @@ class ReferenceEngine:
 
     name = "reference"
 
-    def __init__(self, lm: LoadedModel) -> None:
+    def __init__(self, lm: LoadedModel, *, span: str = "answer") -> None:
         self.lm = lm
+        self.span = span
 
     @torch.no_grad()
     def run(self, sample: Sample, *, max_new_tokens: int, stop: StopFn) -> EngineOutput:
@@ -49,6 +63,12 @@ class ReferenceEngine:
         ids = torch.tensor([sample.prompt_ids], device=device)
         n = ids.shape[1]
         steps: list[np.ndarray] = []
+        scores: list[np.ndarray] = []
+        span = sample.span(self.span)
+
+        def record(t: int, out: Any) -> None:
+            steps.append(row_argmax(out.attentions, total=n + t))
+            scores.append(attention_row_scores(out.attentions, n + t, span))
 
         def positions(t: int) -> dict[str, Any]:
             pos = n - 1 + t  # position of the query that produces the next token
@@ -68,10 +88,14 @@ class ReferenceEngine:
                 max_new_tokens=max_new_tokens,
                 stop=stop,
                 step_kwargs=positions,
-                on_step=lambda t, out: steps.append(row_argmax(out.attentions, total=n + t)),
+                on_step=record,
             )
-        argmax = np.stack(steps) if steps else np.zeros((0, self.lm.spec.n_layers, self.lm.spec.n_heads), np.int64)
-        return EngineOutput(generated_ids=generated, argmax=argmax)
+        shape = (0, self.lm.spec.n_layers, self.lm.spec.n_heads)
+        argmax = np.stack(steps) if steps else np.zeros(shape, np.int64)
+        per = np.stack(scores) if scores else np.zeros((0, len(ROW_SCORES), *shape[1:]))  # [steps, 3, L, H]
+        return EngineOutput(
+            generated_ids=generated, argmax=argmax, row_scores={name: per[:, i] for i, name in enumerate(ROW_SCORES)}
+        )
 
     def run_many(
         self, samples: Iterable[Sample], *, max_new_tokens: int, stop: StopFn

@@ -2,9 +2,11 @@
 heads, K random heads; each condition's heads are masked while every document is answered.
 
 Conditions: K = 0 (nothing masked, the baseline), and for each K > 0 the top-K heads by score and,
-per seed, K heads drawn uniformly without replacement from the heads *outside* that top-K set with
-`numpy.random.default_rng([seed, K])` (the authors meant to exclude the top heads and never did;
-their draw was unseeded).
+per seed, K heads drawn uniformly without replacement with `numpy.random.default_rng([seed, K])`
+from a pool outside that top-K set (the authors meant to exclude the top heads and never did;
+their draw was unseeded). Pools (`RANDOM_POOLS`): "non-retrieval" (default, as in the paper: heads
+scoring <= 0.1, never a retrieval head ranked just below K) or "outside-top" (every other head,
+scored or not; the pool of runs made before `random_pool` existed).
 
     conditions = build_conditions(scores, ks=(0, 20), random_seeds=(0, 1))
     with Run(header, out=out) as run:
@@ -30,9 +32,33 @@ from ..errors import ConfigError
 from ..heads import Head, random_heads, rank_heads
 from ..masking import METHODS, PHASES, mask_heads
 from ..models import LoadedModel, attention_implementation
-from ..results import DetectionResult
+from ..results import RETRIEVAL_THRESHOLD, DetectionResult
 from ..tasks.base import Doc, Request, Task
 from .runner import Run
+
+# Where random-K heads are drawn from (always outside the top-K set): name -> how tables say it.
+RANDOM_POOLS = {
+    "non-retrieval": f"heads with score <= {RETRIEVAL_THRESHOLD:g} outside the top K",
+    "outside-top": "every head outside the top K",
+}
+DEFAULT_RANDOM_POOL = "non-retrieval"
+LEGACY_RANDOM_POOL = "outside-top"  # runs saved before the config recorded `random_pool`
+
+
+def check_random_pool(pool: str) -> None:
+    if pool not in RANDOM_POOLS:
+        raise ConfigError(f"unknown random pool {pool!r}; choose from {', '.join(RANDOM_POOLS)}")
+
+
+def random_pool_of(config: dict[str, Any]) -> str:
+    """The pool a saved run drew its random heads from (old configs lack the key: outside-top)."""
+    return str(config.get("random_pool", LEGACY_RANDOM_POOL))
+
+
+def random_pool_line(config: dict[str, Any]) -> str:
+    """The line a table shows above itself: where its random heads come from."""
+    pool = random_pool_of(config)
+    return f"random heads drawn from: {RANDOM_POOLS.get(pool, pool)} (pool {pool!r})"
 
 
 @dataclass(frozen=True)
@@ -89,17 +115,33 @@ def check_masking(method: str, phase: str) -> None:
         raise ConfigError(f"unknown masking phase {phase!r}; choose from {', '.join(PHASES)}")
 
 
+def random_pool(scores: np.ndarray, order: Sequence[Head], k: int, pool: str) -> list[Head]:
+    """The heads random-K draws from, in ranking order: outside the top K, and for "non-retrieval"
+    scoring <= 0.1 (unscored NaN heads are left out)."""
+    check_random_pool(pool)
+    rest = list(order[k:])
+    if pool == "outside-top":
+        return rest
+    return [h for h in rest if scores[h] <= RETRIEVAL_THRESHOLD]
+
+
 def build_conditions(
-    scores: np.ndarray, ks: Sequence[int], random_seeds: Sequence[int], watch: int = 0
+    scores: np.ndarray,
+    ks: Sequence[int],
+    random_seeds: Sequence[int],
+    watch: int = 0,
+    *,
+    pool: str = DEFAULT_RANDOM_POOL,
 ) -> list[Condition]:
     """Validate K values against the head count and build the conditions, base first.
 
-    Top-K: the K best heads of `rank_heads(scores)`. Random: per seed, K heads drawn from the
-    heads outside that top-K (`heads.random_heads`). `watch`: per condition, the best-ranked heads
-    that are not masked (whose attention an experiment may follow)."""
+    Top-K: the K best heads of `rank_heads(scores)`. Random: per seed, K heads drawn from
+    `random_pool(scores, order, K, pool)` (`heads.random_heads`). `watch`: per condition, the
+    best-ranked heads that are not masked (whose attention an experiment may follow)."""
     n = int(scores.size)
     order = rank_heads(scores)
     out: list[Condition] = []
+    check_random_pool(pool)
     if np.isnan(scores).all():
         raise ConfigError("the score file scores no head (no kept detection sample); run a larger detection")
     for k in sorted(set(ks)):
@@ -107,9 +149,15 @@ def build_conditions(
             raise ConfigError(f"K must be >= 0, got {k}")
         if k > n:
             raise ConfigError(f"K={k} is larger than the number of heads ({n})")
-        if random_seeds and 2 * k > n:
+        if random_seeds and pool == "outside-top" and 2 * k > n:
             raise ConfigError(
                 f"K={k}: cannot draw {k} random heads outside the top {k} of {n} heads; use K <= {n // 2}"
+            )
+        size = len(random_pool(scores, order, k, pool))
+        if random_seeds and k > 0 and size < k:
+            raise ConfigError(
+                f"K={k}: cannot draw {k} random heads from the {size} {RANDOM_POOLS[pool]}; "
+                "use a smaller K or --random-pool outside-top"
             )
 
     def watched(masked: tuple[Head, ...]) -> tuple[Head, ...]:
@@ -123,7 +171,7 @@ def build_conditions(
         top = tuple(sorted(order[:k]))
         out.append(Condition("top", k, None, top, watched(top)))
         for s in random_seeds:
-            r = random_heads(order[k:], k, s)
+            r = random_heads(random_pool(scores, order, k, pool), k, s)
             out.append(Condition("random", k, s, r, watched(r)))
     return out
 
@@ -131,7 +179,7 @@ def build_conditions(
 def execution_order(conditions: Sequence[Condition]) -> list[Condition]:
     """Base; then per K (ascending) the top-K and the first random draw; then the other draws seed
     by seed. A run stopped early (it resumes) already holds complete top-vs-random pairs."""
-    seeds = sorted({c.seed for c in conditions if c.kind == "random"})
+    seeds = sorted({c.seed for c in conditions if c.kind == "random" and c.seed is not None})
     first = seeds[0] if seeds else None
 
     def key(c: Condition) -> tuple[int, int, int]:
@@ -139,6 +187,7 @@ def execution_order(conditions: Sequence[Condition]) -> list[Condition]:
             return (0, 0, 0)
         if c.kind == "top" or c.seed == first:
             return (1, c.k, 0 if c.kind == "top" else 1)
+        assert c.seed is not None  # a random draw: always seeded
         return (2, seeds.index(c.seed), c.k)
 
     return sorted(conditions, key=key)

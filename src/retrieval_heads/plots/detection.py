@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..analysis import SPARSITY_BINS, head_label
-from .common import save_figure  # also selects the Agg backend
+from .common import plain, save_figure  # also selects the Agg backend
 
 if TYPE_CHECKING:
     from ..results import DetectionResult
@@ -53,9 +53,9 @@ def plot_sparsity(table: pd.DataFrame) -> Figure:
     for i, (_, row) in enumerate(table.iterrows()):
         vals = np.array([row[b] for b in SPARSITY_BINS]) * 100
         pos = x - 0.4 + width * (i + 0.5)
-        bars = ax.bar(pos, np.maximum(vals, 1e-3), width, label=row["model"], color=cmap(i % cmap.N))
+        bars = ax.bar(pos, np.maximum(vals, 1e-3), width, label=plain(row["model"]), color=cmap(i % cmap.N))
         if n <= 12:
-            for b, v in zip(bars, vals):
+            for b, v in zip(bars, vals, strict=True):
                 ax.annotate(
                     f"{v:.1f}" if v >= 1 else f"{v:.2f}",
                     (b.get_x() + b.get_width() / 2, max(v, 1e-3)),
@@ -90,7 +90,9 @@ def plot_score_vs_frequency(result: DetectionResult, k: int = 20) -> Figure:
     ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
     ax.set_xlabel("head (0-based layer, head), ranked by retrieval score")
     ax.set_ylabel("value")
-    ax.set_title(f"{result.name}: retrieval score vs activation frequency, top {len(top)} heads (Fig. 4)", pad=24)
+    ax.set_title(
+        plain(f"{result.name}: retrieval score vs activation frequency, top {len(top)} heads (Fig. 4)"), pad=24
+    )
     ax.set_ylim(0, max(1.05, max((h.score for h in top), default=0) * 1.1))
     ax.legend(fontsize=8, frameon=False, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0))
     ax.grid(axis="y", alpha=0.3)
@@ -111,7 +113,7 @@ def plot_heatmap(result: DetectionResult, vmax: float | None = None) -> Figure:
     ax.set_ylabel("layer")
     ax.set_xticks(range(0, n_heads, max(1, math.ceil(n_heads / 16))))
     ax.set_yticks(range(0, n_layers, max(1, math.ceil(n_layers / 20))))
-    ax.set_title(f"{result.name}: retrieval score per head (Fig. 5)")
+    ax.set_title(plain(f"{result.name}: retrieval score per head (Fig. 5)"))
     fig.tight_layout()
     return fig
 
@@ -129,7 +131,7 @@ def plot_rank_stability(df: pd.DataFrame, name: str = "") -> Figure:
     ax.set_ylim(worst * 1.3, 0.8)  # inverted: rank 1 at the top
     ax.set_xlabel("kept samples used")
     ax.set_ylabel("rank among all heads (1 = best, log scale)")
-    ax.set_title(f"{name + ': ' if name else ''}rank of the final top heads as samples accumulate (Fig. 13)")
+    ax.set_title(plain(f"{name + ': ' if name else ''}rank of the final top heads as samples accumulate (Fig. 13)"))
     ax.legend(
         fontsize=7,
         frameon=False,
@@ -157,7 +159,7 @@ def plot_niah(grid: pd.DataFrame, name: str = "", value: str = "answer recall") 
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth (%)")
-    ax.set_title(f"{name + ': ' if name else ''}needle retrieval over length x depth")
+    ax.set_title(plain(f"{name + ': ' if name else ''}needle retrieval over length x depth"))
     fig.tight_layout()
     return fig
 
@@ -169,7 +171,7 @@ def plot_correlation(matrix: pd.DataFrame, method: str = "pearson") -> Figure:
     im = ax.imshow(matrix.to_numpy(dtype=float), cmap="coolwarm", vmin=-1, vmax=1)
     cb = fig.colorbar(im, ax=ax)
     cb.set_label(f"{method} correlation")
-    names = [str(c) for c in matrix.columns]
+    names = [plain(c) for c in matrix.columns]
     ax.set_xticks(range(n), names, rotation=40, ha="right", fontsize=8)
     ax.set_yticks(range(n), names, fontsize=8)
     for (i, j), v in np.ndenumerate(matrix.to_numpy(dtype=float)):

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 
-from .common import save_figure  # also selects the Agg backend
+from .common import plain, save_figure  # also selects the Agg backend
 
 if TYPE_CHECKING:
     from ..experiments.kv_eval import KVEvalResult
@@ -28,7 +28,7 @@ def plot_kv_eval(result: KVEvalResult, stem: str | Path, *, title: str | None = 
     (needle retrieval: answer recall; extractive QA: SQuAD F1)."""
     tasks = result.tasks() or ["niah"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 4.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes[0], tasks, strict=True):
         rows = result.rows(task)
         full = [r for r in rows if r["policy"] == "full"]
         for policy in [p for p in STYLE if any(r["policy"] == p for r in rows)]:
@@ -42,7 +42,7 @@ def plot_kv_eval(result: KVEvalResult, stem: str | Path, *, title: str | None = 
                 "needle_attention": "needle-attention heads whole",
                 "gain": "measured-gain heads whole",
             }[policy]
-            ax.plot(*zip(*pts), "x" if policy == "random" else fmt, color=color, label=label)
+            ax.plot(*zip(*pts, strict=True), "x" if policy == "random" else fmt, color=color, label=label)
         if full:
             ax.axhline(full[0]["score"], color="black", lw=1, ls=":", label="full cache")
             ax.axhline(0.9 * full[0]["score"], color="black", lw=0.6, ls="--", alpha=0.5, label="90 % of full")
@@ -54,7 +54,8 @@ def plot_kv_eval(result: KVEvalResult, stem: str | Path, *, title: str | None = 
         ax.legend(fontsize=7, loc="upper left")
         what = "needle retrieval" if task == "niah" else "extractive QA"
         ax.set_title(
-            title or f"{result.name}: {what} vs KV bytes ({result.config.get('length', '?')} tokens)", fontsize=10
+            plain(title or f"{result.name}: {what} vs KV bytes ({result.config.get('length', '?')} tokens)"),
+            fontsize=10,
         )
     fig.tight_layout()
     return save_figure(fig, stem)

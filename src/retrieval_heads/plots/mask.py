@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .common import save_figure  # also selects the Agg backend
+from .common import plain, save_figure  # also selects the Agg backend
 
 if TYPE_CHECKING:
     from ..experiments.mask_eval import MaskEvalResult
@@ -39,9 +39,11 @@ def plot_mask_eval(result: MaskEvalResult, stem: str | Path, *, title: str | Non
     cfg = result.config
     n_heads = cfg.get("model_spec", {}).get("n_layers", 0) * cfg.get("model_spec", {}).get("n_heads", 0)
     fig.suptitle(
-        title
-        or f"{result.name}: masking retrieval vs random heads "
-        f"({cfg.get('method', '?')}, phase {cfg.get('phase', '?')}, {n_heads} heads)",
+        plain(
+            title
+            or f"{result.name}: masking retrieval vs random heads "
+            f"({cfg.get('method', '?')}, phase {cfg.get('phase', '?')}, {n_heads} heads)"
+        ),
         fontsize=10,
     )
     fig.tight_layout()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .common import save_figure  # also selects the Agg backend
+from .common import plain, save_figure  # also selects the Agg backend
 
 if TYPE_CHECKING:
     from ..experiments.task_eval import TaskEvalResult
@@ -53,13 +53,13 @@ def plot_task_eval(
             ax.text(x, 100 * v["high"] + 1.5, f"{100 * v['mean']:.0f}", ha="center", fontsize=7)
         k = max((c.k for c in res.conditions), default=0)
         n = rows["base"]["n"]
-        labels.append(f"{res.task}\n{res.style}, {m}\n(n={n}, K={k})")
+        labels.append(plain(f"{res.task}\n{res.style}, {m}\n(n={n}, K={k})"))
     ax.set_xticks(range(len(results)), labels, fontsize=8)
     ax.set_ylabel("score (%), 95% bootstrap CI")
     ax.set_ylim(0, 105)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
     name = results[0].name if results else ""
-    ax.set_title(title or f"{name}: masking retrieval heads vs random heads", fontsize=10)
+    ax.set_title(plain(title or f"{name}: masking retrieval heads vs random heads"), fontsize=10)
     fig.tight_layout()
     return save_figure(fig, stem)

@@ -98,7 +98,7 @@ class Task(ABC):
         """What changes the task's documents and prompts (saved in the run config)."""
         return {"name": self.name}
 
-    def prepare(self, tokenizer: Any, chat: bool) -> None:
+    def prepare(self, tokenizer: Any, chat: bool) -> None:  # noqa: B027  (an optional hook; doing nothing is the default)
         """Called once before `docs` by whoever runs the task. A task whose documents depend on the
         model's tokens reads the tokenizer here (needle samples carry the needle's exact token
         span in the prompt). Default: nothing."""

@@ -19,7 +19,7 @@ import string
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -95,7 +95,7 @@ def extract_qa_answer(text: str, style: str) -> str:
 
 class _QATask(Task):
     metrics = QA_METRICS
-    max_tokens = {"answer-only": 24, "cot": 96}
+    max_tokens: ClassVar[dict[str, int]] = {"answer-only": 24, "cot": 96}
 
     def request(self, doc: Doc, style: str) -> Request:
         self.check_style(style)
@@ -113,10 +113,11 @@ class _QATask(Task):
 
 
 @lru_cache(maxsize=4)
-def _read_json(path: str) -> Any:
+def read_json(path: str) -> Any:
+    """A task data file's JSON; unreadable, non-UTF-8 or invalid files are one DataError."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: JSON, and ints over the digit limit
         raise DataError(f"{path}: not readable JSON ({e})") from None
 
 
@@ -155,7 +156,7 @@ class ExtractiveQA(_QATask):
         return {"name": self.name, "context_tokens": self.context_tokens, "data": self.source.path or "squad.json"}
 
     def docs(self, limit: int, seed: int, count_tokens: CountTokens) -> list[Doc]:
-        pars = squad_paragraphs(_read_json(str(self.source.resolve())))
+        pars = squad_paragraphs(read_json(str(self.source.resolve())))
         questions = [(i, q) for i, p in enumerate(pars) for q in p["qas"]]
         if not questions:
             raise DataError("no answerable SQuAD question in the data file")
@@ -207,7 +208,7 @@ class HotpotQA(_QATask):
         return {"name": self.name, "data": self.source.path or "hotpotqa.json"}
 
     def docs(self, limit: int, seed: int, count_tokens: CountTokens) -> list[Doc]:
-        data = _read_json(str(self.source.resolve()))
+        data = read_json(str(self.source.resolve()))
         if not isinstance(data, list) or not data:
             raise DataError("not a HotpotQA file (expected a JSON list of questions)")
         rng = np.random.default_rng(seed)

@@ -17,6 +17,7 @@ import gzip
 import json
 import re
 import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +89,14 @@ class _NumericTask(Task):
 def read_jsonl_gz(path: Path) -> list[dict[str, Any]]:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
-            return [json.loads(line) for line in f if line.strip()]
-    except (OSError, json.JSONDecodeError) as e:
+        with opener(path, "rt", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError) as e:  # ValueError: JSON, huge ints
         raise DataError(f"{path}: not a JSONL file ({e})") from None
+    bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DataError(f"{path}: row {bad} is not a JSON object")
+    return rows
 
 
 class GSM8K(_NumericTask):
@@ -228,7 +233,8 @@ def read_arrow_stream(path: Path, columns: list[tuple[str, str]]) -> list[dict[s
         meta = data[at : at + size]
         at += size
         msg = _table(meta, _deref(meta, 0))
-        htype = meta[_field(meta, msg, 1)] if _field(meta, msg, 1) is not None else 0
+        htype_at = _field(meta, msg, 1)
+        htype = meta[htype_at] if htype_at is not None else 0
         body_at = _field(meta, msg, 3)
         body_len = struct.unpack_from("<q", meta, body_at)[0] if body_at is not None else 0
         body = data[at : at + body_len]
@@ -239,34 +245,42 @@ def read_arrow_stream(path: Path, columns: list[tuple[str, str]]) -> list[dict[s
         if _field(meta, rb, 3) is not None:
             raise DataError(f"{path}: compressed Arrow record batches are not supported")
         n = struct.unpack_from("<q", meta, _field(meta, rb, 0))[0]  # type: ignore[arg-type]
-        buffers = iter(_structs(meta, rb, 2))
-
-        def take() -> bytes:
-            off, length = next(buffers)
-            return body[off : off + length]
-
-        def strings(count: int) -> list[str]:
-            take()  # validity (no nulls in these files)
-            offs = np.frombuffer(take(), dtype="<i4", count=count + 1)
-            raw = take()
-            return [raw[offs[k] : offs[k + 1]].decode("utf-8") for k in range(count)]
-
-        cols: dict[str, list[Any]] = {}
-        for name, kind in columns:
-            if kind == "string":
-                cols[name] = strings(n)
-            elif kind == "list<string>":
-                take()
-                offs = np.frombuffer(take(), dtype="<i4", count=n + 1)
-                flat = strings(int(offs[-1]))
-                cols[name] = [flat[offs[k] : offs[k + 1]] for k in range(n)]
-            elif kind == "int64":
-                take()
-                cols[name] = np.frombuffer(take(), dtype="<i8", count=n).tolist()
-            else:
-                raise DataError(f"unsupported Arrow column kind {kind!r}")
+        cols = _batch_columns(body, _structs(meta, rb, 2), n, columns)
         rows += [{c: cols[c][k] for c, _ in columns} for k in range(n)]
     return rows
+
+
+def _batch_columns(
+    body: bytes, buffer_specs: list[tuple[int, int]], n: int, columns: list[tuple[str, str]]
+) -> dict[str, list[Any]]:
+    """The columns of one record batch of `n` rows; `buffer_specs`: (offset, length) of each buffer in `body`."""
+    buffers = iter(buffer_specs)
+
+    def take() -> bytes:
+        off, length = next(buffers)
+        return body[off : off + length]
+
+    def strings(count: int) -> list[str]:
+        take()  # validity (no nulls in these files)
+        offs = np.frombuffer(take(), dtype="<i4", count=count + 1)
+        raw = take()
+        return [raw[offs[k] : offs[k + 1]].decode("utf-8") for k in range(count)]
+
+    cols: dict[str, list[Any]] = {}
+    for name, kind in columns:
+        if kind == "string":
+            cols[name] = strings(n)
+        elif kind == "list<string>":
+            take()
+            offs = np.frombuffer(take(), dtype="<i4", count=n + 1)
+            flat = strings(int(offs[-1]))
+            cols[name] = [flat[offs[k] : offs[k + 1]] for k in range(n)]
+        elif kind == "int64":
+            take()
+            cols[name] = np.frombuffer(take(), dtype="<i8", count=n).tolist()
+        else:
+            raise DataError(f"unsupported Arrow column kind {kind!r}")
+    return cols
 
 
 MMLU_COLUMNS = [("question", "string"), ("subject", "string"), ("choices", "list<string>"), ("answer", "int64")]

@@ -1,0 +1,306 @@
+"""`retrieval-heads docs-tables`: README and docs tables generated from run folders (tiny runs made
+here, then trimmed to config + summary + table by `snapshot`), and the run configs' date and machine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrieval_heads import docs_tables as D
+from retrieval_heads.detect import DetectConfig, Grid, detect
+from retrieval_heads.errors import DataError
+from retrieval_heads.needles import Needle
+from retrieval_heads.results import DetectionResult
+from retrieval_heads.runs import NON_SEMANTIC_KEYS, RunFolder
+from retrieval_heads.testing import tiny_model
+
+REPO = Path(__file__).resolve().parents[2]
+NEEDLES = (
+    Needle("the secret ingredient is smoked tamarind .", "what is the secret ingredient ?", "smoked tamarind", "stew"),
+    Needle("the password is lantern fig seventy .", "what is the password ?", "lantern fig seventy", "pw"),
+)
+SCORES = np.array([[0.9, 0.0, 0.2, 0.05], [0.0, 0.6, 0.0, 0.3]])  # tiny llama: 2 layers x 4 heads
+# the README's row for this map (typed by hand before the generator existed)
+LLAMA_ROW = "| llama-2-7b-80k | authors | 32 x 32 | 586 | 70.2 % | 26.6 % | 2.6 % | 0.59 % | 33 (3.2 %) |"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, haystack_file) -> Path:
+    """Tiny runs of each kind in `full/`, their trimmed snapshots in `docs/runs/` (a repo root)."""
+    from retrieval_heads.experiments.kv_eval import KVEvalConfig, kv_eval
+    from retrieval_heads.experiments.mask_eval import MaskEvalConfig, mask_eval
+    from retrieval_heads.experiments.task_eval import TaskEvalConfig, task_eval
+
+    root = tmp_path_factory.mktemp("repo")
+    full = root / "full"
+    hay = str(haystack_file)
+    lm = tiny_model("llama", attn_implementation="sdpa")
+    grid = Grid((80,), (0.0, 50.0, 100.0), NEEDLES)
+    detect(
+        lm,
+        grid,
+        DetectConfig(max_new_tokens=4, recall_threshold=-1.0, chat=False, haystack=hay),
+        out=full / "det",
+        show_progress=False,
+    )
+    mcfg = MaskEvalConfig(
+        ks=(0, 2), random_seeds=(0,), lengths=(80,), depths=(50.0,), needles=NEEDLES[:1], max_new_tokens=3,
+        chat=False, haystack=hay, watch=0,
+    )  # fmt: skip
+    mask_eval(lm, SCORES, mcfg, out=full / "mask", show_progress=False)
+    task_args = {"needles": NEEDLES[:1], "lengths": (80,), "depths": (50.0,), "path": hay, "max_new_tokens": 3}
+    tcfg = TaskEvalConfig(task="niah", k=2, random_seeds=(0,), chat=False, limit=1, task_args=task_args)
+    task_eval(lm, SCORES, tcfg, out=full / "task", show_progress=False)
+    kcfg = KVEvalConfig(
+        budgets=(0.5,), policies=("sink_window", "retrieval"), length=150, depths=(20.0,), needles=NEEDLES[:1],
+        window=8, max_new_tokens=2, chat=False, haystack=hay, memory_probe=False,
+    )  # fmt: skip
+    kv_eval(lm, SCORES, kcfg, out=full / "kv", show_progress=False)
+    for name in ("det", "mask", "task", "kv"):
+        D.snapshot(full / name, root / "docs" / "runs")
+    return root
+
+
+def _table(text: str) -> list[str]:
+    return [l for l in text.split("\n") if l.startswith("|")]
+
+
+# ---------------------------------------------------------------- when and where a run ran
+def test_run_configs_record_date_and_machine(runs):
+    for name in ("det", "mask", "task", "kv"):
+        config = json.loads((runs / "full" / name / "config.json").read_text())
+        created = datetime.fromisoformat(config["created"])
+        assert created.tzinfo is not None and created.utcoffset().total_seconds() == 0
+        assert abs((datetime.now(timezone.utc) - created).total_seconds()) < 3600
+        m = config["machine"]
+        assert m["device"] == "cpu" and m["cpu_count"] >= 1 and m["torch"] and m["platform"]
+    assert {"created", "machine"} <= NON_SEMANTIC_KEYS
+
+
+def test_a_resumed_run_keeps_its_first_date(tmp_path):
+    base = {"version": "0", "model": "tiny", "grid": {"lengths": [80]}}
+    first = {**base, "created": "2020-01-02T03:04:05+00:00", "machine": {"device": "cpu"}}
+    folder = RunFolder(tmp_path, first)
+    folder.open()
+    folder.close()
+    later = {**base, "created": "2030-01-01T00:00:00+00:00", "machine": {"device": "cuda:0"}}
+    folder = RunFolder(tmp_path, later)
+    assert folder.open() == []  # not refused: date and machine are not semantic
+    folder.close()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["created"] == later["created"] == "2020-01-02T03:04:05+00:00"  # the run was created then
+    assert saved["machine"] == {"device": "cuda:0"}  # where it ran last
+
+
+def test_detect_resumes_a_run_of_another_date(runs, haystack_file, tmp_path):
+    run = tmp_path / "det"
+    shutil.copytree(runs / "full" / "det", run)
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "created": "2020-01-02T03:04:05+00:00", "machine": "old"}))
+    lm = tiny_model("llama", attn_implementation="sdpa")
+    dcfg = DetectConfig(max_new_tokens=4, recall_threshold=-1.0, chat=False, haystack=str(haystack_file))
+    res = detect(lm, Grid((80,), (0.0, 50.0, 100.0), NEEDLES), dcfg, out=run, show_progress=False)
+    assert len(res.records) == 6 and res.config["created"] == "2020-01-02T03:04:05+00:00"
+    assert json.loads((run / "config.json").read_text())["created"] == "2020-01-02T03:04:05+00:00"
+
+
+# ---------------------------------------------------------------- each kind, from trimmed snapshots
+def test_snapshots_hold_no_records(runs):
+    for name, files in {
+        "det": ["config.json", "summary.json"],
+        "mask": ["config.json", "summary.json", "table.md"],
+        "task": ["config.json", "summary.json", "table.md"],
+        "kv": ["config.json", "summary.json", "table.md"],
+    }.items():
+        assert sorted(p.name for p in (runs / "docs" / "runs" / name).iterdir()) == files
+        for f in files:
+            assert (runs / "docs" / "runs" / name / f).read_text() == (runs / "full" / name / f).read_text()
+
+
+def test_top_heads_from_a_summary_equal_the_full_run(runs):
+    full = DetectionResult.load(runs / "full" / "det")
+    text = D.generate("top-heads docs/runs/det k=4", runs)
+    rows = _table(text)
+    assert rows[0] == "| rank | layer | head | retrieval score | 95 % CI | activation frequency |"
+    low, high = full.intervals()
+    assert rows[2:] == [
+        f"| {i} | {h.layer} | {h.head} | {h.score:.3f} | [{low[h.layer, h.head]:.3f}, {high[h.layer, h.head]:.3f}] | "
+        f"{h.activation_frequency:.2f} |"
+        for i, h in enumerate(full.top(4), 1)
+    ]
+    config = json.loads((runs / "full" / "det" / "config.json").read_text())
+    created = datetime.fromisoformat(config["created"])
+    assert text.endswith(
+        f"\n\nGenerated by `retrieval-heads docs-tables` from docs/runs/det (run on {created:%Y-%m-%d %H:%M} UTC, "
+        f"{config['machine']['platform']}, {config['machine']['cpu_count']} CPUs, cpu, "
+        f"torch {config['machine']['torch']})."
+    )
+    # another of the run's scores: its own ranking, no interval recorded for it
+    other = full.with_score("needle_mass")
+    rows = _table(D.generate("top-heads docs/runs/det k=3 score=needle_mass", runs))
+    assert rows[0].startswith("| rank | layer | head | needle_mass score | 95 % CI |")
+    assert rows[2:] == [
+        f"| {i} | {h.layer} | {h.head} | {h.score:.3f} | - | {h.activation_frequency:.2f} |"
+        for i, h in enumerate(other.top(3), 1)
+    ]
+
+
+def test_sparsity_of_runs_and_reference_maps(runs):
+    text = D.generate("sparsity docs/runs/det ref:llama-2-7b-80k", runs)
+    rows = _table(text)
+    assert rows[0].startswith("| model | source | layers x heads | kept samples | score = 0 |")
+    assert rows[2].startswith("| tiny-llama | this repo | 2 x 4 | 6 | ") and rows[3] == LLAMA_ROW
+    assert "from docs/runs/det (run on " in text
+    assert text.endswith("; ref:llama-2-7b-80k (published score maps shipped with the package).")
+
+
+def test_other_scores(runs):
+    full = DetectionResult.load(runs / "full" / "det")
+    rows = _table(D.generate("other-scores docs/runs/det", runs))
+    assert rows[0] == "| score | top-5 heads (score) | top-10 stability |"
+    assert [r.split(" | ")[0] for r in rows[2:]] == ["| copy", "| distant_mass", "| needle_mass", "| topk_mass"]
+    needle = full.with_score("needle_mass")
+    heads = ", ".join(f"L{h.layer}-H{h.head} {h.score:.3f}" for h in needle.top(5))
+    assert f"| needle_mass | {heads} | {needle.top_k_stability(10):.2f} |" in rows
+
+
+@pytest.mark.parametrize("kind,name", [("mask-eval", "mask"), ("task-eval", "task"), ("kv-eval", "kv")])
+def test_experiment_tables(runs, kind, name):
+    text = D.generate(f"{kind} docs/runs/{name}", runs)
+    table = (runs / "full" / name / "table.md").read_text().strip()
+    assert text.startswith(
+        table + "\n\nGenerated by `retrieval-heads docs-tables` from docs/runs/" + name + " (run on "
+    )
+
+
+def test_a_run_without_date_or_machine(tmp_path):
+    d = tmp_path / "old"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"version": "0.1.0", "model": "tiny", "task": "mask-eval"}))
+    (d / "table.md").write_text("| K |\n|---:|\n| 0 |\n")
+    assert D.generate("mask-eval old", tmp_path).endswith(
+        "| 0 |\n\nGenerated by `retrieval-heads docs-tables` from old (date not recorded, machine not recorded)."
+    )
+
+
+# ---------------------------------------------------------------- Markdown files and the command
+DOC = """# Title
+
+Text before.
+
+<!-- table: top-heads docs/runs/det k=2 -->
+stale content
+<!-- /table -->
+
+```
+<!-- table: an example, not a table -->
+<!-- /table -->
+```
+
+Middle text.
+<!-- table: mask-eval docs/runs/mask -->
+<!-- /table -->
+Text after.
+"""
+
+
+def test_markers_rewritten_in_place_and_idempotent(runs, cli, monkeypatch):
+    monkeypatch.chdir(runs)
+    doc = runs / "doc.md"
+    doc.write_text(DOC)
+    code, out, err = cli("docs-tables", doc)
+    assert code == 0, err
+    assert "rewrote 2 of 2" in out
+    text = doc.read_text()
+    top = D.generate("top-heads docs/runs/det k=2", runs)
+    mask = D.generate("mask-eval docs/runs/mask", runs)
+    assert text == DOC.replace("stale content", top).replace(
+        "<!-- table: mask-eval docs/runs/mask -->\n", f"<!-- table: mask-eval docs/runs/mask -->\n{mask}\n"
+    )
+    code, out, err = cli("docs-tables", doc)  # idempotent
+    assert code == 0 and "rewrote 0 of 2" in out and doc.read_text() == text
+    code, out, err = cli("docs-tables", "--check", doc)
+    assert code == 0 and "2 generated table(s) up to date" in out
+
+
+def test_check_lists_stale_tables_and_writes_nothing(runs, cli, monkeypatch):
+    monkeypatch.chdir(runs)
+    doc = runs / "stale.md"
+    doc.write_text(DOC)
+    cli("docs-tables", doc)
+    fresh = doc.read_text()
+    edited = fresh.replace("| 1 |", "| 1 (typed by hand) |", 1)
+    doc.write_text(edited)
+    code, _out, err = cli("docs-tables", "--check", doc)
+    assert code == 1
+    assert err.splitlines() == [
+        f"{doc}:5: table 'top-heads docs/runs/det k=2' is out of date; run `retrieval-heads docs-tables {doc}`"
+    ]
+    assert doc.read_text() == edited
+    assert [t.line for t in D.update([doc], runs, check=True) if t.stale] == [5]
+
+
+@pytest.mark.parametrize(
+    "marker,match",
+    [
+        ("top-heads docs/runs/nope", r"doc\.md:2: source 'docs/runs/nope' is not a run folder"),
+        ("sparsity ref:nope", r"doc\.md:2: no reference map 'nope'"),
+        ("top-heads docs/runs/mask", r"doc\.md:2: docs/runs/mask is a mask-eval run, not a detection run"),
+        ("kv-eval docs/runs/mask", r"doc\.md:2: docs/runs/mask is a mask-eval run, not a kv-eval run"),
+        ("mask-eval docs/runs/det", r"doc\.md:2: docs/runs/det is a detection run, not a mask-eval run"),
+        ("heatmap docs/runs/det", r"unknown table kind 'heatmap'"),
+        ("top-heads docs/runs/det n=3", r"top-heads takes options k, score, not n="),
+        ("top-heads docs/runs/det k=0", r"k=0 must be a positive integer"),
+        ("top-heads docs/runs/det score=nope", r"has no score 'nope'; it has: copy, distant_mass"),
+        ("top-heads docs/runs/det docs/runs/det", r"top-heads takes one source"),
+        ("sparsity", r"sparsity takes one or more sources"),
+    ],
+)
+def test_bad_marker_or_source_is_one_line(runs, cli, monkeypatch, marker, match):
+    import re
+
+    monkeypatch.chdir(runs)
+    doc = runs / "doc.md"
+    good = "<!-- table: top-heads docs/runs/det -->\n<!-- /table -->\n"
+    text = f"# t\n<!-- table: {marker} -->\nkept\n<!-- /table -->\n{good}"
+    doc.write_text(text)
+    code, _out, err = cli("docs-tables", doc)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(match, lines[0]), lines[0]
+    assert doc.read_text() == text  # nothing written, not even the good table
+
+
+def test_unbalanced_markers(tmp_path):
+    with pytest.raises(DataError, match=r"x\.md:1: table marker without its closing <!-- /table -->"):
+        D.render("<!-- table: sparsity ref:Yi-6B-200K -->\ntext\n", tmp_path, "x.md")
+    with pytest.raises(DataError, match=r"x\.md:2: <!-- /table --> without an opening"):
+        D.render("text\n<!-- /table -->\n", tmp_path, "x.md")
+    with pytest.raises(DataError, match="without its closing"):  # a second opening before the close
+        D.render("<!-- table: sparsity ref:Yi-6B-200K -->\n<!-- table: sparsity ref:Yi-6B-200K -->\n", tmp_path, "x.md")
+
+
+def test_snapshot_command_and_refusals(runs, cli, tmp_path):
+    code, out, err = cli("docs-tables", "--snapshot", runs / "full" / "kv", "--snapshot-dir", tmp_path / "snap")
+    assert code == 0 and out.startswith("snapshot: "), err
+    assert sorted(p.name for p in (tmp_path / "snap" / "kv").iterdir()) == ["config.json", "summary.json", "table.md"]
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text(json.dumps({"version": "0", "model": "tiny"}))
+    code, _out, err = cli("docs-tables", "--snapshot", unfinished, "--snapshot-dir", tmp_path / "snap")
+    assert code == 2 and "no summary.json" in err and not (tmp_path / "snap" / "unfinished").exists()
+    code, _out, err = cli("docs-tables")
+    assert code == 2 and "give the Markdown files" in err
+
+
+def test_readme_and_docs_tables_are_up_to_date():
+    """Every generated table of README.md and docs/*.md is what the command writes from the
+    committed snapshots (docs/runs/) and shipped maps."""
+    files = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    stale = [str(t) for t in D.update(files, REPO, check=True) if t.stale]
+    assert not stale, "\n".join(stale)
