@@ -141,7 +141,7 @@ def build_config(lm: LoadedModel, grid: Grid, cfg: DetectConfig, haystack_text: 
         "haystack_sha256": hashlib.sha256(haystack_text.encode()).hexdigest()[:16],
         "span": cfg.span,
         "rouge_stemmer": True,
-        "attention_scores": list(ROW_SCORES),
+        "attention_scores": [*ROW_SCORES, "query_focus"],
         **run_stamp(next(lm.model.parameters()).device),  # when and where (not semantic)
         **(
             {
@@ -169,6 +169,7 @@ def score_sample(
     start, end = sample.span(span)
     events = copy_events(output.argmax, output.generated_ids, sample.prompt_ids, start, end)
     row = attention_scores(output.row_scores or {}, end - start)
+    row.update(output.prompt_scores or {})  # query_focus: one value per head from the prefill
     return {
         "id": sample.id,
         **sample.params(),

@@ -177,6 +177,11 @@ class Sample:
     prompt: str
     answer_start: int = -1
     answer_end: int = -1
+    # token spans of the document (haystack with the needle) and of the question's text after it
+    document_start: int = -1
+    document_end: int = -1
+    question_start: int = -1
+    question_end: int = -1
 
     @property
     def needle_len(self) -> int:
@@ -329,6 +334,9 @@ def make_sample(
             f"answer of needle {needle.id!r} not recoverable from its tokens: decoded span is {answer_text[:80]!r}"
         )
     doc_tokens = len(tokenizer(document, add_special_tokens=False)["input_ids"])
+    d_start, d_end = locate_span(enc["offset_mapping"], doc_start, doc_start + len(document))
+    q0 = prompt.find(needle.question, doc_start + len(document))
+    q_start, q_end = locate_span(enc["offset_mapping"], q0, q0 + len(needle.question)) if q0 >= 0 else (-1, -1)
     sid = sample_id(needle.id, length, depth)
     return Sample(
         id=sid,
@@ -342,4 +350,8 @@ def make_sample(
         prompt=prompt,
         answer_start=a_start,
         answer_end=a_end,
+        document_start=d_start,
+        document_end=d_end,
+        question_start=q_start,
+        question_end=q_end,
     )

@@ -276,16 +276,17 @@ def test_answer_span_scores_and_every_attention_score_from_one_pass(tmp_path, cf
         assert rec["span"] == "answer" and rec["span_tokens"] == rec["answer_end"] - rec["answer_start"]
         assert rec["needle_start"] <= rec["answer_start"] < rec["answer_end"] <= rec["needle_end"]
         assert rec["span_tokens"] < rec["needle_tokens"]
-        assert set(rec["attention_scores"]) == {"topk_mass", "needle_mass", "distant_mass"}
+        assert set(rec["attention_scores"]) == {"topk_mass", "needle_mass", "distant_mass", "query_focus"}
     per = res.per_sample
     counts = np.array([r["copy_counts"] for r in res.records], dtype=float)
     np.testing.assert_allclose(per, counts / np.array([r["span_tokens"] for r in res.records])[:, None, None])
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert summary["score"] == "copy" and set(summary["other_scores"]) == {"topk_mass", "needle_mass", "distant_mass"}
+    assert summary["score"] == "copy"
+    assert set(summary["other_scores"]) == {"topk_mass", "needle_mass", "distant_mass", "query_focus"}
     assert 0 <= summary["top_10_stability"] <= 1
     low, high = np.array(summary["intervals"]["low"], float), np.array(summary["intervals"]["high"], float)
     assert (low <= res.scores + 1e-12).all() and (res.scores <= high + 1e-12).all()
-    for name in ("topk_mass", "needle_mass", "distant_mass"):
+    for name in ("topk_mass", "needle_mass", "distant_mass", "query_focus"):
         other = DetectionResult.load(tmp_path / "a" / "scores" / f"{name}.json")
         np.testing.assert_allclose(
             other.scores, DetectionResult.load(tmp_path / "a").with_score(name).scores, atol=1e-6

@@ -163,7 +163,13 @@ def test_other_scores(runs):
     full = DetectionResult.load(runs / "full" / "det")
     rows = _table(D.generate("other-scores docs/runs/det", runs))
     assert rows[0] == "| score | top-5 heads (score) | top-10 stability |"
-    assert [r.split(" | ")[0] for r in rows[2:]] == ["| copy", "| distant_mass", "| needle_mass", "| topk_mass"]
+    assert [r.split(" | ")[0] for r in rows[2:]] == [
+        "| copy",
+        "| distant_mass",
+        "| needle_mass",
+        "| query_focus",
+        "| topk_mass",
+    ]
     needle = full.with_score("needle_mass")
     heads = ", ".join(f"L{h.layer}-H{h.head} {h.score:.3f}" for h in needle.top(5))
     assert f"| needle_mass | {heads} | {needle.top_k_stability(10):.2f} |" in rows

@@ -47,6 +47,11 @@ def same_row_scores(a, b, msg="", atol=1e-5):
     for name in ROW_SCORES:
         assert a.row_scores[name].shape == a.argmax.shape
         np.testing.assert_allclose(a.row_scores[name], b.row_scores[name], atol=atol, err_msg=f"{msg} {name}")
+    # the question's rows of the prefill: query focus
+    assert set(a.prompt_scores) == set(b.prompt_scores) == {"query_focus"}
+    qa, qb = a.prompt_scores["query_focus"], b.prompt_scores["query_focus"]
+    assert qa.shape == a.argmax.shape[1:] and ((qa >= 0) & (qa <= 1 + 1e-6)).all()
+    np.testing.assert_allclose(qa, qb, atol=atol, err_msg=f"{msg} query_focus")
 
 
 def decisions(s, out):
@@ -270,6 +275,22 @@ def test_row_scores_by_hand():
         sink=1,
     )
     assert torch.allclose(padded, got)
+
+
+def test_query_focus_by_hand():
+    from retrieval_heads.engines.base import query_focus
+
+    # one head, two question rows; keys at positions 0..5; document [1, 5), span [2, 4)
+    w = torch.tensor(
+        [
+            [
+                [0.5, 0.1, 0.2, 0.1, 0.1, 0.0],  # on document 0.5, on span 0.3 -> 0.6
+                [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+            ]
+        ]
+    )  # nothing on the document -> 0
+    got = query_focus(w, torch.arange(6), (2, 4), (1, 5))
+    assert got.tolist() == pytest.approx([0.3])  # mean of 0.6 and 0
 
 
 def test_attention_scores_aggregate_by_hand():

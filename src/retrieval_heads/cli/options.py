@@ -47,7 +47,7 @@ ScoreName = Annotated[
     typer.Option(
         "--score",
         help="which score of the detection run ranks the heads: copy (the paper's), topk_mass, needle_mass, "
-        "distant_mass",
+        "distant_mass, query_focus",
     ),
 ]
 ScoresModel = Annotated[

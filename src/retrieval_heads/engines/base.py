@@ -26,6 +26,8 @@ class EngineOutput:
     argmax: np.ndarray
     # attention scores of the same rows: name -> float `[n_steps, n_layers, n_heads]` (ROW_SCORES)
     row_scores: dict[str, np.ndarray] | None = None
+    # scores of the prompt's question rows during prefill: name -> float `[n_layers, n_heads]`
+    prompt_scores: dict[str, np.ndarray] | None = None
 
 
 # Attention-based scores read from the same query rows as the argmax (see `row_scores`).
@@ -83,3 +85,22 @@ class Engine(Protocol):
     def run_many(
         self, samples: Iterable[Sample], *, max_new_tokens: int, stop: StopFn
     ) -> Iterator[tuple[Sample, EngineOutput]]: ...
+
+
+def query_focus(
+    weights: torch.Tensor, key_pos: torch.Tensor, span: tuple[int, int], doc: tuple[int, int]
+) -> torch.Tensor:
+    """QRHead-like query focus of the question's rows, per head `[heads]`: for each question token,
+    the share of its attention on the document that lands on the span (the answer's tokens by
+    default), averaged over the question's tokens; a row with no attention on the document adds 0.
+
+    weights: float `[heads, n_question_rows, K]`; key_pos: long `[K]` absolute key positions;
+    span, doc: `[start, end)` token spans.
+    """
+    w = weights.float()
+    in_span = ((key_pos >= span[0]) & (key_pos < span[1])).to(w.dtype)
+    in_doc = ((key_pos >= doc[0]) & (key_pos < doc[1])).to(w.dtype)
+    on_span = w @ in_span  # [heads, rows]
+    on_doc = w @ in_doc
+    share = torch.where(on_doc > 0, on_span / on_doc.clamp(min=torch.finfo(w.dtype).tiny), torch.zeros_like(on_doc))
+    return share.mean(-1)

@@ -47,7 +47,7 @@ import torch
 from ..decoding import greedy
 from ..models import LoadedModel, attention_implementation, attention_modules
 from ..needles import Sample
-from .base import ROW_SCORES, EngineOutput, row_scores
+from .base import ROW_SCORES, EngineOutput, query_focus, row_scores
 from .prefix import PrefixStore
 
 IMPL_NAME = "retrieval_heads_argmax"
@@ -61,6 +61,22 @@ class _Recorder:
     layer_of: dict[int, int]
     rows: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = field(default_factory=dict)
     active: bool = True
+    # query focus of a prefill: what to measure, and layer -> `[n_requests, n_heads]`
+    focus_requests: list[FocusRequest] = field(default_factory=list)
+    focus: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FocusRequest:
+    """Measure the query focus of batch row `b` in the next multi-token forward, whose first query
+    sits at position `first`; positions of the question, the scored span and the document are in
+    that forward's numbering (padded positions in a left-padded batch)."""
+
+    b: int
+    first: int
+    question: tuple[int, int]
+    span: tuple[int, int]
+    document: tuple[int, int]
 
 
 _RECORDER: ContextVar[_Recorder | None] = ContextVar("retrieval_heads_recorder", default=None)
@@ -106,6 +122,38 @@ def last_row_weights(
     return torch.softmax(logits, dim=-1, dtype=torch.float32)
 
 
+def question_focus(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    softcap: float | None,
+    req: FocusRequest,
+) -> torch.Tensor:
+    """`[n_heads]` query focus (`base.query_focus`) of the question's rows of batch row `req.b`,
+    from the weights SDPA would compute for those rows (fp32 softmax, as `last_row_weights`)."""
+    _, h, q_len, d = query.shape
+    kv, k_len = key.shape[1], key.shape[2]
+    r0, r1 = req.question[0] - req.first, req.question[1] - req.first
+    q = query[req.b, :, r0:r1, :].reshape(kv, h // kv, r1 - r0, d)  # repeat_kv order
+    scale = d**-0.5 if scaling is None else scaling
+    logits = (torch.matmul(q, key[req.b, :, None].transpose(-1, -2)) * scale).reshape(h, r1 - r0, k_len)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if attention_mask is not None:
+        m = attention_mask[min(req.b, attention_mask.shape[0] - 1), :, r0:r1, -k_len:]  # [1|heads, rows, K]
+        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m
+    weights = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    last = req.first + q_len  # keys end at the forward's last query position
+    key_pos = torch.arange(last - k_len, last, device=query.device)
+    return query_focus(weights, key_pos, req.span, req.document)
+
+
+def has_focus_spans(sample: Sample) -> bool:
+    """Whether the sample locates its question and document (samples of `needles.make_sample` do)."""
+    return sample.question_start > 0 and sample.question_end > sample.question_start and sample.document_start >= 0
+
+
 def _delegate(module: torch.nn.Module, softcap: float | None) -> Callable[..., Any]:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -132,7 +180,12 @@ def argmax_attention(
     rec = _RECORDER.get()
     if rec is not None and rec.active and id(module) in rec.layer_of:
         w = last_row_weights(query, key, attention_mask, scaling, softcap)
-        rec.rows[rec.layer_of[id(module)]] = (w.to(query.dtype).argmax(dim=-1), key.shape[2], w)
+        layer = rec.layer_of[id(module)]
+        rec.rows[layer] = (w.to(query.dtype).argmax(dim=-1), key.shape[2], w)
+        if rec.focus_requests and query.shape[2] > 1:  # a prefill holding the question's rows
+            rec.focus[layer] = torch.stack(
+                [question_focus(query, key, attention_mask, scaling, softcap, r) for r in rec.focus_requests]
+            )
     out: tuple[torch.Tensor, Any] = _delegate(module, softcap)(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )
@@ -226,9 +279,13 @@ class FastEngine:
         n = ids.shape[1]
         if not 0 <= start < n:
             raise ValueError(f"start {start} must be below the prompt length {n}")
+        focus = has_focus_spans(sample)
+        if focus and start > sample.question_start:  # the question's rows must be in this prefill
+            cache, start = None, 0
         cache = self.new_cache() if cache is None else cache
         steps: list[torch.Tensor] = []
         with capture_argmax(model) as rec:
+            rec.focus_requests = [self._focus_request(sample, 0, start)] if focus else []
             generated, _ = greedy(
                 model,
                 ids[:, start:],
@@ -237,9 +294,27 @@ class FastEngine:
                 stop=stop,
                 on_step=lambda t, out: steps.append(self._rows(rec, n + t, sample)),
             )
-        return self._output(generated, steps)
+        return self._output(generated, steps, self._focus_map(rec, 0) if focus else None)
 
-    def _output(self, generated: list[int], steps: list[torch.Tensor]) -> EngineOutput:
+    def _focus_request(self, sample: Sample, b: int, first: int, pad: int = 0) -> FocusRequest:
+        """The query-focus request of a sample prefilled from position `first` (`pad`: its left
+        padding in a batch, which shifts every position)."""
+        span = sample.span(self.span)
+        return FocusRequest(
+            b,
+            first,
+            (sample.question_start + pad, sample.question_end + pad),
+            (span[0] + pad, span[1] + pad),
+            (sample.document_start + pad, sample.document_end + pad),
+        )
+
+    def _focus_map(self, rec: _Recorder, i: int) -> torch.Tensor:
+        """`[n_layers, n_heads]` query focus of request `i` of the last prefill."""
+        return torch.stack([rec.focus[layer][i] for layer in range(self.lm.spec.n_layers)])
+
+    def _output(
+        self, generated: list[int], steps: list[torch.Tensor], focus: torch.Tensor | None = None
+    ) -> EngineOutput:
         """Split the recorded `[n_layers, n_heads, 1 + 3]` step rows into argmax and row scores."""
         spec = self.lm.spec
         rows = (
@@ -251,6 +326,7 @@ class FastEngine:
             generated_ids=generated,
             argmax=rows[..., 0].astype(np.int64),
             row_scores={name: rows[..., 1 + i] for i, name in enumerate(ROW_SCORES)},
+            prompt_scores=None if focus is None else {"query_focus": focus.cpu().numpy()},
         )
 
     def _batch_rows(self, rec: _Recorder, total: int, pads: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
@@ -339,26 +415,36 @@ class FastEngine:
                     ids[b, width - lens[b] :] = torch.tensor(s.prompt_ids, device=device)
                 pos = (mask.cumsum(-1) - 1).clamp(min=0)  # each row counts from its first real token
                 cache = self.new_cache()
+                with_focus = [b for b, s in enumerate(samples) if has_focus_spans(s)]
+                rec.focus_requests = [self._focus_request(samples[b], b, 0, int(pads[b])) for b in with_focus]
                 out = model(
                     input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
                 )
+                focus = {b: self._focus_map(rec, i) for i, b in enumerate(with_focus)}
                 rows, tokens = self._batch_rows(rec, width, pads, spans), out.logits[:, -1].argmax(-1)
             else:
                 row_caches, row_steps, row_tokens = [], [], []
-                for s, (c, start) in zip(samples, caches, strict=True):
+                focus = {}
+                for b, (s, (c, start)) in enumerate(zip(samples, caches, strict=True)):
+                    if has_focus_spans(s) and start > s.question_start:  # the question must be prefilled here
+                        c, start = None, 0
                     c = self.new_cache(full=True) if c is None else c
+                    rec.focus_requests = [self._focus_request(s, 0, start)] if has_focus_spans(s) else []
                     out = model(
                         input_ids=torch.tensor([s.prompt_ids[start:]], device=device),
                         cache=c,
                         use_cache=True,
                         logits_to_keep=1,
                     )
+                    if rec.focus_requests:
+                        focus[b] = self._focus_map(rec, 0)
                     row_steps.append(self._rows(rec, len(s.prompt_ids), s))
                     row_tokens.append(out.logits[0, -1].argmax())
                     row_caches.append(c)
                 cache = self._merge_left_padded(row_caches, lens)
                 del row_caches
                 rows, tokens = torch.stack(row_steps), torch.stack(row_tokens)
+            rec.focus_requests = []  # decode steps hold no question rows
             last_pos = torch.tensor(lens, device=device)[:, None] - 1
             for t in range(max_new_tokens):
                 if t:
@@ -379,7 +465,7 @@ class FastEngine:
                 if not any(live):
                     break
                 mask = torch.cat([mask, mask.new_ones((n_b, 1))], dim=1)
-        return [self._output(g, st) for g, st in zip(generated, steps, strict=True)]
+        return [self._output(g, st, focus.get(b)) for b, (g, st) in enumerate(zip(generated, steps, strict=True))]
 
     def run_many(
         self,

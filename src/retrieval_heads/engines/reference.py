@@ -17,7 +17,7 @@ import torch
 from ..decoding import StopFn, cache_io, greedy
 from ..models import LoadedModel, attention_implementation
 from ..needles import Sample
-from .base import ROW_SCORES, EngineOutput, row_scores
+from .base import ROW_SCORES, EngineOutput, query_focus, row_scores
 
 
 def attention_row_scores(attentions: tuple[torch.Tensor, ...], total: int, span: tuple[int, int]) -> np.ndarray:
@@ -90,12 +90,34 @@ class ReferenceEngine:
                 step_kwargs=positions,
                 on_step=record,
             )
+            focus = self._query_focus(sample, ids)
         shape = (0, self.lm.spec.n_layers, self.lm.spec.n_heads)
         argmax = np.stack(steps) if steps else np.zeros(shape, np.int64)
         per = np.stack(scores) if scores else np.zeros((0, len(ROW_SCORES), *shape[1:]))  # [steps, 3, L, H]
         return EngineOutput(
-            generated_ids=generated, argmax=argmax, row_scores={name: per[:, i] for i, name in enumerate(ROW_SCORES)}
+            generated_ids=generated,
+            argmax=argmax,
+            row_scores={name: per[:, i] for i, name in enumerate(ROW_SCORES)},
+            prompt_scores=None if focus is None else {"query_focus": focus},
         )
+
+    def _query_focus(self, sample: Sample, ids: torch.Tensor) -> np.ndarray | None:
+        """`[n_layers, n_heads]` query focus from a separate eager pass: the prompt up to the
+        question, then the question's rows with their attention weights (never a full n x n
+        matrix); the decode path above is untouched by it."""
+        qs, qe = sample.question_start, sample.question_end
+        if qs < 1 or qe <= qs or sample.document_start < 0:
+            return None
+        model = self.lm.model
+        kw, attr = cache_io(model)
+        cache = getattr(model(input_ids=ids[:, :qs], use_cache=True), attr)
+        out = model(input_ids=ids[:, qs:qe], **{kw: cache}, use_cache=True, output_attentions=True)
+        span, doc = sample.span(self.span), (sample.document_start, sample.document_end)
+        rows = []
+        for a in out.attentions:  # per layer [1, heads, question rows, K_l]: the last K_l keys up to qe
+            key_pos = torch.arange(qe - a.shape[-1], qe, device=a.device)
+            rows.append(query_focus(a[0], key_pos, span, doc))
+        return torch.stack(rows).cpu().numpy()
 
     def run_many(
         self, samples: Iterable[Sample], *, max_new_tokens: int, stop: StopFn
