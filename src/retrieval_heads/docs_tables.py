@@ -180,6 +180,17 @@ def _fmt(x: Any, digits: int) -> str:
     return f"{v:.{digits}f}" if np.isfinite(v) else "n/a"
 
 
+def _ranked(stored: Any, scores: np.ndarray, k: int) -> list[tuple[int, int]]:
+    """The k best heads in the order the run saved (`top` of its summary: ties there were broken by
+    the second score, which needs the per-sample data a snapshot lacks); from the map when fewer
+    than k were saved."""
+    try:
+        heads = [(int(h["layer"]), int(h["head"])) for h in stored or []]
+    except (KeyError, TypeError, ValueError):
+        heads = []
+    return heads[:k] if len(heads) >= k else top_heads(scores, k)
+
+
 def top_heads_table(sources: list[str], options: dict[str, str], root: Path, where: str) -> tuple[str, str]:
     run, result = detection_run(sources[0], root, where)
     k = _int_option(options, "k", 10, where)
@@ -190,12 +201,15 @@ def top_heads_table(sources: list[str], options: dict[str, str], root: Path, whe
     intervals = s.get("intervals") or {}
     if name == primary:
         scores, label = result.scores, "retrieval score" if name == "copy" else f"{name} score"
-        freq = {(h.layer, h.head): h.activation_frequency for h in result.top(k)}
+        af = result.activation_frequency
+        freq = {(layer, head): float(af[layer, head]) for layer in range(af.shape[0]) for head in range(af.shape[1])}
         low, high = intervals.get("low"), intervals.get("high")
+        order = _ranked(s.get("top"), scores, k)
     elif isinstance(other, dict) and name in other:
         try:
             scores, label = np.asarray(other[name]["scores"], dtype=float), f"{name} score"
             freq = {(int(h["layer"]), int(h["head"])): h["activation_frequency"] for h in other[name].get("top", [])}
+            order = _ranked(other[name].get("top"), scores, k)
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{where}: {run.folder / SUMMARY_FILE}: malformed other_scores[{name!r}] ({e})") from None
         low = high = None  # intervals are recorded for the run's own score only
@@ -207,7 +221,7 @@ def top_heads_table(sources: list[str], options: dict[str, str], root: Path, whe
         f"| rank | layer | head | {label} | {ci} | activation frequency |",
         "|---:|---:|---:|---:|---|---:|",
     ]
-    for rank, (layer, head) in enumerate(top_heads(scores, k), 1):
+    for rank, (layer, head) in enumerate(order, 1):
         try:
             interval = f"[{low[layer][head]:.3f}, {high[layer][head]:.3f}]" if low and high else "-"
         except (TypeError, IndexError, ValueError):  # a head not scored (null) or a malformed map
@@ -252,15 +266,17 @@ def other_scores_table(sources: list[str], options: dict[str, str], root: Path, 
     run, result = detection_run(sources[0], root, where)
     k = _int_option(options, "k", 5, where)
     s = run.summary
-    rows = [(str(s.get("score", "copy")), result.scores, s.get("top_10_stability"))]
+    rows = [(str(s.get("score", "copy")), result.scores, s.get("top_10_stability"), s.get("top"))]
     other = s.get("other_scores") or {}
     try:
-        rows += [(n, np.asarray(o["scores"], dtype=float), o.get("top_10_stability")) for n, o in other.items()]
+        rows += [
+            (n, np.asarray(o["scores"], dtype=float), o.get("top_10_stability"), o.get("top")) for n, o in other.items()
+        ]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DataError(f"{where}: {run.folder / SUMMARY_FILE}: malformed other_scores ({e})") from None
     lines = [f"| score | top-{k} heads (score) | top-10 stability |", "|---|---|---:|"]
-    for name, scores, stability in rows:
-        heads = ", ".join(f"{head_label(l, h)} {_fmt(scores[l, h], 3)}" for l, h in top_heads(scores, k))
+    for name, scores, stability, stored in rows:
+        heads = ", ".join(f"{head_label(l, h)} {_fmt(scores[l, h], 3)}" for l, h in _ranked(stored, scores, k))
         lines.append(f"| {name} | {heads} | {_fmt(stability, 2)} |")
     return "\n".join(lines), provenance([run], [])
 

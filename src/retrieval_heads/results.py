@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, DataError
-from .heads import top_heads
+from .heads import rank_heads, top_heads
 from .reference import is_reference, is_reference_map, parse_reference_map, reference_path
 from .runs import CONFIG_FILE, RECORDS_FILE, SCORES_FILE, SUMMARY_FILE, read_config, read_numbered_records
 from .scorefile import MAX_HEADS, MAX_LAYERS, atomic_write_text, parse_scores, read_json, read_scores, write_scores
@@ -230,10 +230,33 @@ class DetectionResult:
     def n_kept(self) -> int:
         return self.aggregates[2] if self.aggregates else int(self.per_sample.shape[0])
 
+    @property
+    def tiebreak(self) -> np.ndarray | None:
+        """The second score that breaks ties in every ranking of this result: `topk_mass` for the
+        copy score (dense: it orders the many heads that never copy), the copy score for any other
+        score, else the activation frequency; never the layer index (that comes only after)."""
+        second = "topk_mass" if self.score_name == "copy" else "copy"
+        pool = {self.score_name: self.per_sample, **self.extra}
+        if second in pool and pool[second].shape[0]:
+            return np.asarray(pool[second].mean(axis=0), dtype=float)
+        return self.activation_frequency if self.n_kept else None
+
+    def ranking_scores(self) -> np.ndarray:
+        """A `[n_layers, n_heads]` map whose order is this result's ranking (score, then the
+        tie-break score): n_heads_total - position, NaN where not scored. For consumers that take
+        one map to rank by (KV-head rankings, masking conditions)."""
+        s = self.scores
+        order = rank_heads(s, self.tiebreak)
+        out = np.full(s.shape, np.nan)
+        for pos, (layer, head) in enumerate(order):
+            if not np.isnan(s[layer, head]):
+                out[layer, head] = float(len(order) - pos)
+        return out
+
     def top(self, k: int = 20) -> list[HeadScore]:
         """The k heads with the highest retrieval score (NaN last; ties: lower layer, then lower head)."""
         s, f = self.scores, self.activation_frequency
-        return [HeadScore(l, h, float(s[l, h]), float(f[l, h])) for l, h in top_heads(s, k)]
+        return [HeadScore(l, h, float(s[l, h]), float(f[l, h])) for l, h in top_heads(s, k, self.tiebreak)]
 
     def retrieval_heads(self, threshold: float = RETRIEVAL_THRESHOLD) -> list[tuple[int, int]]:
         return [(int(l), int(h)) for l, h in zip(*np.nonzero(np.nan_to_num(self.scores) > threshold), strict=True)]

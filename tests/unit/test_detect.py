@@ -374,3 +374,21 @@ def test_score_agreement_and_top_head_intervals():
     assert agree.loc[("copy", "reversed"), "top3_overlap"] == 0.0
     top = A.top_heads(r, 3)
     assert (top["ci_low"] <= top["score"]).all() and (top["score"] <= top["ci_high"]).all()
+
+
+def test_ties_are_broken_by_a_second_score_not_by_layer():
+    from retrieval_heads.experiments.conditions import build_conditions, tiebreak_map
+
+    # copy scores tie at 0.5 for (0, 0) and (1, 1); topk_mass prefers (1, 1)
+    per = np.array([[[0.5, 0.0], [0.0, 0.5]]] * 2)
+    topk = np.array([[[0.1, 0.0], [0.0, 0.9]]] * 2)
+    r = DetectionResult("m", per, extra={"topk_mass": topk})
+    assert [(h.layer, h.head) for h in r.top(2)] == [(1, 1), (0, 0)]
+    assert r.ranking_scores()[1, 1] > r.ranking_scores()[0, 0]
+    conds = build_conditions(r.scores, (1,), (), tiebreak=tiebreak_map(r))
+    assert [c.heads for c in conds if c.kind == "top"] == [((1, 1),)]
+    # ranked by topk_mass, its ties (none here) would go by the copy score
+    assert r.with_score("topk_mass").tiebreak.tolist() == r.scores.tolist()
+    # without other scores, the activation frequency breaks ties
+    per2 = np.array([[[0.5, 0.5]], [[0.5, 0.0]], [[0.5, 1.0]]])  # same mean 0.5; head 0 copies in 3 of 3
+    assert [(h.layer, h.head) for h in DetectionResult("m", per2).top(2)] == [(0, 0), (0, 1)]

@@ -102,6 +102,12 @@ def score_map(scores: DetectionResult | np.ndarray) -> np.ndarray:
     return np.asarray(scores.scores if isinstance(scores, DetectionResult) else scores, dtype=float)
 
 
+def tiebreak_map(scores: DetectionResult | np.ndarray) -> np.ndarray | None:
+    """The second score that breaks ties in the ranking (`DetectionResult.tiebreak`); None for a
+    bare array (its ties then go to the lower layer and head)."""
+    return scores.tiebreak if isinstance(scores, DetectionResult) else None
+
+
 def count_tokens(lm: LoadedModel) -> Callable[[str], int]:
     """Text length in the model's tokens (what `Task.docs` pads contexts with)."""
     return lambda text: len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -132,14 +138,16 @@ def build_conditions(
     watch: int = 0,
     *,
     pool: str = DEFAULT_RANDOM_POOL,
+    tiebreak: np.ndarray | None = None,
 ) -> list[Condition]:
     """Validate K values against the head count and build the conditions, base first.
 
-    Top-K: the K best heads of `rank_heads(scores)`. Random: per seed, K heads drawn from
-    `random_pool(scores, order, K, pool)` (`heads.random_heads`). `watch`: per condition, the
-    best-ranked heads that are not masked (whose attention an experiment may follow)."""
+    Top-K: the K best heads of `rank_heads(scores, tiebreak)` (ties by the second score).
+    Random: per seed, K heads drawn from `random_pool(scores, order, K, pool)`
+    (`heads.random_heads`). `watch`: per condition, the best-ranked heads that are not masked
+    (whose attention an experiment may follow)."""
     n = int(scores.size)
-    order = rank_heads(scores)
+    order = rank_heads(scores, tiebreak)
     out: list[Condition] = []
     check_random_pool(pool)
     if np.isnan(scores).all():

@@ -231,7 +231,9 @@ def kv_eval(
         haystack_name=config.haystack,
     )
     with Run(header, out=out, overwrite=overwrite, desc=f"kv-eval {lm.spec.name}", show_progress=show_progress) as run:
-        rankings = {"retrieval": kv_head_scores(s, lm.spec)}  # measured ones are records (resume)
+        # ties of the score (many heads at 0) go by the second score (DetectionResult.ranking_scores)
+        by = scores.ranking_scores() if isinstance(scores, DetectionResult) else s
+        rankings = {"retrieval": kv_head_scores(by, lm.spec)}  # measured ones are records (resume)
         measured = [n for n in MEASURED_RANKINGS if n in config.policies]
         rank_samples = (
             [

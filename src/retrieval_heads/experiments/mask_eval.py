@@ -49,6 +49,7 @@ from .conditions import (
     prompts,
     run_masked,
     score_map,
+    tiebreak_map,
 )
 from .mask_results import LOCATIONS, MaskEvalResult
 from .runner import Run, check_scores, run_header
@@ -122,7 +123,9 @@ def mask_eval(
     """
     s = score_map(scores)
     _validate(lm, s, config)
-    conditions = build_conditions(s, config.ks, config.random_seeds, config.watch, pool=config.random_pool)
+    conditions = build_conditions(
+        s, config.ks, config.random_seeds, config.watch, pool=config.random_pool, tiebreak=tiebreak_map(scores)
+    )
     task = NIAH(config.needles, config.lengths, config.depths, config.haystack, config.max_new_tokens)
     task.prepare(lm.tokenizer, config.chat)
     header = run_header(

@@ -106,14 +106,9 @@ class MaskEvalResult(ExperimentResult):
         for c in self.conditions:
             rs = self._by(c.id)
             failed = [r for r in rs if r["error_kind"] != "retrieved"]
-            loc = {
-                k: (float(np.nanmean([r["attention"][k] for r in failed])) if failed else float("nan"))
-                for k in LOCATIONS
-            }
             ok = [r for r in rs if r["error_kind"] == "retrieved"]
-            loc_ok = {
-                k: (float(np.nanmean([r["attention"][k] for r in ok])) if ok else float("nan")) for k in LOCATIONS
-            }
+            loc = {k: _mean_share(failed, k) for k in LOCATIONS}
+            loc_ok = {k: _mean_share(ok, k) for k in LOCATIONS}
             rows.append(
                 {
                     "condition": c.id,
@@ -202,3 +197,10 @@ class MaskEvalResult(ExperimentResult):
                 f"{e['hallucination']} | {e['wrong_extraction']} | {att} |"
             )
         return "\n".join(lines)
+
+
+def _mean_share(records: list[dict[str, Any]], location: str) -> float:
+    """Mean attention share at `location` over records that have one (None/NaN: no watched head
+    attended, e.g. every watched head masked); NaN when none has."""
+    vals = [v for v in (r["attention"][location] for r in records) if v is not None and v == v]
+    return float(np.mean(vals)) if vals else float("nan")

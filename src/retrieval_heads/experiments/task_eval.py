@@ -41,6 +41,7 @@ from .conditions import (
     prompts,
     run_masked,
     score_map,
+    tiebreak_map,
 )
 from .runner import Run, check_scores, run_header
 from .stats import bootstrap_ci
@@ -102,7 +103,9 @@ def task_eval(
     s = score_map(scores)
     task = get_task(config.task, **config.task_args)
     _validate(lm, s, config, task)
-    conditions = build_conditions(s, (0, config.k), config.random_seeds, pool=config.random_pool)
+    conditions = build_conditions(
+        s, (0, config.k), config.random_seeds, pool=config.random_pool, tiebreak=tiebreak_map(scores)
+    )
     limit = config.limit or task.default_limit
     task.prepare(lm.tokenizer, config.chat)
     docs = task.docs(limit, config.seed, count_tokens(lm))
