@@ -80,40 +80,6 @@ def _name(name: str | None) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class FullPolicy(KVPolicy):
-    """Every KV head keeps every token (the reference); `sink`/`window` cut no head."""
-
-    name: str = "full"
-    sink: int = 4
-    window: int = 64
-
-    def whole_mask(self, spec: ModelSpec) -> np.ndarray:
-        return np.ones((spec.n_layers, spec.n_kv_heads), dtype=bool)
-
-    def eviction(self) -> Eviction:
-        return SinkWindowEviction(self.sink, self.window)
-
-    def describe(self) -> dict[str, Any]:
-        return {"policy": self.name, "sink": self.sink, "window": self.window}
-
-    @classmethod
-    def for_budget(
-        cls,
-        spec: ModelSpec,
-        budget: float,
-        n_tokens: int,
-        *,
-        sink: int = 4,
-        window: int = 60,
-        ranking: np.ndarray | None = None,
-        name: str | None = None,
-        dense_prefill: bool = True,
-    ) -> FullPolicy:
-        """The full cache, whatever the budget (it is the reference the budget is a share of)."""
-        return cls(**_name(name), sink=sink, window=window, dense_prefill=dense_prefill)
-
-
-@dataclass(frozen=True)
 class SinkWindowPolicy(KVPolicy):
     """StreamingLLM for every head: the first `sink` tokens plus the last `window`."""
 
@@ -146,6 +112,32 @@ class SinkWindowPolicy(KVPolicy):
         """Sink + window = `budget * n_tokens` tokens per head (the budget sets the window)."""
         keep = max(sink + 1, int(round(budget * n_tokens)))  # noqa: RUF046  (budget may be a NumPy 1.x float)
         return cls(**_name(name), sink=sink, window=keep - sink, dense_prefill=dense_prefill)
+
+
+@dataclass(frozen=True)
+class FullPolicy(SinkWindowPolicy):
+    """Every KV head keeps every token (the reference); `sink`/`window` cut no head."""
+
+    name: str = "full"
+
+    def whole_mask(self, spec: ModelSpec) -> np.ndarray:
+        return np.ones((spec.n_layers, spec.n_kv_heads), dtype=bool)
+
+    @classmethod
+    def for_budget(
+        cls,
+        spec: ModelSpec,
+        budget: float,
+        n_tokens: int,
+        *,
+        sink: int = 4,
+        window: int = 60,
+        ranking: np.ndarray | None = None,
+        name: str | None = None,
+        dense_prefill: bool = True,
+    ) -> FullPolicy:
+        """The full cache, whatever the budget (it is the reference the budget is a share of)."""
+        return cls(**_name(name), sink=sink, window=window, dense_prefill=dense_prefill)
 
 
 @dataclass(frozen=True)
