@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError
+from .scorefile import MAX_HEADS, MAX_LAYERS  # the bounds every score reader uses
 
 REFERENCE_DIR = Path(__file__).parent / "data" / "reference"
 PREFIX = "ref:"
@@ -31,7 +32,6 @@ AUTHORS_SEVEN = (
     "Qwen1.5-14B-Chat",
 )
 HEADKV = ("Mistral-7B-Instruct-v0.2", "Meta-Llama-3-8B-Instruct")
-MAX_SIDE = 4096  # layers or heads; bounds what a map may allocate
 
 
 def reference_names() -> list[str]:
@@ -60,7 +60,7 @@ def parse_reference_map(obj: dict[str, Any], source: str) -> tuple[np.ndarray, n
     """(retrieval score, activation frequency, n_kept, provenance) of a map, validated."""
     try:
         n_layers, n_heads, n_kept = int(obj["n_layers"]), int(obj["n_heads"]), int(obj["n_kept"])
-        if not (0 < n_layers <= MAX_SIDE and 0 < n_heads <= MAX_SIDE and n_kept >= 0):
+        if not (0 < n_layers <= MAX_LAYERS and 0 < n_heads <= MAX_HEADS and n_kept >= 0):
             raise ValueError("shape or count out of range")
         scores = np.asarray(obj["retrieval_score"], dtype=float)
         freq = np.asarray(obj["activation_frequency"], dtype=float)

@@ -18,6 +18,9 @@ from .runs import CONFIG_FILE, RECORDS_FILE, SCORES_FILE, SUMMARY_FILE, read_con
 from .scorefile import MAX_HEADS, MAX_LAYERS, atomic_write_text, parse_scores, read_json, read_scores, write_scores
 from .scoring import aggregate
 
+# Bootstrap of the per-head scores over kept samples (intervals, top-K stability); saved in summaries.
+N_BOOT, CI, BOOT_SEED = 1000, 0.95, 0
+
 SCORES_DIR = "scores"  # the other scores, one authors'-format file each
 
 RETRIEVAL_THRESHOLD = 0.1  # paper: a head is a retrieval head when its score > 0.1
@@ -164,7 +167,9 @@ class DetectionResult:
         rest = {n: v for n, v in pool.items() if n != name}
         return DetectionResult(self.name, pool[name], self.records, self.config, None, rest, name)
 
-    def intervals(self, *, n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def intervals(
+        self, *, n_boot: int = N_BOOT, ci: float = CI, seed: int = BOOT_SEED
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Percentile bootstrap interval of each head's score over kept samples: (low, high), each
         `[n_layers, n_heads]` (NaN without per-sample scores)."""
         means = self._bootstrap_means(n_boot, seed)
@@ -174,7 +179,7 @@ class DetectionResult:
         lo, hi = np.quantile(means, [(1 - ci) / 2, 1 - (1 - ci) / 2], axis=0)
         return lo.reshape(self.shape), hi.reshape(self.shape)
 
-    def top_k_stability(self, k: int = 10, *, n_boot: int = 1000, seed: int = 0) -> float:
+    def top_k_stability(self, k: int = 10, *, n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> float:
         """Mean Jaccard index between the top-k heads and the top-k of each bootstrap resample of
         the kept samples (1 = the same heads whatever the resample; NaN without per-sample scores)."""
         means = self._bootstrap_means(n_boot, seed)
@@ -280,9 +285,9 @@ class DetectionResult:
             "activation_frequency": _json_map(self.activation_frequency),
             "intervals": {
                 "method": "percentile bootstrap over kept samples",
-                "n_boot": 1000,
-                "ci": 0.95,
-                "seed": 0,
+                "n_boot": N_BOOT,
+                "ci": CI,
+                "seed": BOOT_SEED,
                 "low": _json_map(low),
                 "high": _json_map(high),
             },
