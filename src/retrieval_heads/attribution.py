@@ -1,0 +1,1 @@
+"""Answer attribution (issue 19): where each generated token came from. Placeholder."""

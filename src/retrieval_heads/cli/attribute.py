@@ -1,0 +1,1 @@
+"""`retrieval-heads attribute` (issue 19). Placeholder."""

@@ -1,0 +1,1 @@
+"""`retrieval-heads finetune-eval` (issue 17). Placeholder."""

@@ -1,0 +1,1 @@
+"""Compatibility with older transformers releases (issue 16). Placeholder."""

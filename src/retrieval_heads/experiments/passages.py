@@ -1,0 +1,1 @@
+"""Passage ranking experiment (issue 19). Placeholder."""

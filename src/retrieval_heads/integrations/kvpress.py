@@ -1,0 +1,1 @@
+"""kvpress integration (issue 16): our head scores as a kvpress press. Placeholder."""
