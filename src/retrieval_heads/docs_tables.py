@@ -30,8 +30,9 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -41,7 +42,7 @@ from .heads import top_heads
 from .reference import is_reference
 from .results import RETRIEVAL_THRESHOLD, DetectionResult
 from .runs import CONFIG_FILE, SUMMARY_FILE, TABLE_FILE, is_run_config, read_config
-from .scorefile import atomic_write_text, read_json
+from .scorefile import atomic_write, atomic_write_text, read_json
 
 COMMAND = "retrieval-heads docs-tables"
 OPEN = re.compile(r"<!-- table:(?P<spec>.*?)-->\s*")  # a whole line
@@ -381,9 +382,14 @@ def update(paths: Sequence[str | Path], root: str | Path = ".", *, check: bool =
     return tables
 
 
+def _write_bytes(data: bytes, fh: IO[bytes]) -> None:
+    fh.write(data)
+
+
 def snapshot(run: str | Path, dest_dir: str | Path = SNAPSHOT_DIR) -> Path:
     """Copy what the tables read from a finished run folder (config.json, summary.json and, for
-    experiments, table.md; never the records) into `dest_dir/<the run folder's name>/`."""
+    experiments, table.md; never the records) into `dest_dir/<the run folder's name>/`, with the
+    run's PNG figures so that the docs show the figure of the same run as the table."""
     src = Path(run)
     config = read_config(src)
     if not is_run_config(config):
@@ -396,7 +402,10 @@ def snapshot(run: str | Path, dest_dir: str | Path = SNAPSHOT_DIR) -> Path:
     if dest.resolve() == src.resolve():
         raise ConfigError(f"{src} is already a snapshot in {dest_dir}")
     texts = {f: (src / f).read_text(encoding="utf-8") for f in SNAPSHOT_FILES if (src / f).is_file()}
+    figures = {f.name: f.read_bytes() for f in sorted(src.glob("*.png")) if f.is_file()}
     dest.mkdir(parents=True, exist_ok=True)
+    for name, data in figures.items():
+        atomic_write(dest / name, partial(_write_bytes, data))
     for f in SNAPSHOT_FILES:
         if f in texts:
             atomic_write_text(dest / f, texts[f])

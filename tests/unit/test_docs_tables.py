@@ -122,6 +122,17 @@ def test_snapshots_hold_no_records(runs):
             assert (runs / "docs" / "runs" / name / f).read_text() == (runs / "full" / name / f).read_text()
 
 
+def test_snapshot_keeps_the_run_figures(runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "mask"
+    shutil.copytree(runs / "full" / "mask", run)
+    (run / "mask_eval.png").write_bytes(b"\x89PNG fake figure")
+    dest = D.snapshot(run, tmp_path / "snap")
+    assert (dest / "mask_eval.png").read_bytes() == b"\x89PNG fake figure"
+    assert not (dest / "records.jsonl").exists()
+
+
 def test_top_heads_from_a_summary_equal_the_full_run(runs):
     full = DetectionResult.load(runs / "full" / "det")
     text = D.generate("top-heads docs/runs/det k=4", runs)
