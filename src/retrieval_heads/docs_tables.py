@@ -17,7 +17,7 @@ to the current directory, the repository root) or `ref:<name>` (a shipped refere
                   (k=10; score=NAME ranks by another of the run's scores)
     sparsity      detection runs and ref maps: share of heads per score bin, retrieval heads
     other-scores  one detection run: the top heads of each score and its top-10 stability (k=5)
-    kv-eval, mask-eval, task-eval   one experiment run: its table.md
+    kv-eval, mask-eval, task-eval, grounding-eval, passage-rank   one experiment run: its table.md
 
 Only `config.json`, `summary.json` and `table.md` are read, never the records, so the trimmed
 copies that `snapshot` makes under `docs/runs/<name>/` regenerate every table in a fresh clone.
@@ -94,10 +94,13 @@ def read_run(source: str, root: Path, where: str, *, summary: bool = True) -> Ru
     return Run(source, folder, config, obj)
 
 
+EXPERIMENT_KINDS = ("mask-eval", "kv-eval", "task-eval", "grounding-eval", "passage-rank")
+
+
 def experiment_kind(config: dict[str, Any]) -> str | None:
     """'mask-eval', 'kv-eval' or 'task-eval' for an experiment's config, None for detection."""
     for key in ("task", "kind"):  # task-eval records its task under "task", its kind under "kind"
-        if config.get(key) in ("mask-eval", "kv-eval", "task-eval"):
+        if config.get(key) in EXPERIMENT_KINDS:
             return str(config[key])
     return None
 
@@ -108,19 +111,10 @@ def detection_run(source: str, root: Path, where: str) -> tuple[Run, DetectionRe
     other = experiment_kind(run.config)
     if other:
         raise DataError(f"{where}: {source} is a {other} run, not a detection run")
-    s = run.summary
     try:
-        result = DetectionResult.from_aggregate(
-            str(s.get("name") or run.config["model"]),
-            np.asarray(s["scores"], dtype=float),  # null (not scored) -> NaN
-            np.asarray(s["activation_frequency"], dtype=float),
-            int(s["n_kept"]),
-            run.config,
-        )
-        if result.scores.ndim != 2 or result.activation_frequency.shape != result.scores.shape:
-            raise ValueError("maps are not [layer][head] of one shape")
-    except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{where}: {run.folder / SUMMARY_FILE} is not a detection summary ({e})") from None
+        result = DetectionResult.from_summary(run.summary, run.config, str(run.folder / SUMMARY_FILE))
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
     return run, result
 
 
@@ -304,6 +298,8 @@ KINDS: dict[str, tuple[Callable[[list[str], dict[str, str], Path, str], tuple[st
     "kv-eval": (experiment_table("kv-eval"), (), False),
     "mask-eval": (experiment_table("mask-eval"), (), False),
     "task-eval": (experiment_table("task-eval"), (), False),
+    "grounding-eval": (experiment_table("grounding-eval"), (), False),
+    "passage-rank": (experiment_table("passage-rank"), (), False),
 }
 
 

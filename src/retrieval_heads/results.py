@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +161,11 @@ class DetectionResult:
         """The same result with `name` as its score (rankings, top heads, sparsity follow it)."""
         if name == self.score_name:
             return self
+        if not self.has_per_sample:
+            raise ConfigError(
+                f"{self.name} holds aggregates of its {self.score_name!r} score only (a summary, snapshot or"
+                f" shipped map); score {name!r} needs the run folder with its records"
+            )
         pool = {self.score_name: self.per_sample, **self.extra}
         if name not in pool:
             raise ConfigError(f"{self.name} has no score {name!r}; it has: {', '.join(self.score_names())}")
@@ -213,6 +218,35 @@ class DetectionResult:
     ) -> DetectionResult:
         s, f = np.asarray(scores, dtype=float), np.asarray(activation_frequency, dtype=float)
         return cls(name, np.zeros((0, *s.shape)), [], dict(config or {}), (s, f, int(n_kept)))
+
+    @classmethod
+    def from_summary(cls, summary: Any, config: dict[str, Any], source: str) -> DetectionResult:
+        """From a run's summary.json: its main score's aggregates (no per-sample scores, so no
+        intervals); the other scores' means are kept only to break ties as the full run does."""
+        if not isinstance(summary, dict):
+            raise DataError(f"{source}: must be a JSON object")
+        try:
+            scores = np.asarray(summary["scores"], dtype=float)  # null (not scored) -> NaN
+            freq = np.asarray(summary["activation_frequency"], dtype=float)
+            if scores.ndim != 2 or freq.shape != scores.shape:
+                raise ValueError("maps are not [layer][head] of one shape")
+            if not (0 < scores.shape[0] <= MAX_LAYERS and 0 < scores.shape[1] <= MAX_HEADS):
+                raise ValueError(f"shape {scores.shape} out of bounds")
+            name = str(summary.get("name") or config.get("model", "run"))
+            others = {
+                str(n): np.asarray(m["scores"], dtype=float)[None]  # one row: its mean is the aggregate
+                for n, m in (summary.get("other_scores") or {}).items()
+            }
+            if any(o.shape[1:] != scores.shape for o in others.values()):
+                raise ValueError("other scores are not of the main score's shape")
+            result = replace(
+                cls.from_aggregate(name, scores, freq, int(summary["n_kept"]), config),
+                score_name=str(summary.get("score", "copy")),
+                extra=others,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{source} is not a detection summary ({e})") from None
+        return result
 
     @property
     def has_per_sample(self) -> bool:
@@ -331,7 +365,9 @@ class DetectionResult:
                 return cls.from_records(name, records, config, source=str(p / RECORDS_FILE), lines=lines)
             if (p / SCORES_FILE).exists():
                 return cls(config.get("model", p.name), read_scores(p / SCORES_FILE), [], config)
-            raise DataError(f"{p}: no records or score file in this folder")
+            if (p / SUMMARY_FILE).exists():  # a snapshot (docs/runs/): aggregates only
+                return cls.from_summary(read_json(p / SUMMARY_FILE), config, str(p / SUMMARY_FILE))
+            raise DataError(f"{p}: no records, score file or summary in this folder")
         if not p.exists():
             raise DataError(f"{p}: not found")
         obj = read_json(p)

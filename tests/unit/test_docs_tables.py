@@ -13,7 +13,7 @@ import pytest
 
 from retrieval_heads import docs_tables as D
 from retrieval_heads.detect import DetectConfig, Grid, detect
-from retrieval_heads.errors import DataError
+from retrieval_heads.errors import ConfigError, DataError
 from retrieval_heads.needles import Needle
 from retrieval_heads.results import DetectionResult
 from retrieval_heads.runs import NON_SEMANTIC_KEYS, RunFolder
@@ -123,8 +123,6 @@ def test_snapshots_hold_no_records(runs):
 
 
 def test_snapshot_keeps_the_run_figures(runs, tmp_path):
-    import shutil
-
     run = tmp_path / "mask"
     shutil.copytree(runs / "full" / "mask", run)
     (run / "mask_eval.png").write_bytes(b"\x89PNG fake figure")
@@ -321,3 +319,22 @@ def test_readme_and_docs_tables_are_up_to_date():
     files = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
     stale = [str(t) for t in D.update(files, REPO, check=True) if t.stale]
     assert not stale, "\n".join(stale)
+
+
+def test_a_snapshot_loads_as_a_score_source(runs):
+    """A fresh clone can mask, evaluate or export with a committed snapshot instead of a detection run."""
+    full = DetectionResult.load(runs / "full" / "det")
+    snap = DetectionResult.load(runs / "docs" / "runs" / "det")
+    assert not snap.has_per_sample and snap.score_name == full.score_name
+    np.testing.assert_allclose(snap.scores, full.scores, atol=1e-6)
+    assert snap.top(5) == full.top(5)
+    with pytest.raises(ConfigError, match="needs the run folder"):
+        snap.with_score("topk_mass")
+
+
+def test_a_bad_snapshot_summary_is_one_clear_error(runs, tmp_path):
+    bad = tmp_path / "det"
+    shutil.copytree(runs / "docs" / "runs" / "det", bad)
+    (bad / "summary.json").write_text('{"scores": [[0.1]], "activation_frequency": [[0.1, 0.2]], "n_kept": 1}')
+    with pytest.raises(DataError, match="not a detection summary"):
+        DetectionResult.load(bad)
