@@ -38,6 +38,7 @@ import numpy as np
 
 from .analysis import SPARSITY_BINS, head_label, sparsity_table
 from .errors import ConfigError, DataError
+from .experiments.stats import fmt_interval
 from .heads import top_heads
 from .reference import is_reference
 from .results import RETRIEVAL_THRESHOLD, DetectionResult
@@ -290,6 +291,45 @@ def experiment_table(kind: str) -> Callable[[list[str], dict[str, str], Path, st
     return table
 
 
+def task_summary_table(sources: list[str], options: dict[str, str], root: Path, where: str) -> tuple[str, str]:
+    """One line per task-eval run (its first metric): no mask, top-K masked, random-K masked (seed
+    mean), and the paired top-minus-random difference, each with its saved 95 % interval."""
+    runs, lines = [], []
+    for src in sources:
+        run = read_run(src, root, where)
+        if experiment_kind(run.config) != "task-eval":
+            raise DataError(f"{where}: {src} is not a task-eval run")
+        s = run.summary
+        try:
+            metric = str(s["metrics"][0])
+            rows = {r["kind"]: r for r in s["rows"]}
+            base, top = rows["base"], rows["top"]
+            rand = rows.get("random")
+            k = max(int(c["k"]) for c in run.config["conditions"])
+            seeds = sum(1 for r in s["rows"] if r["kind"] == "random-seed")
+            task = str(s["task"])
+            style = str(s["style"])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise DataError(f"{where}: {run.folder / SUMMARY_FILE} is not a task-eval summary ({e})") from None
+
+        def cell(row: dict[str, Any] | None, metric: str = metric) -> str:
+            v = None if row is None else row.get(metric)
+            if not isinstance(v, dict) or v.get("mean") is None:
+                return "-"
+            return f"{100 * float(v['mean']):.1f} [{100 * float(v['low']):.1f}, {100 * float(v['high']):.1f}]"
+
+        gap = fmt_interval(top.get(metric), "minus_random", scale=100)
+        name = f"{task}, {style}, {metric} (N = {base['n']}, K = {k}, {seeds} random seed{'s' * (seeds != 1)})"
+        lines.append(f"| {name} | {cell(base)} | {cell(top)} | {cell(rand)} | {gap} |")
+        runs.append(run)
+    head = [
+        "| task, prompt, metric (%) | no mask | top-K retrieval heads masked | K random heads masked (seed mean) "
+        "| top minus random, paired |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    return "\n".join(head + lines), provenance(runs, [])
+
+
 # kind -> (build, options it takes, whether it takes several sources)
 KINDS: dict[str, tuple[Callable[[list[str], dict[str, str], Path, str], tuple[str, str]], tuple[str, ...], bool]] = {
     "top-heads": (top_heads_table, ("k", "score"), False),
@@ -298,6 +338,7 @@ KINDS: dict[str, tuple[Callable[[list[str], dict[str, str], Path, str], tuple[st
     "kv-eval": (experiment_table("kv-eval"), (), False),
     "mask-eval": (experiment_table("mask-eval"), (), False),
     "task-eval": (experiment_table("task-eval"), (), False),
+    "task-summary": (task_summary_table, (), True),
     "grounding-eval": (experiment_table("grounding-eval"), (), False),
     "passage-rank": (experiment_table("passage-rank"), (), False),
 }

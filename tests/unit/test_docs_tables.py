@@ -193,6 +193,25 @@ def test_experiment_tables(runs, kind, name):
     )
 
 
+def test_task_summary_lines_follow_the_runs_rows(runs):
+    text = D.generate("task-summary docs/runs/task docs/runs/task", runs)
+    summary = json.loads((runs / "full" / "task" / "summary.json").read_text())
+    m = summary["metrics"][0]
+    rows = {r["kind"]: r for r in summary["rows"]}
+    lines = [line for line in text.splitlines() if line.startswith(f"| {summary['task']}")]
+    assert len(lines) == 2 and lines[0] == lines[1]
+    cells = [c.strip() for c in lines[0].strip("|").split("|")]
+    for cell, kind in zip(cells[1:4], ("base", "top", "random"), strict=True):
+        v = rows[kind][m]
+        assert cell == f"{100 * v['mean']:.1f} [{100 * v['low']:.1f}, {100 * v['high']:.1f}]"
+    top = rows["top"][m]
+    assert cells[4] == (
+        f"{100 * top['minus_random']:+.1f} [{100 * top['minus_random_low']:+.1f}, {100 * top['minus_random_high']:+.1f}]"
+    )
+    with pytest.raises(DataError, match="not a task-eval run"):
+        D.generate("task-summary docs/runs/task docs/runs/mask", runs)
+
+
 def test_a_run_without_date_or_machine(tmp_path):
     d = tmp_path / "old"
     d.mkdir()
