@@ -205,9 +205,8 @@ def test_task_summary_lines_follow_the_runs_rows(runs):
         v = rows[kind][m]
         assert cell == f"{100 * v['mean']:.1f} [{100 * v['low']:.1f}, {100 * v['high']:.1f}]"
     top = rows["top"][m]
-    assert cells[4] == (
-        f"{100 * top['minus_random']:+.1f} [{100 * top['minus_random_low']:+.1f}, {100 * top['minus_random_high']:+.1f}]"
-    )
+    low, high = 100 * top["minus_random_low"], 100 * top["minus_random_high"]
+    assert cells[4] == f"{100 * top['minus_random']:+.1f} [{low:+.1f}, {high:+.1f}]"
     with pytest.raises(DataError, match="not a task-eval run"):
         D.generate("task-summary docs/runs/task docs/runs/mask", runs)
 
