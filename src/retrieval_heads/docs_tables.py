@@ -36,7 +36,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .analysis import SPARSITY_BINS, head_label, sparsity_table
+from .analysis import SPARSITY_BINS, correlation_pairs, head_label, sparsity_table
 from .errors import ConfigError, DataError
 from .experiments.stats import fmt_interval
 from .heads import top_heads
@@ -258,6 +258,31 @@ def sparsity_rows(sources: list[str], options: dict[str, str], root: Path, where
     return "\n".join(lines), provenance(runs, refs)
 
 
+def correlation_table(sources: list[str], options: dict[str, str], root: Path, where: str) -> tuple[str, str]:
+    """Pearson and Spearman correlation of two score maps per line; sources come in pairs (A B A B ...)."""
+    if len(sources) % 2:
+        raise DataError(f"{where}: correlation takes sources in pairs (A B [A B ...]), got {len(sources)}")
+    runs: list[Run] = []
+    refs: list[str] = []
+    lines = ["| model A | model B | heads | Pearson | Spearman |", "|---|---|---:|---:|---:|"]
+    for a, b in zip(sources[::2], sources[1::2], strict=True):
+        pair = []
+        for source in (a, b):
+            run, result = detection_result(source, root, where)
+            pair.append(result)
+            if run is None and source not in refs:
+                refs.append(source)
+            elif run is not None and run.source not in {r.source for r in runs}:
+                runs.append(run)
+        if pair[0].shape != pair[1].shape:
+            raise DataError(f"{where}: {a} {pair[0].shape} and {b} {pair[1].shape} are not of one shape")
+        row = correlation_pairs(pair).iloc[0]
+        lines.append(
+            f"| {pair[0].name} | {pair[1].name} | {row['n_heads']} | {row['pearson']:.3f} | {row['spearman']:.3f} |"
+        )
+    return "\n".join(lines), provenance(runs, refs)
+
+
 def other_scores_table(sources: list[str], options: dict[str, str], root: Path, where: str) -> tuple[str, str]:
     run, result = detection_run(sources[0], root, where)
     k = _int_option(options, "k", 5, where)
@@ -335,6 +360,7 @@ KINDS: dict[str, tuple[Callable[[list[str], dict[str, str], Path, str], tuple[st
     "top-heads": (top_heads_table, ("k", "score"), False),
     "sparsity": (sparsity_rows, (), True),
     "other-scores": (other_scores_table, ("k",), False),
+    "correlation": (correlation_table, (), True),
     "kv-eval": (experiment_table("kv-eval"), (), False),
     "mask-eval": (experiment_table("mask-eval"), (), False),
     "task-eval": (experiment_table("task-eval"), (), False),

@@ -356,3 +356,17 @@ def test_a_bad_snapshot_summary_is_one_clear_error(runs, tmp_path):
     (bad / "summary.json").write_text('{"scores": [[0.1]], "activation_frequency": [[0.1, 0.2]], "n_kept": 1}')
     with pytest.raises(DataError, match="not a detection summary"):
         DetectionResult.load(bad)
+
+
+def test_correlation_lines_equal_compare(tmp_path):
+    from retrieval_heads.analysis import correlation_pairs
+
+    text = D.generate("correlation ref:Mistral-7B-v0.2-hf ref:Mixtral-8x7B-v0.1", tmp_path)
+    row = correlation_pairs(
+        [DetectionResult.load("ref:Mistral-7B-v0.2-hf"), DetectionResult.load("ref:Mixtral-8x7B-v0.1")]
+    ).iloc[0]
+    assert f"| 1024 | {row['pearson']:.3f} | {row['spearman']:.3f} |" in text
+    with pytest.raises(DataError, match="in pairs"):
+        D.generate("correlation ref:Mistral-7B-v0.2-hf", tmp_path)
+    with pytest.raises(DataError, match="not of one shape"):
+        D.generate("correlation ref:Mistral-7B-v0.2-hf ref:Qwen1.5-14B", tmp_path)
