@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .compat import cache_io as cache_io  # the KV cache's forward keyword by release; callers import it from here
+
 StopFn = Callable[[list[int]], bool]
 
 
@@ -65,15 +67,6 @@ class StopStrings:
         return self.cut(text) != text
 
 
-def cache_io(model: Any) -> tuple[str, str]:
-    """(forward kwarg, output attribute) of the KV cache: transformers >= 5.2x renamed
-    `past_key_values` to `cache`; older releases only know the old name."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    return ("cache", "cache") if "cache" in params else ("past_key_values", "past_key_values")
-
-
 def greedy(
     model: Any,
     input_ids: Any,
@@ -116,6 +109,45 @@ def adds_bos(tokenizer: Any) -> bool:
     tokens (chat templates already hold them), so a plain prompt gets that BOS as text."""
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
     return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def greedy_with_attentions(
+    model: Any,
+    input_ids: Any,
+    *,
+    max_new_tokens: int,
+    stop: StopFn,
+    on_step: Callable[[int, Any], None],
+) -> list[int]:
+    """`greedy` with every layer's attention weights in each step's output (`out.attentions`), the
+    paper-faithful way: the prompt but its last token is prefilled once, then each step feeds one
+    query at its explicit position. The caller holds `torch.no_grad()` and eager attention
+    (`models.attention_implementation(model, "eager")`): SDPA returns no weights."""
+    import torch
+
+    n = input_ids.shape[1]
+    device = input_ids.device
+
+    def positions(t: int) -> dict[str, Any]:
+        pos = n - 1 + t  # position of the query that produces the next token
+        return {
+            "output_attentions": True,
+            "cache_position": torch.tensor([pos], device=device),
+            "position_ids": torch.tensor([[pos]], device=device),
+        }
+
+    _, attr = cache_io(model)
+    cache = getattr(model(input_ids=input_ids[:, :-1], use_cache=True), attr) if n > 1 else None
+    generated, _ = greedy(
+        model,
+        input_ids[:, -1:],
+        cache=cache,
+        max_new_tokens=max_new_tokens,
+        stop=stop,
+        step_kwargs=positions,
+        on_step=on_step,
+    )
+    return generated
 
 
 def build_prompt(

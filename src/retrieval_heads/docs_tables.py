@@ -18,6 +18,7 @@ to the current directory, the repository root) or `ref:<name>` (a shipped refere
     sparsity      detection runs and ref maps: share of heads per score bin, retrieval heads
     other-scores  one detection run: the top heads of each score and its top-10 stability (k=5)
     kv-eval, mask-eval, task-eval, grounding-eval, passage-rank   one experiment run: its table.md
+    finetune-eval one or several finetune-eval runs: their table.md rows under one header
 
 Only `config.json`, `summary.json` and `table.md` are read, never the records, so the trimmed
 copies that `snapshot` makes under `docs/runs/<name>/` regenerate every table in a fresh clone.
@@ -95,7 +96,7 @@ def read_run(source: str, root: Path, where: str, *, summary: bool = True) -> Ru
     return Run(source, folder, config, obj)
 
 
-EXPERIMENT_KINDS = ("mask-eval", "kv-eval", "task-eval", "grounding-eval", "passage-rank")
+EXPERIMENT_KINDS = ("mask-eval", "kv-eval", "task-eval", "grounding-eval", "passage-rank", "finetune-eval")
 
 
 def experiment_kind(config: dict[str, Any]) -> str | None:
@@ -355,6 +356,19 @@ def task_summary_table(sources: list[str], options: dict[str, str], root: Path, 
     return "\n".join(head + lines), provenance(runs, [])
 
 
+def finetune_rows(sources: list[str], options: dict[str, str], root: Path, where: str) -> tuple[str, str]:
+    """finetune-eval runs (one per condition): the header of the first run's table.md, then the
+    row of each."""
+    runs, rows, header = [], [], ""
+    for source in sources:
+        text, _ = experiment_table("finetune-eval")([source], options, root, where)
+        runs.append(read_run(source, root, where, summary=False))
+        lines = text.splitlines()
+        header = header or "\n".join(lines[:2])
+        rows += lines[2:]
+    return "\n".join([header, *rows]), provenance(runs, [])
+
+
 # kind -> (build, options it takes, whether it takes several sources)
 KINDS: dict[str, tuple[Callable[[list[str], dict[str, str], Path, str], tuple[str, str]], tuple[str, ...], bool]] = {
     "top-heads": (top_heads_table, ("k", "score"), False),
@@ -367,6 +381,7 @@ KINDS: dict[str, tuple[Callable[[list[str], dict[str, str], Path, str], tuple[st
     "task-summary": (task_summary_table, (), True),
     "grounding-eval": (experiment_table("grounding-eval"), (), False),
     "passage-rank": (experiment_table("passage-rank"), (), False),
+    "finetune-eval": (finetune_rows, (), True),
 }
 
 

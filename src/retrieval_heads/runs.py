@@ -34,7 +34,7 @@ SUMMARY_FILE = "summary.json"
 TABLE_FILE = "table.md"
 SCORES_FILE = "retrieval_scores.json"  # authors' format (detection)
 LOCK_FILE = ".lock"  # the writer lock (RunLock)
-FIGURE_STEMS = ("kv_eval", "mask_eval", "task_eval")  # the figure a command draws into its run folder
+FIGURE_STEMS = ("kv_eval", "mask_eval", "task_eval", "finetune_eval")  # the figure a command draws into its run folder
 # Everything a run writes into its folder: `--overwrite` removes these and nothing else.
 RUN_FILES = frozenset(
     {CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, TABLE_FILE, SCORES_FILE, LOCK_FILE}

@@ -28,6 +28,9 @@ COMMANDS = (
     "export-heads",
     "task-eval",
     "task-plot",
+    "attribute",
+    "grounding-eval",
+    "passage-rank",
 )
 CLI_DIR = Path(cli_pkg.__file__).parent
 COMMAND_MODULES = sorted(p for p in CLI_DIR.glob("*.py") if p.stem not in ("__init__", "__main__", "app"))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_heads.errors import ConfigError
+from retrieval_heads.compat import cache_kwargs
+from retrieval_heads.errors import ConfigError, DataError
 from retrieval_heads.heads import rank_heads
 from retrieval_heads.kvcache import (
     FullPolicy,
@@ -22,11 +23,14 @@ from retrieval_heads.kvcache import (
     SnapKVPolicy,
     Step,
     export_authors_json,
+    export_duo_pattern,
     export_duo_tsv,
     full_cache_bytes,
     kv_head_scores,
+    pattern_values,
     query_heads,
     random_kv_scores,
+    read_duo_pattern,
     read_duo_tsv,
     top_mask,
 )
@@ -47,11 +51,11 @@ def _greedy(lm, cache, ids, n=8):
     """Greedy tokens and the logits of every step, prompt in one forward."""
     toks, logits = [], []
     with cache.attached(lm.model), torch.no_grad():
-        out = lm.model(input_ids=ids, cache=cache, use_cache=True)
+        out = lm.model(input_ids=ids, **cache_kwargs(lm.model, cache), use_cache=True)
         for _ in range(n):
             logits.append(out.logits[0, -1])
             toks.append(int(out.logits[0, -1].argmax()))
-            out = lm.model(input_ids=torch.tensor([[toks[-1]]]), cache=cache, use_cache=True)
+            out = lm.model(input_ids=torch.tensor([[toks[-1]]]), **cache_kwargs(lm.model, cache), use_cache=True)
     return toks, torch.stack(logits)
 
 
@@ -67,7 +71,9 @@ def test_all_heads_whole_is_bit_identical_to_the_full_cache(lm, dense_prefill):
     cache = FullPolicy(dense_prefill=dense_prefill).make_cache(lm.spec)
     own = lm.model.config._attn_implementation
     with cache.attached(lm.model):
-        out = lm.model.generate(ids, cache=cache, max_new_tokens=10, do_sample=False, pad_token_id=2)
+        out = lm.model.generate(
+            ids, **cache_kwargs(lm.model, cache), max_new_tokens=10, do_sample=False, pad_token_id=2
+        )
     assert lm.model.config._attn_implementation == own  # restored
     assert out.tolist() == ref.tolist()
     assert cache.nbytes() == full_cache_bytes(lm.spec, ids.shape[1] + 9)
@@ -118,7 +124,7 @@ def test_cut_heads_match_a_masked_reference():
     with torch.no_grad():
         cache = SinkWindowPolicy(sink=sink, window=window, dense_prefill=False).make_cache(lm.spec)
         with cache.attached(lm.model):
-            got = lm.model(input_ids=ids, cache=cache, use_cache=True).logits
+            got = lm.model(input_ids=ids, **cache_kwargs(lm.model, cache), use_cache=True).logits
         n = ids.shape[1]
         i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
         allowed = (j <= i) & ((j < sink) | (j >= i - window))
@@ -141,13 +147,17 @@ def test_load_prefill_equals_compressing_after_own_prefill(policy):
     a, _la = _greedy(lm, policy.make_cache(lm.spec), ids)
     dense = HeadSparseCache(np.ones((2, 2), bool), record_obs=32)
     with dense.attached(lm.model), torch.no_grad():
-        first = lm.model(input_ids=ids, cache=dense, use_cache=True).logits[0, -1]
+        first = lm.model(input_ids=ids, **cache_kwargs(lm.model, dense), use_cache=True).logits[0, -1]
     c = policy.make_cache(lm.spec).load_prefill(dense)
     toks, tok = [], int(first.argmax())
     with c.attached(lm.model), torch.no_grad():
         for _ in range(8):
             toks.append(tok)
-            tok = int(lm.model(input_ids=torch.tensor([[tok]]), cache=c, use_cache=True).logits[0, -1].argmax())
+            tok = int(
+                lm.model(input_ids=torch.tensor([[tok]]), **cache_kwargs(lm.model, c), use_cache=True)
+                .logits[0, -1]
+                .argmax()
+            )
     assert toks == a
     assert dense.nbytes() == full_cache_bytes(lm.spec, N_PROMPT)  # untouched
 
@@ -191,6 +201,16 @@ def test_exports_round_trip(tmp_path):
     export_duo_tsv(tmp_path / "heads.tsv", whole)
     assert (tmp_path / "heads.tsv").read_text() == "1\t0\n0\t1\n0\t0\n"
     assert np.array_equal(read_duo_tsv(tmp_path / "heads.tsv"), whole)
+    # DuoAttention/kvpress pattern: rank values in [0, 1] (ties keep our order), config beside it
+    folder = export_duo_pattern(tmp_path / "pattern", kv, sink=4, recent=60, about={"score": "copy"})
+    values, config = read_duo_pattern(folder)
+    assert config == {"sink_size": 4, "recent_size": 60, "score": "copy"}
+    assert values.tolist() == pattern_values(kv).tolist() == [[0.8, 0.2], [0.6, 1.0], [0.0, 0.4]]
+    assert [tuple(h) for h in rank_heads(values)] == [tuple(h) for h in rank_heads(kv)]
+    assert np.array_equal(read_duo_pattern(folder / "full_attention_heads.tsv")[0], values)
+    np.testing.assert_array_equal(np.loadtxt(folder / "full_attention_heads.tsv", delimiter="\t"), values)
+    with pytest.raises(DataError, match="not found"):
+        read_duo_pattern(tmp_path / "nowhere")
 
 
 def test_bad_cache_configs():
@@ -203,9 +223,11 @@ def test_bad_cache_configs():
     with pytest.raises(ConfigError, match="dense prefill"):
         SnapKVPolicy(budget_tokens=8, dense_prefill=False).make_cache(tiny_model("llama").spec)
     lm = tiny_model("gemma3")
-    with pytest.raises(ConfigError, match="sliding"):
-        with SinkWindowPolicy().make_cache(lm.spec).attached(lm.model):
+    with pytest.raises(ConfigError, match="sliding"):  # a cache planned without the model's windows
+        with HeadSparseCache(np.ones((3, 1), bool)).attached(lm.model):
             pass
+    with pytest.raises(ConfigError, match="windows"):
+        HeadSparseCache(np.ones((3, 1), bool), windows=(16, None))
 
 
 # ----------------------------------------------------------------------------------- policies, evictions
@@ -485,6 +507,9 @@ def test_cli_export_heads(cli, tmp_path):
     # KV scores: layer 0 -> [0.9, 0.2], layer 1 -> [0.6, 0.3] (max over the query heads of each)
     assert read_duo_tsv(tmp_path / "x" / "full_attention_heads.tsv").tolist() == [[True, False], [True, False]]
     assert json.loads((tmp_path / "x" / "kv_head_scores.json").read_text())["0-0"] == [0.9]
+    values, config = read_duo_pattern(tmp_path / "x" / "duo_pattern")  # what DuoAttention and kvpress read
+    np.testing.assert_allclose(values, [[1.0, 0.0], [2 / 3, 1 / 3]], atol=1e-6)
+    assert (config["sink_size"], config["recent_size"], config["score"]) == (4, 60, "copy")
     code, _, err = cli("export-heads", "--scores", scores, "--out", tmp_path / "y")
     assert code != 0 and "exactly one of --budget and --n-whole" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("export-heads", "--scores", scores, "--out", tmp_path / "y", "--n-whole", "1", "--kv-heads", "3")
@@ -572,3 +597,48 @@ def test_kv_eval_extractive_qa(tmp_path, haystack_file):
     assert KVEvalResult.load(tmp_path / "run").table() == res.table()
     plot_kv_eval(KVEvalResult.load(tmp_path / "run"), tmp_path / "run" / "kv_eval")
     assert (tmp_path / "run" / "kv_eval.png").exists()
+
+
+# ----------------------------------------------------------------------------------- sliding-window layers
+@pytest.mark.parametrize("dense_prefill", [True, False])
+def test_gemma3_full_policy_matches_the_models_own_cache(dense_prefill):
+    """Gemma3 (sliding layers of window 16, one global layer): with every head whole the cache gives
+    the model's own tokens; sliding layers hold their last window - 1 tokens as transformers' does."""
+    lm = tiny_model("gemma3", attn_implementation="sdpa")
+    ids = _ids(lm, 60)
+    ref = lm.model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=2)
+    cache = FullPolicy(dense_prefill=dense_prefill).make_cache(lm.spec)
+    with cache.attached(lm.model):
+        out = lm.model.generate(
+            ids, **cache_kwargs(lm.model, cache), max_new_tokens=10, do_sample=False, pad_token_id=2
+        )
+    assert out.tolist() == ref.tolist()
+    assert cache.tokens_per_head().tolist() == [[15], [15], [69]]
+    positions = 2 * 15 * 4  # the int32 positions of the two sliding layers' heads
+    assert cache.nbytes() == full_cache_bytes(lm.spec, 69) + positions
+
+
+def test_gemma3_head_policy_cuts_only_global_layers():
+    """The budget counts the global layers (as kvpress does); sliding layers are never chosen or cut
+    beyond their window; a dense prefill loaded into the policy's cache matches its own prefill."""
+    from retrieval_heads.kvcache.measure import dense_prefill
+
+    types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    lm = tiny_model("gemma3", attn_implementation="sdpa", num_hidden_layers=4, num_key_value_heads=2, layer_types=types)
+    spec = lm.spec
+    assert spec.sliding_window == (16, None, 16, None) and spec.n_kv_heads == 2
+    ranking = np.array([[9.0, 9.0], [0.1, 0.7], [9.0, 9.0], [0.5, 0.2]])
+    assert HeadPolicy.n_whole_for(spec, 0.6, 200, 4, 10) == 2  # of the 4 global heads
+    policy = HeadPolicy.for_budget(spec, 0.6, 200, sink=4, window=10, ranking=ranking)
+    assert policy.whole_mask(spec).tolist() == [[False, False], [False, True], [False, False], [True, False]]
+    assert full_cache_bytes(spec, 200) == 2 * (2 * 15 + 2 * 200) * 2 * spec.head_dim * 4
+    ids = _ids(lm, 40)[0].tolist()
+    with torch.no_grad():
+        own = policy.make_cache(spec)
+        with own.attached(lm.model, spec):
+            lm.model(input_ids=torch.tensor([ids]), **cache_kwargs(lm.model, own), use_cache=True)
+    loaded = policy.make_cache(spec).load_prefill(dense_prefill(lm, ids))
+    for cache in (own, loaded):
+        assert cache.tokens_per_head().tolist() == [[15, 15], [14, 40], [15, 15], [40, 14]]
+    for a, b in zip(own.layers, loaded.layers, strict=True):
+        torch.testing.assert_close(a.pkeys, b.pkeys)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from retrieval_heads.compat import cache_kwargs, output_cache
 from retrieval_heads.errors import ConfigError
 from retrieval_heads.masking import attention_parts, head_means, mask_heads
 from retrieval_heads.testing import ARCHITECTURES, tiny_model
@@ -150,13 +151,15 @@ def test_phase_decode_masks_only_single_token_steps(models, arch, impl):
     model = lm.model
     with torch.no_grad():
         pre = model(input_ids=ids[:, :-1], use_cache=True)
-        base_step, base_out = head_outputs(model, ids[:, -1:], cache=pre.cache, use_cache=True)
+        base_step, base_out = head_outputs(
+            model, ids[:, -1:], **cache_kwargs(model, output_cache(model, pre)), use_cache=True
+        )
     layer, head = 1, 0
     with mask_heads(model, [(layer, head)], "uniform", phase="decode"):
         with torch.no_grad():
             pre_m = model(input_ids=ids[:, :-1], use_cache=True)
         assert torch.equal(pre.logits, pre_m.logits), "prefill was masked in phase 'decode'"
-        step, out = head_outputs(model, ids[:, -1:], cache=pre_m.cache, use_cache=True)
+        step, out = head_outputs(model, ids[:, -1:], **cache_kwargs(model, output_cache(model, pre_m)), use_cache=True)
     _check_only_head_changed(base_step, step, layer, head)
     assert not torch.equal(base_out.logits, out.logits)
 

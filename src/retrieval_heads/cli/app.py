@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from ..errors import RetrievalHeadsError
-from . import analysis, detect, docs, kv, masking, scale, tasks
+from . import analysis, attribute, detect, docs, kv, masking, scale, tasks, train
 
 app = typer.Typer(
     add_completion=False,
@@ -49,6 +49,11 @@ app.command("kv-eval")(kv.kv_eval_cmd)
 app.command("export-heads")(kv.export_heads_cmd)
 app.command("task-eval")(tasks.task_eval_cmd)
 app.command("task-plot")(tasks.task_plot_cmd)
+app.command("attribute")(attribute.attribute_cmd)
+app.command("grounding-eval")(attribute.grounding_eval_cmd)
+app.command("passage-rank")(attribute.passage_rank_cmd)
+app.command("finetune-eval")(train.finetune_eval_cmd)
+app.command("finetune-plot")(train.finetune_plot_cmd)
 app.command("docs-tables")(docs.docs_tables_cmd)
 
 

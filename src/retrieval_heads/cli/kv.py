@@ -165,10 +165,12 @@ def export_heads_cmd(
     kv_run: Annotated[Path | None, typer.Option(help="kv-eval run folder holding the measured ranking")] = None,
     score: ScoreName = "copy",
 ) -> None:
-    """Write KV-head scores in the authors' JSON format and a DuoAttention-style 0/1 head table."""
+    """Write KV-head scores in the authors' JSON format, a DuoAttention-style 0/1 head table and a
+    DuoAttention attention pattern (duo_pattern/: what DuoAttention's load_attn_pattern and kvpress's
+    DuoAttentionPress or our RetrievalHeadsPress read)."""
     from ..errors import ConfigError
     from ..heads import kv_head_scores, top_mask
-    from ..kvcache import HeadPolicy, export_authors_json, export_duo_tsv
+    from ..kvcache import HeadPolicy, export_authors_json, export_duo_pattern, export_duo_tsv
     from ..models import ModelSpec
     from ..results import DetectionResult
 
@@ -194,16 +196,19 @@ def export_heads_cmd(
         sliding_window=(None,) * n_layers,
     )
     kv = kv_head_scores(s, spec)
+    order = kv_head_scores(result.ranking_scores(), spec)  # kv-eval's order: ties go by the second score
     if ranking != "retrieval":
-        kv = _measured_ranking(kv_run, ranking, kv.shape)
+        kv = order = _measured_ranking(kv_run, ranking, kv.shape)
     if n_whole is None:
         n_whole = HeadPolicy.n_whole_for(spec, float(budget), n_tokens, sink, window)  # type: ignore[arg-type]
     if not 0 <= n_whole <= n_layers * n_kv:
         raise ConfigError(f"--n-whole must be within 0..{n_layers * n_kv}")
     out.mkdir(parents=True, exist_ok=True)
     export_authors_json(out / "kv_head_scores.json", kv)
-    export_duo_tsv(out / "full_attention_heads.tsv", top_mask(kv, n_whole))
+    export_duo_tsv(out / "full_attention_heads.tsv", top_mask(order, n_whole))
+    about = {"source": "retrieval-heads export-heads", "model": result.name, "score": score, "ranking": ranking}
+    pattern = export_duo_pattern(out / "duo_pattern", order, sink=sink, recent=window, about=about)
     typer.echo(
-        f"{n_whole} of {n_layers * n_kv} KV heads whole; wrote {out / 'kv_head_scores.json'} and "
-        f"{out / 'full_attention_heads.tsv'}"
+        f"{n_whole} of {n_layers * n_kv} KV heads whole; wrote {out / 'kv_head_scores.json'}, "
+        f"{out / 'full_attention_heads.tsv'} and the DuoAttention/kvpress pattern {pattern}"
     )

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..compat import cache_kwargs
 from ..decoding import greedy
 from ..models import LoadedModel, attention_implementation, attention_modules
 from ..needles import Sample
@@ -418,7 +419,12 @@ class FastEngine:
                 with_focus = [b for b, s in enumerate(samples) if has_focus_spans(s)]
                 rec.focus_requests = [self._focus_request(samples[b], b, 0, int(pads[b])) for b in with_focus]
                 out = model(
-                    input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=pos,
+                    **cache_kwargs(model, cache),
+                    use_cache=True,
+                    logits_to_keep=1,
                 )
                 focus = {b: self._focus_map(rec, i) for i, b in enumerate(with_focus)}
                 rows, tokens = self._batch_rows(rec, width, pads, spans), out.logits[:, -1].argmax(-1)
@@ -432,7 +438,7 @@ class FastEngine:
                     rec.focus_requests = [self._focus_request(s, 0, start)] if has_focus_spans(s) else []
                     out = model(
                         input_ids=torch.tensor([s.prompt_ids[start:]], device=device),
-                        cache=c,
+                        **cache_kwargs(model, c),
                         use_cache=True,
                         logits_to_keep=1,
                     )
@@ -452,7 +458,7 @@ class FastEngine:
                         input_ids=tokens[:, None],
                         attention_mask=mask,
                         position_ids=last_pos + t,
-                        cache=cache,
+                        **cache_kwargs(model, cache),
                         use_cache=True,
                         logits_to_keep=1,
                     )

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..compat import cache_kwargs
+
 logger = logging.getLogger(__name__)
 
 
@@ -96,7 +98,7 @@ class PrefixStore:
             for i, (k, v) in enumerate(base.layers):
                 cache.update(k[:, :, :keep], v[:, :, :keep], i)
         ids = torch.tensor(prompt[keep:length][None], device=next(self.model.parameters()).device)
-        self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)  # grows in place
+        self.model(input_ids=ids, **cache_kwargs(self.model, cache), use_cache=True, logits_to_keep=1)  # grows in place
         self.prefilled += length - keep
         logger.debug("prefix store: %d tokens (%d new)", length, length - keep)
         return _Slot(prompt[:length].copy(), [(layer.keys, layer.values) for layer in cache.layers])

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..decoding import StopFn, cache_io, greedy
+from ..decoding import StopFn, cache_io, greedy_with_attentions
 from ..models import LoadedModel, attention_implementation
 from ..needles import Sample
 from .base import ROW_SCORES, EngineOutput, query_focus, row_scores
@@ -70,26 +70,8 @@ class ReferenceEngine:
             steps.append(row_argmax(out.attentions, total=n + t))
             scores.append(attention_row_scores(out.attentions, n + t, span))
 
-        def positions(t: int) -> dict[str, Any]:
-            pos = n - 1 + t  # position of the query that produces the next token
-            return {
-                "output_attentions": True,
-                "cache_position": torch.tensor([pos], device=device),
-                "position_ids": torch.tensor([[pos]], device=device),
-            }
-
         with attention_implementation(model, "eager"):
-            _, attr = cache_io(model)
-            cache = getattr(model(input_ids=ids[:, :-1], use_cache=True), attr) if n > 1 else None
-            generated, _ = greedy(
-                model,
-                ids[:, -1:],
-                cache=cache,
-                max_new_tokens=max_new_tokens,
-                stop=stop,
-                step_kwargs=positions,
-                on_step=record,
-            )
+            generated = greedy_with_attentions(model, ids, max_new_tokens=max_new_tokens, stop=stop, on_step=record)
             focus = self._query_focus(sample, ids)
         shape = (0, self.lm.spec.n_layers, self.lm.spec.n_heads)
         argmax = np.stack(steps) if steps else np.zeros(shape, np.int64)

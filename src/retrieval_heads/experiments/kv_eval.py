@@ -154,10 +154,6 @@ def _validate(lm: LoadedModel, scores: np.ndarray, cfg: KVEvalConfig) -> None:
         raise ConfigError(f"unknown policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
     if cfg.length < 128 or cfg.length + cfg.max_new_tokens + 200 > lm.spec.max_context:
         raise ConfigError(f"length {cfg.length} must be within 128..{lm.spec.max_context - cfg.max_new_tokens - 200}")
-    if not lm.spec.global_attention:
-        raise ConfigError(
-            f"{lm.spec.name} has sliding-window layers; the head-sparse cache supports global attention only"
-        )
     if not cfg.needles or not cfg.depths:
         raise ConfigError("no needles or depths")
 

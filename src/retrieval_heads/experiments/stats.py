@@ -50,3 +50,67 @@ def fmt_interval(d: Mapping[str, Any] | None, prefix: str = "", *, scale: float 
         return "-"
     m, lo, hi = (scale * v for v in vals)
     return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def auroc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> float:
+    """Area under the ROC curve of `scores` separating positive from negative `labels`: the
+    probability that a random positive scores above a random negative (ties count one half; the
+    Mann-Whitney U statistic). NaN scores rank lowest; NaN when a class is empty."""
+    from scipy.stats import rankdata
+
+    s = np.nan_to_num(np.asarray(scores, dtype=float), nan=-np.inf)
+    y = np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def bootstrap_auroc(
+    scores: Sequence[float] | np.ndarray,
+    labels: Sequence[bool] | np.ndarray,
+    *,
+    n_boot: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(AUROC, low, high): percentile bootstrap over examples, resampled within each class (the
+    class sizes stay fixed) with `numpy.random.default_rng(seed)`."""
+    s, y = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
+    point = auroc(s, y)
+    if np.isnan(point):
+        return point, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    pos, neg = np.nonzero(y)[0], np.nonzero(~y)[0]
+    vals = []
+    for _ in range(n_boot):
+        idx = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
+        vals.append(auroc(s[idx], y[idx]))
+    lo, hi = np.quantile(vals, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+    return point, float(lo), float(hi)
+
+
+def bootstrap_auroc_difference(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    labels: Sequence[bool] | np.ndarray,
+    *,
+    n_boot: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(AUROC(a) - AUROC(b), low, high): two scores of the same examples, compared on the same
+    bootstrap resamples (within each class, as `bootstrap_auroc`), so the interval is paired."""
+    x, z, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float), np.asarray(labels, dtype=bool)
+    point = auroc(x, y) - auroc(z, y)
+    if np.isnan(point):
+        return point, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    pos, neg = np.nonzero(y)[0], np.nonzero(~y)[0]
+    vals = []
+    for _ in range(n_boot):
+        idx = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
+        vals.append(auroc(x[idx], y[idx]) - auroc(z[idx], y[idx]))
+    lo, hi = np.quantile(vals, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+    return point, float(lo), float(hi)

@@ -15,11 +15,22 @@ from .cache import (
     head_sparse_attention,
     query_heads,
 )
-from .export import export_authors_json, export_duo_tsv, read_duo_tsv
+from .export import (
+    PATTERN_CONFIG,
+    PATTERN_TSV,
+    export_authors_json,
+    export_duo_pattern,
+    export_duo_tsv,
+    pattern_values,
+    read_duo_pattern,
+    read_duo_tsv,
+)
 from .policies import FullPolicy, HeadPolicy, KVPolicy, SinkWindowPolicy, SnapKVPolicy
 
 __all__ = [
     "ATTN_NAME",
+    "PATTERN_CONFIG",
+    "PATTERN_TSV",
     "Eviction",
     "FullPolicy",
     "HeadPolicy",
@@ -32,12 +43,15 @@ __all__ = [
     "SnapKVPolicy",
     "Step",
     "export_authors_json",
+    "export_duo_pattern",
     "export_duo_tsv",
     "full_cache_bytes",
     "head_sparse_attention",
     "kv_head_scores",
+    "pattern_values",
     "query_heads",
     "random_kv_scores",
+    "read_duo_pattern",
     "read_duo_tsv",
     "top_mask",
 ]

@@ -24,8 +24,11 @@ cache is compressed right after it ("compress after prefill", as kvpress, SnapKV
 With `dense_prefill=False` every forward, prefill chunks included, already sees only the
 compressed cache (DuoAttention-style streaming heads), so peak memory shrinks too.
 
-Only models whose layers all use global attention are supported (Llama, Qwen2, Mistral without
-a window); batches must be unpadded (one prompt, or prompts of one length).
+Models with sliding-window layers (Gemma3's local layers): only the global layers are compressed
+(as kvpress does). A sliding layer keeps what the model's own cache keeps, its last `window - 1`
+tokens for every head (a sink-free `SinkWindowEviction`, exactly the model's sliding mask); build the
+cache with `windows=spec.sliding_window` (`KVPolicy.make_cache(spec)` does). Batches must be
+unpadded (one prompt, or prompts of one length).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..compat import cache_layer
 from ..errors import ConfigError
 from ..models import ModelSpec, attention_implementation, spec_from_config
 
@@ -143,6 +147,7 @@ class SnapKVEviction(Eviction):
 
 
 # ----------------------------------------------------------------------------------- cache
+@cache_layer  # the older transformers' layer interface too
 class HeadSparseLayer(CacheLayerMixin):
     """One layer: whole KV heads `[B, n_whole, T, D]`, cut heads `[B, n_part, T_part, D]` with
     their absolute positions `[n_part, T_part]` (int32); `eviction` decides what cut heads keep."""
@@ -152,9 +157,18 @@ class HeadSparseLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(
-        self, whole: Sequence[bool], eviction: Eviction, *, dense_prefill: bool = True, record_obs: int = 0
+        self,
+        whole: Sequence[bool],
+        eviction: Eviction,
+        *,
+        dense_prefill: bool = True,
+        record_obs: int = 0,
+        window: int | None = None,
     ) -> None:
         super().__init__()
+        self.window = window  # a sliding-window layer: every head keeps its last window - 1 tokens
+        if window is not None:
+            whole, eviction = [False] * len(whole), SinkWindowEviction(sink=0, window=window - 1)
         w = torch.as_tensor(list(whole), dtype=torch.bool)
         self.whole_idx = torch.nonzero(w).flatten()  # KV heads kept whole
         self.part_idx = torch.nonzero(~w).flatten()  # KV heads cut by the eviction
@@ -297,16 +311,26 @@ def head_sparse_attention(
     cache = _ACTIVE.get()
     if cache is None:
         raise RuntimeError(f"attention {ATTN_NAME!r} runs only inside HeadSparseCache.attached(model)")
-    if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
-        raise ConfigError(
-            "head-sparse KV cache: models with attention soft-capping or sliding windows are not supported"
-        )
     layer = cache.layers[module.layer_idx]
+    if kwargs.get("softcap") is not None:
+        raise ConfigError("head-sparse KV cache: models with attention soft-capping are not supported")
+    if kwargs.get("sliding_window") != layer.window:
+        raise ConfigError(
+            f"layer {module.layer_idx} attends over a window of {kwargs.get('sliding_window')}, the cache planned "
+            f"{layer.window}; build the cache with windows=spec.sliding_window"
+        )
     step, layer.pending = layer.pending, None
     if step is Step.DENSE:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
+        if layer.window is None:
+            out = sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs
+            )
+        else:  # our own sliding causal mask (the one transformers builds for this function is not)
+            kpos, qpos = torch.arange(key.shape[-2], device=query.device)[None, :], layer.qpos[:, None]
+            mask = (kpos <= qpos) & (kpos > qpos - layer.window)
+            out = _sdpa(query, key, value, mask, scaling).transpose(1, 2).contiguous(), None
         if layer.record_obs:
             layer.obs_query = query[:, :, -layer.record_obs :].clone()
         layer.evict(query, after_prefill=True)
@@ -344,16 +368,23 @@ class HeadSparseCache(Cache):
         *,
         dense_prefill: bool = True,
         record_obs: int = 0,
+        windows: Sequence[int | None] | None = None,
     ) -> None:
+        """windows: per layer its sliding window or None (global); default all global. Sliding
+        layers ignore their row of `whole` and keep their last window - 1 tokens."""
         if not isinstance(eviction, Eviction):
             raise ConfigError(f"unknown eviction {eviction!r}; use SinkWindowEviction or SnapKVEviction")
         if eviction.needs_dense_prefill and not dense_prefill:
             raise ConfigError(f"{type(eviction).__name__} needs a dense prefill")
         self.whole = np.asarray(whole, dtype=bool)
         self.eviction = eviction
+        self.windows: tuple[int | None, ...] = tuple(windows) if windows is not None else (None,) * len(self.whole)
+        if len(self.windows) != len(self.whole) or any(w is not None and w < 2 for w in self.windows):
+            raise ConfigError(f"windows must give each of the {len(self.whole)} layers None or a window >= 2")
         super().__init__(
             layers=[
-                HeadSparseLayer(row, eviction, dense_prefill=dense_prefill, record_obs=record_obs) for row in self.whole
+                HeadSparseLayer(row, eviction, dense_prefill=dense_prefill, record_obs=record_obs, window=w)
+                for row, w in zip(self.whole, self.windows, strict=True)
             ]
         )
 
@@ -370,7 +401,17 @@ class HeadSparseCache(Cache):
         the prompt in one dense forward (with `record_obs` set for SnapKV), and compress it as if
         this cache had run that prefill itself. Lets one prefill serve many policies; the tensors
         are copies, nothing is shared with `dense`."""
+        if dense.windows != self.windows:
+            raise ConfigError("load_prefill needs a dense cache planned with the same sliding windows")
         for new, old in zip(self.layers, dense.layers, strict=True):
+            if new.window is not None:  # a sliding layer: the same in every cache, copied as it is
+                if old.pkeys is None or new.seen:
+                    raise ConfigError("load_prefill needs a dense cache after one prefill and an empty cache")
+                new.lazy_initialization(old.pkeys, old.pvalues)
+                new.pkeys, new.pvalues = old.pkeys.clone(), old.pvalues.clone()
+                new.ppos, new.seen = old.ppos.clone(), old.seen
+                new.peak_bytes = new.nbytes()
+                continue
             if old.keys is None or len(old.part_idx) or old.seen != old.keys.shape[-2]:
                 raise ConfigError("load_prefill needs an all-whole cache after one dense prefill")
             if new.seen:
@@ -400,10 +441,13 @@ class HeadSparseCache(Cache):
         """Run `model` with the head-sparse attention function; restores the model's own on exit.
         `spec` (default: read from the model's config) must have global attention only."""
         spec = spec if spec is not None else spec_from_config(model.config, type(model).__name__)
-        if not spec.global_attention:
-            raise ConfigError("head-sparse KV cache: models with sliding-window layers are not supported")
         if len(self.layers) != spec.n_layers:
             raise ConfigError(f"cache planned for {len(self.layers)} layers, the model has {spec.n_layers}")
+        if tuple(spec.sliding_window) != self.windows:
+            raise ConfigError(
+                f"{spec.name} has sliding-window layers; build the cache with windows=spec.sliding_window "
+                "(policy.make_cache(spec) does)"
+            )
         from transformers import AttentionInterface
 
         AttentionInterface.register(ATTN_NAME, head_sparse_attention)  # idempotent
@@ -416,5 +460,7 @@ class HeadSparseCache(Cache):
 
 
 def full_cache_bytes(spec: ModelSpec, n_tokens: int, *, batch: int = 1, element_size: int = 4) -> int:
-    """Bytes of an uncompressed KV cache (keys + values) of `n_tokens`, for budgets."""
-    return 2 * spec.n_layers * spec.n_kv_heads * n_tokens * spec.head_dim * element_size * batch
+    """Bytes of an uncompressed KV cache (keys + values) of `n_tokens`, for budgets: every token on a
+    global layer, the last window - 1 on a sliding-window layer (what transformers' cache keeps)."""
+    tokens = sum(n_tokens if w is None else min(n_tokens, w - 1) for w in spec.sliding_window)
+    return 2 * tokens * spec.n_kv_heads * spec.head_dim * element_size * batch

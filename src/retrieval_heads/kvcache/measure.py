@@ -58,7 +58,8 @@ def dense_prefill(lm: LoadedModel, ids: Sequence[int], record_obs: int = 32) -> 
     """An all-whole cache after one dense forward over `ids` (observation queries recorded)."""
     import torch
 
-    cache = HeadSparseCache(np.ones((lm.spec.n_layers, lm.spec.n_kv_heads), bool), record_obs=record_obs)
+    whole = np.ones((lm.spec.n_layers, lm.spec.n_kv_heads), bool)
+    cache = HeadSparseCache(whole, record_obs=record_obs, windows=lm.spec.sliding_window)
     kw, _ = cache_io(lm.model)
     with cache.attached(lm.model, lm.spec), torch.no_grad():
         lm.model(input_ids=_ids(lm, ids), **{kw: cache}, use_cache=True, logits_to_keep=1)
@@ -152,12 +153,14 @@ def gain_scores(lm: LoadedModel, samples: Sequence[Sample], sink: int, window: i
         dense = dense_prefill(lm, s.prompt_ids[:c], record_obs=0)
         q, ans = s.prompt_ids[c:], answer_ids(lm, s.needle)
         none = np.zeros((spec.n_layers, spec.n_kv_heads), bool)
-        base = answer_logprob(lm, HeadSparseCache(none, cut).load_prefill(dense), q, ans)
-        for l in range(spec.n_layers):
+        win = spec.sliding_window
+        base = answer_logprob(lm, HeadSparseCache(none, cut, windows=win).load_prefill(dense), q, ans)
+        for l in (l for l in range(spec.n_layers) if win[l] is None):  # sliding layers are never cut
             for k in range(spec.n_kv_heads):
                 one = none.copy()
                 one[l, k] = True
-                out[l, k] += answer_logprob(lm, HeadSparseCache(one, cut).load_prefill(dense), q, ans) - base
+                cache = HeadSparseCache(one, cut, windows=win).load_prefill(dense)
+                out[l, k] += answer_logprob(lm, cache, q, ans) - base
     return out / max(len(samples), 1)
 
 

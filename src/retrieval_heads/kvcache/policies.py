@@ -71,7 +71,10 @@ class KVPolicy(ABC):
         return None
 
     def make_cache(self, spec: ModelSpec) -> HeadSparseCache:
-        return HeadSparseCache(self.whole_mask(spec), self.eviction(), dense_prefill=self.dense_prefill)
+        """The policy's cache for `spec`'s model (sliding-window layers keep their window, uncut)."""
+        return HeadSparseCache(
+            self.whole_mask(spec), self.eviction(), dense_prefill=self.dense_prefill, windows=spec.sliding_window
+        )
 
 
 def _name(name: str | None) -> dict[str, Any]:
@@ -215,8 +218,9 @@ class HeadPolicy(KVPolicy):
 
     @staticmethod
     def n_whole_for(spec: ModelSpec, budget: float, n_tokens: int, sink: int, window: int) -> int:
-        """Largest number of whole KV heads whose cache stays within `budget` of the full cache."""
-        n = spec.n_layers * spec.n_kv_heads
+        """Largest number of whole KV heads whose cache stays within `budget` of the full cache (of
+        the global layers: sliding-window layers are never cut, as in kvpress)."""
+        n = sum(w is None for w in spec.sliding_window) * spec.n_kv_heads
         part = min(sink + window, n_tokens)
         if n_tokens <= part:
             return n
@@ -245,6 +249,8 @@ class HeadPolicy(KVPolicy):
             raise ConfigError(
                 f"KV-head scores have shape {r.shape}, {spec.name} has {spec.n_layers} x {spec.n_kv_heads}"
             )
+        local = np.array([w is not None for w in spec.sliding_window])
+        r = np.where(local[:, None], -np.inf, np.nan_to_num(r, nan=-1e300))  # only global layers' heads are chosen
         mask = top_mask(r, cls.n_whole_for(spec, budget, n_tokens, sink, window))
         return cls(
             **_name(name),
