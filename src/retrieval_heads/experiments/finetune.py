@@ -109,13 +109,8 @@ class FinetuneConfig:
         return Grid(self.detect_lengths, self.detect_depths, self.detect_needles)
 
     def detect_config(self) -> DetectConfig:
-        return DetectConfig(
-            engine="fast",
-            max_new_tokens=self.max_new_tokens,
-            recall_threshold=self.recall_threshold,
-            chat=self.chat,
-            haystack=self.haystack,
-        )
+        """The callback's detection settings: before/after maps are measured the same way as the trajectory."""
+        return self.watch().detect_config()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
