@@ -8,7 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from retrieval_heads.detect import DetectConfig, Grid, detect
+from retrieval_heads.detection import DetectConfig, Grid, detect
 from retrieval_heads.needles import DETECTION_NEEDLES
 
 pytestmark = [

@@ -88,10 +88,10 @@ def test_private_use_check_catches_both_forms():
         "from .experiments.mask_eval import _clean\nfrom . import analysis as A\nimport os\n"
         "A._helper()\nos._exit(0)\nx = A.public\nfrom . import __version__\n"
     )
-    assert private_uses("detect.py", tree) == [
-        "detect.py:1: from .experiments.mask_eval import _clean",
-        "detect.py:4: A._helper",
-        "detect.py:5: os._exit",
+    assert private_uses("detection.py", tree) == [
+        "detection.py:1: from .experiments.mask_eval import _clean",
+        "detection.py:4: A._helper",
+        "detection.py:5: os._exit",
     ]
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from retrieval_heads.detect import DetectConfig, Grid, detect
+from retrieval_heads.detection import DetectConfig, Grid, detect
 from retrieval_heads.needles import Needle
 from retrieval_heads.results import DetectionResult
 from retrieval_heads.runs import read_records
@@ -39,7 +39,7 @@ def test_detect_runs_on_every_architecture(arch, cfg):
 
 
 def test_run_folder_files_and_determinism(tmp_path, cfg, monkeypatch):
-    import retrieval_heads.detect as D
+    import retrieval_heads.detection as D
 
     stamp = D.run_stamp("cpu")  # when and where: the same for both runs, so config.json is comparable
     monkeypatch.setattr(D, "run_stamp", lambda device: stamp)
@@ -327,7 +327,7 @@ def test_interleaved_order_covers_every_cell_first():
 
 
 def test_until_stable_stops_when_the_top_heads_settle():
-    from retrieval_heads.detect import STABLE_MIN_KEPT, STABLE_PATIENCE, stable
+    from retrieval_heads.detection import STABLE_MIN_KEPT, STABLE_PATIENCE, stable
 
     def rec(counts):
         return {"kept": True, "copy_counts": counts, "needle_tokens": 4, "span_tokens": 4}

@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from retrieval_heads.detect import DetectConfig, Grid, detect
+from retrieval_heads.detection import DetectConfig, Grid, detect
 from retrieval_heads.distributed import Shard, merge_runs
 from retrieval_heads.errors import ConfigError, RunConflictError
 from retrieval_heads.needles import Needle
@@ -91,7 +91,7 @@ def test_killed_shard_resumes_without_loss_or_duplicates(tmp_path, haystack_file
 SCRIPT = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
-    from retrieval_heads.detect import DetectConfig, Grid, detect
+    from retrieval_heads.detection import DetectConfig, Grid, detect
     from retrieval_heads.needles import Needle
     from retrieval_heads.testing import tiny_model
     needles = (

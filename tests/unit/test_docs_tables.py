@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from retrieval_heads import docs_tables as D
-from retrieval_heads.detect import DetectConfig, Grid, detect
+from retrieval_heads.detection import DetectConfig, Grid, detect
 from retrieval_heads.errors import ConfigError, DataError
 from retrieval_heads.needles import Needle
 from retrieval_heads.results import DetectionResult

@@ -198,7 +198,7 @@ DETECT_CHILD = textwrap.dedent(
     import json, os, pathlib, sys, time, types
     import torch
     torch.set_num_threads(2)
-    from retrieval_heads import detect as D
+    from retrieval_heads import detection as D
     from retrieval_heads.models import load_model
     from retrieval_heads.needles import Needle
     from retrieval_heads.runs import RunFolder
@@ -313,7 +313,7 @@ def test_two_processes_on_one_folder_second_refused_first_intact(tmp_path, tiny_
 def test_kill_9_mid_write_then_resume_is_identical_to_an_uninterrupted_run(
     cut, tmp_path, tiny_llama_dir, haystack_file, monkeypatch
 ):
-    from retrieval_heads import detect as D
+    from retrieval_heads import detection as D
     from retrieval_heads.models import load_model
     from retrieval_heads.needles import Needle
 
@@ -552,7 +552,7 @@ def test_non_utf8_needles_file_is_one_line(tmp_path):
 # ---------------------------------------------------------------- bad options and paths: one line
 @pytest.mark.parametrize("text", ["inf", "nan", "80,inf", "1:inf:3", "-inf:80:2", "nan:nan:2"])
 def test_infinite_or_nan_lengths_are_refused(text):
-    from retrieval_heads.detect import parse_range
+    from retrieval_heads.detection import parse_range
 
     with pytest.raises(ConfigError, match="inf or nan"):
         parse_range(text, integer=True)
@@ -561,7 +561,7 @@ def test_infinite_or_nan_lengths_are_refused(text):
 
 
 def test_huge_range_count_is_refused():
-    from retrieval_heads.detect import parse_range
+    from retrieval_heads.detection import parse_range
 
     with pytest.raises(ConfigError, match="at most 10000"):
         parse_range("80:160:1000000000", integer=True)

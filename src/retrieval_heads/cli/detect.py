@@ -134,7 +134,7 @@ def detect(
         raise ConfigError(f"--until-stable needs K >= 1, got {until_stable}")
     if not 0 < stable_jaccard <= 1:
         raise ConfigError(f"--stable-jaccard must lie within (0, 1], got {stable_jaccard}")
-    from .. import detect as D
+    from .. import detection as D
     from ..distributed import Shard, torchrun_rank
     from ..models import load_model
     from ..needles import load_needles

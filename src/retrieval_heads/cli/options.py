@@ -150,14 +150,14 @@ def comma_names(text: str) -> tuple[str, ...]:
 
 def parse_lengths(text: str) -> tuple[int, ...]:
     """Document lengths in tokens: start:stop:count or a,b,c."""
-    from ..detect import parse_range
+    from ..detection import parse_range
 
     return parse_range(text, integer=True)  # type: ignore[return-value]
 
 
 def parse_depths(text: str) -> tuple[float, ...]:
     """Needle depths in percent: start:stop:count or a,b,c."""
-    from ..detect import parse_range
+    from ..detection import parse_range
 
     return parse_range(text, integer=False)
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..detect import DetectConfig, Grid, detect
+from ..detection import DetectConfig, Grid, detect
 from ..errors import ConfigError
 from ..integrations.transformers import RetrievalHeadsCallback, WatchConfig, top_of
 from ..masking import mask_heads

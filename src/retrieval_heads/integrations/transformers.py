@@ -42,7 +42,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..analysis import correlation_pairs, head_label
-from ..detect import DetectConfig, Grid, detect
+from ..detection import DetectConfig, Grid, detect
 from ..errors import ConfigError
 from ..models import LoadedModel, attention_implementation, spec_from_config
 from ..needles import EVALUATION_NEEDLES, Needle
