@@ -336,11 +336,35 @@ def resolve_source(model: str) -> tuple[str, str]:
     return model, model
 
 
+def resolve_device(device: str = "auto") -> str:
+    """`auto`: the first accelerator torch sees (CUDA, then Apple MPS), else the CPU; any other
+    value (cpu, cuda, cuda:1, mps) is returned as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto`: bfloat16 on a CUDA GPU that supports it, else float32 (the CPU default keeps
+    today's numbers); any other value is returned as given."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+
+
 def _torch_dtype(dtype: DType, device: str) -> Any:
     import torch
 
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = resolve_dtype(dtype, device)  # type: ignore[assignment]
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:
@@ -358,13 +382,14 @@ def _is_causal_lm(config: Any, trust_remote_code: bool) -> bool:
 def load_model(
     model: str = DEFAULT_MODEL,
     *,
-    device: str = "cpu",
-    dtype: DType = "float32",
+    device: str = "auto",
+    dtype: DType = "auto",
     attn_implementation: AttnImpl = "eager",
     trust_remote_code: bool = False,
     device_map: str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer in eval mode. `model`: alias, hub id, folder or .gguf."""
+    """Load a causal LM and its tokenizer in eval mode. `model`: alias, hub id, folder or .gguf.
+    `device="auto"` picks CUDA, then MPS, then the CPU; `dtype="auto"` bfloat16 on a GPU, else float32."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     name, src = resolve_source(model)
@@ -375,6 +400,7 @@ def load_model(
         raise ModelLoadError(f"cannot load model {model!r}: {first}") from e
     if not _is_causal_lm(config, trust_remote_code):
         raise ModelLoadError(f"{model!r} ({config.model_type}) is not a causal language model")
+    device = resolve_device(device)
     torch_dtype = _torch_dtype(dtype, device)
     try:
         lm = AutoModelForCausalLM.from_pretrained(

@@ -28,9 +28,23 @@ logger = logging.getLogger("retrieval_heads.cli")
 # ------------------------------------------------------------------ options shared by commands
 # Defaults are given at the parameter (`progress: Progress = True`), so one alias serves commands
 # with different defaults.
-Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps")]
-DType = Annotated[str, typer.Option(help="float32, bfloat16, float16, auto")]
-Threads = Annotated[int | None, typer.Option(help="torch CPU threads")]
+# Model loading: every command that loads a model takes these seven, with these defaults
+# (model=DEFAULT_MODEL, device="auto", dtype="auto", device_map=None, trust_remote_code=False,
+# threads=None), and loads through `open_model`.
+ModelName = Annotated[
+    str, typer.Option("--model", "-m", help="alias (smollm2-135m, gemma3-270m), hub id, local folder or .gguf file")
+]
+Device = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")]
+DType = Annotated[str, typer.Option(help="auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16, float16")]
+DeviceMap = Annotated[
+    str | None, typer.Option(help="accelerate device map, e.g. auto: spread a large model over the node's devices")
+]
+TrustRemoteCode = Annotated[
+    bool, typer.Option("--trust-remote-code", help="run code from the model's repository (only models you trust)")
+]
+Threads = Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")]
+BatchSize = Annotated[int | None, typer.Option(min=1, help="samples per forward pass (default: 1 on a CPU)")]
+Out = Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default: under runs/)")]
 Overwrite = Annotated[bool, typer.Option(help="replace a run with a different config in --out")]
 Progress = Annotated[bool, typer.Option("--progress/--no-progress")]
 Chat = Annotated[bool, typer.Option("--chat/--no-chat", help="use the model's chat template when it has one")]
@@ -89,6 +103,31 @@ def setup_runtime(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def open_model(
+    model: str = DEFAULT_MODEL,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+    threads: int | None = None,
+    attn_implementation: str = "eager",
+) -> LoadedModel:
+    """The one way a command loads its model: runtime setup (threads, quiet logs), then
+    `models.load_model` with the shared options (`auto` device and dtype resolved there)."""
+    from ..models import load_model
+
+    setup_runtime(threads)
+    return load_model(
+        model,
+        device=device,
+        dtype=dtype,  # type: ignore[arg-type]  # a CLI string; load_model rejects an unknown dtype in one line
+        attn_implementation=attn_implementation,  # type: ignore[arg-type]
+        trust_remote_code=trust_remote_code,
+        device_map=device_map,
+    )
 
 
 def load_scores(scores: Path, model: str | None, score: str = "copy") -> tuple[DetectionResult, str]:
