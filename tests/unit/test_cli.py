@@ -165,10 +165,10 @@ def test_command_modules_do_not_import_the_app():
     "text",
     [
         '"--progress/--no-progress"',
-        '"torch CPU threads"',
+        '"torch CPU threads (default: torch\'s choice)"',
         '"replace a run with a different config in --out"',
         '"detection run folder, authors\'-format score JSON, or ref:<name> (a shipped map)"',
-        '"cpu, cuda, cuda:1, mps"',
+        '"auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps"',
         '"--chat/--no-chat"',
     ],
 )
