@@ -54,6 +54,8 @@ def derive(run: Path) -> dict:
         "run_machine": config.get("machine"),
         "n_layers": n_layers,
         "n_heads": n_heads,
+        "n_kv_heads": config["model_spec"]["n_kv_heads"],
+        "shape_source": f"model_spec in {run.as_posix()}/config.json (the detection run's model config)",
         "n_kept": summary["n_kept"],
         "retrieval_score": [[float(x) for x in row] for row in scores],
         "activation_frequency": [[float(x) for x in row] for row in freq],

@@ -29,6 +29,19 @@ SOURCES = {
     },
     "headkv_head_scores": {"source": "HeadKV", "repository": "FYYFU/HeadKV", "folder": "", "commit": None},
 }
+# The score files name layers and query heads only; the KV-head count (grouped-query attention) comes
+# from each model's published config.json (num_key_value_heads) and is what KV-cache exports need.
+KV_HEADS = {
+    "llama-2-7b-80k": (32, "config.json of meta-llama/Llama-2-7b-hf (the 80K model continues its pretraining)"),
+    "llama-2-13b-64k": (40, "config.json of meta-llama/Llama-2-13b-hf (the 64K model continues its pretraining)"),
+    "Mistral-7B-v0.2-hf": (8, "config.json of mistral-community/Mistral-7B-v0.2"),
+    "Mixtral-8x7B-v0.1": (8, "config.json of mistralai/Mixtral-8x7B-v0.1"),
+    "Yi-6B-200K": (4, "config.json of 01-ai/Yi-6B-200K"),
+    "Qwen1.5-14B": (40, "config.json of Qwen/Qwen1.5-14B"),
+    "Qwen1.5-14B-Chat": (40, "config.json of Qwen/Qwen1.5-14B-Chat"),
+    "Mistral-7B-Instruct-v0.2": (8, "config.json of mistralai/Mistral-7B-Instruct-v0.2"),
+    "Meta-Llama-3-8B-Instruct": (8, "config.json of meta-llama/Meta-Llama-3-8B-Instruct"),
+}
 
 
 def derive(path: Path) -> dict:
@@ -51,6 +64,7 @@ def derive(path: Path) -> dict:
         path.parent.name, {"source": path.parent.name, "repository": None, "folder": None, "commit": None}
     )
     kind = "retrieval_reasoning" if path.stem.endswith("_retrieval_reasoning") else "copy_paste"
+    n_kv_heads, shape_source = KV_HEADS[path.stem.removesuffix("_retrieval_reasoning")]
     return {
         "format": "retrieval-heads reference map v1",
         "name": path.stem,
@@ -62,6 +76,8 @@ def derive(path: Path) -> dict:
         "raw_sha256": hashlib.sha256(raw).hexdigest(),
         "n_layers": n_layers,
         "n_heads": n_heads,
+        "n_kv_heads": n_kv_heads,
+        "shape_source": shape_source,
         "n_kept": counts.pop(),
         "retrieval_score": [[float(x) for x in row] for row in mean],
         "activation_frequency": [[float(x) for x in row] for row in freq],
@@ -78,7 +94,7 @@ def main() -> None:
         for f in sorted(folder.glob("*.json")):
             d = derive(f)
             (args.out / f"{f.stem}.json").write_text(json.dumps(d, separators=(",", ":")) + "\n")
-            print(f"{f.stem}: {d['n_layers']}x{d['n_heads']}, {d['n_kept']} kept samples")
+            print(f"{f.stem}: {d['n_layers']}x{d['n_heads']} ({d['n_kv_heads']} KV heads), {d['n_kept']} kept samples")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 - top_heads: top heads with retrieval score and activation frequency (Fig. 4);
 - rank_stability: rank of the final top heads as kept samples accumulate (Fig. 13);
 - correlation_matrix: Spearman / Pearson correlation of score maps of one shape (Fig. 6);
-- niah_grid: needle success over context length x depth from per-sample records.
+- niah_grid: needle success over context length x depth from per-sample records;
+- score_agreement: how the scores of one run agree (a summary's score maps suffice);
+- skipped_note: what a summary, shipped map or score file cannot show (no per-sample records).
 
 Every function takes `DetectionResult`s (load them with `load_results`) and returns a pandas
 DataFrame; statistics come from pandas and scipy. Score maps are `[n_layers, n_heads]`.
@@ -115,18 +117,39 @@ def top_heads(result: DetectionResult, k: int = 20) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
+def score_map(result: DetectionResult, name: str) -> np.ndarray:
+    """The `[n_layers, n_heads]` map of one of the result's scores. A summary (or snapshot) keeps
+    only the means of its other scores, which is all a map needs."""
+    if name == result.score_name:
+        return result.scores
+    if result.has_per_sample:
+        return result.with_score(name).scores
+    return np.asarray(result.extra[name].mean(axis=0), dtype=float)
+
+
+def skipped_note(result: DetectionResult) -> str | None:
+    """One line on what analyze and report leave out for this result because it holds no
+    per-sample records (a summary, snapshot, shipped map or score file), else None."""
+    parts = [] if result.has_per_sample else ["rank stability"]
+    if result.n_kept and not has_records(result):
+        parts.append("the NIAH grid")
+    if not parts:
+        return None
+    return f"{result.name}: skipped {' and '.join(parts)} (they need the run folder's per-sample records)"
+
+
 def score_agreement(result: DetectionResult, k: int = 10) -> pd.DataFrame:
     """How the scores of one detection run agree, per pair of scores: Spearman correlation of the
-    head maps and the overlap of their top-k heads (shared heads / k)."""
+    head maps and the overlap of their top-k heads (shared heads / k). Works on a summary too."""
     names = result.score_names()
     rows = []
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            ra, rb = result.with_score(a), result.with_score(b)
-            x, y = ra.scores.ravel(), rb.scores.ravel()
+            sa, sb = score_map(result, a), score_map(result, b)
+            x, y = sa.ravel(), sb.ravel()
             ok = ~(np.isnan(x) | np.isnan(y))
             rho = float(stats.spearmanr(x[ok], y[ok]).statistic) if ok.sum() > 2 else float("nan")
-            overlap = len(set(rank_heads(ra.scores)[:k]) & set(rank_heads(rb.scores)[:k])) / k
+            overlap = len(set(rank_heads(sa)[:k]) & set(rank_heads(sb)[:k])) / k
             rows.append({"model": result.name, "score_a": a, "score_b": b, "spearman": rho, f"top{k}_overlap": overlap})
     return pd.DataFrame(rows, columns=["model", "score_a", "score_b", "spearman", f"top{k}_overlap"])
 

@@ -7,14 +7,22 @@ token), takes the argmax of the last position's logits, and feeds each new token
 stop rule fires or `max_new_tokens` tokens exist. Callers observe every forward through
 `on_step(step, output)` (the engines read attention rows there) and add per-step forward arguments
 through `step_kwargs(step)` (explicit positions, attention outputs).
+
+Attention weights are read in one way only: `greedy_with_attentions` (each decode step's row,
+with `decode_positions` as its `step_kwargs`) and `attention_rows` (the rows of a prompt span
+after a prefill of what precedes it); no other module asks a model for `output_attentions`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .compat import cache_io as cache_io  # the KV cache's forward keyword by release; callers import it from here
+from .errors import DataError
+from .models import attention_implementation
 
 StopFn = Callable[[list[int]], bool]
 
@@ -76,11 +84,13 @@ def greedy(
     stop: StopFn,
     step_kwargs: Callable[[int], dict[str, Any]] | None = None,
     on_step: Callable[[int, Any], None] | None = None,
+    forced: Sequence[int] | None = None,
 ) -> tuple[list[int], Any]:
     """Greedy decoding of one sequence (batch 1). Returns the generated ids and the cache.
 
     `input_ids` `[1, n]` is fed on `cache` (None: the model makes one); step t > 0 feeds the token
-    of step t - 1. The caller holds `torch.no_grad()`.
+    of step t - 1. `forced`: step t takes `forced[t]` instead of the argmax (teacher forcing: the
+    steps observe a given answer). The caller holds `torch.no_grad()`.
     """
     import torch
 
@@ -95,7 +105,7 @@ def greedy(
         cache = getattr(out, attr)
         if on_step is not None:
             on_step(t, out)
-        token = int(out.logits[0, -1].argmax())
+        token = int(out.logits[0, -1].argmax()) if forced is None else int(forced[t])
         generated.append(token)
         if stop(generated):
             break
@@ -111,6 +121,23 @@ def adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
+def decode_positions(n: int, device: Any, *, attentions: bool = True) -> Callable[[int], dict[str, Any]]:
+    """`greedy`'s `step_kwargs` after the prompt (`n` tokens) but its last token was prefilled:
+    step t feeds one query at its explicit position `n - 1 + t`, with every layer's attention
+    weights in the step's output (`out.attentions`) when `attentions`."""
+    import torch
+
+    def kwargs(t: int) -> dict[str, Any]:
+        pos = n - 1 + t  # position of the query that produces the next token
+        return {
+            "output_attentions": attentions,
+            "cache_position": torch.tensor([pos], device=device),
+            "position_ids": torch.tensor([[pos]], device=device),
+        }
+
+    return kwargs
+
+
 def greedy_with_attentions(
     model: Any,
     input_ids: Any,
@@ -118,36 +145,87 @@ def greedy_with_attentions(
     max_new_tokens: int,
     stop: StopFn,
     on_step: Callable[[int, Any], None],
+    attentions: bool = True,
+    forced: Sequence[int] | None = None,
 ) -> list[int]:
     """`greedy` with every layer's attention weights in each step's output (`out.attentions`), the
-    paper-faithful way: the prompt but its last token is prefilled once, then each step feeds one
-    query at its explicit position. The caller holds `torch.no_grad()` and eager attention
-    (`models.attention_implementation(model, "eager")`): SDPA returns no weights."""
-    import torch
+    paper-faithful way: the prompt but its last token is prefilled once with the model's current
+    attention implementation, then each step feeds one query at its explicit position with eager
+    attention (SDPA returns no weights). With `attentions=False` the same loop runs on the model's
+    own attention without weights (a run that watches no head); `forced` as in `greedy`. The caller
+    holds `torch.no_grad()`; a caller that wants the prefill eager too (the reference engine) holds
+    `models.attention_implementation(model, "eager")` around the call.
 
+        with torch.no_grad():
+            ids = greedy_with_attentions(model, prompt, max_new_tokens=32, stop=StopRule(tok),
+                                         on_step=lambda t, out: rows.append(out.attentions))
+    """
     n = input_ids.shape[1]
-    device = input_ids.device
-
-    def positions(t: int) -> dict[str, Any]:
-        pos = n - 1 + t  # position of the query that produces the next token
-        return {
-            "output_attentions": True,
-            "cache_position": torch.tensor([pos], device=device),
-            "position_ids": torch.tensor([[pos]], device=device),
-        }
-
     _, attr = cache_io(model)
-    cache = getattr(model(input_ids=input_ids[:, :-1], use_cache=True), attr) if n > 1 else None
-    generated, _ = greedy(
-        model,
-        input_ids[:, -1:],
-        cache=cache,
-        max_new_tokens=max_new_tokens,
-        stop=stop,
-        step_kwargs=positions,
-        on_step=on_step,
-    )
+    cache = getattr(model(input_ids=input_ids[:, :-1], use_cache=True, logits_to_keep=1), attr) if n > 1 else None
+    with attention_implementation(model, "eager") if attentions else contextlib.nullcontext():
+        generated, _ = greedy(
+            model,
+            input_ids[:, -1:],
+            cache=cache,
+            max_new_tokens=max_new_tokens,
+            stop=stop,
+            step_kwargs=decode_positions(n, input_ids.device, attentions=attentions),
+            on_step=on_step,
+            forced=forced,
+        )
     return generated
+
+
+@dataclass(frozen=True)
+class AttentionRows:
+    """The eager attention rows of the queries `[start, end)` of a prompt, and the KV cache after
+    them. `layers[l]` is `[batch, head, end - start, K_l]`: the weights of each query over the last
+    K_l keys up to `end` (all keys, or a sliding-window layer's window); `first_key(l)` is the
+    absolute position of key 0."""
+
+    layers: tuple[Any, ...]
+    cache: Any
+    end: int
+
+    def first_key(self, layer: int) -> int:
+        return int(self.end - self.layers[layer].shape[-1])
+
+
+def attention_rows(model: Any, input_ids: Any, start: int, end: int) -> AttentionRows:
+    """Prefill `input_ids[:, :start]` with the model's current attention implementation, then feed
+    the span `[start, end)` with eager attention and return its attention rows (never the full
+    n x n matrix). The one place the package asks a model for attention weights besides the decode
+    steps of `greedy_with_attentions`. The caller holds `torch.no_grad()`.
+
+        with torch.no_grad():
+            rows = attention_rows(model, ids, q0, q1)  # the question's rows
+        for l, a in enumerate(rows.layers):  # a: [1, head, q1 - q0, K_l]
+            keys = torch.arange(rows.first_key(l), q1)  # absolute key positions
+    """
+    kw, attr = cache_io(model)
+    cache = getattr(model(input_ids=input_ids[:, :start], use_cache=True, logits_to_keep=1), attr) if start else None
+    with attention_implementation(model, "eager"):
+        out = model(
+            input_ids=input_ids[:, start:end], **{kw: cache}, use_cache=True, logits_to_keep=1, output_attentions=True
+        )
+    return AttentionRows(tuple(out.attentions), getattr(out, attr), end)
+
+
+def control_strings(tokenizer: Any) -> list[str]:
+    """The texts the tokenizer turns into special tokens (`</s>`, `<|im_end|>`, `<|im_start|>`...)."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    found |= {str(t.content) for t in decoder.values() if getattr(t, "special", False)}
+    return sorted(s for s in found if s.strip())
+
+
+def check_control_strings(tokenizer: Any, text: str) -> None:
+    """One DataError when a user text (document, question, answer) holds a control string of the
+    tokenizer: it would become a real token (an end of turn, a new assistant turn), not text."""
+    hit = next((s for s in control_strings(tokenizer) if s in text), None)
+    if hit is not None:
+        raise DataError(f"the text holds the model's control string {hit!r}; remove it from the document or question")
 
 
 def build_prompt(
@@ -155,7 +233,9 @@ def build_prompt(
 ) -> str:
     """The text given to the model: with `chat` and a chat template, the template with one user
     message and the generation prompt; otherwise BOS (when the tokenizer adds one) + the message +
-    `plain_separator`. `assistant_prefix` starts the answer in both cases."""
+    `plain_separator`. `assistant_prefix` starts the answer in both cases. A message holding one of
+    the tokenizer's control strings is refused (`check_control_strings`)."""
+    check_control_strings(tokenizer, user)
     if chat and getattr(tokenizer, "chat_template", None):
         text: str = tokenizer.apply_chat_template(
             [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
@@ -164,3 +244,22 @@ def build_prompt(
         bos = tokenizer.bos_token if getattr(tokenizer, "bos_token", None) and adds_bos(tokenizer) else ""
         text = f"{bos}{user}{plain_separator}"
     return text + assistant_prefix
+
+
+_PROBE = "\ue000\ue001"  # private-use characters: in no template and no real document
+
+
+def build_prompt_at(
+    tokenizer: Any, user: str, *, chat: bool, assistant_prefix: str = "", plain_separator: str = ""
+) -> tuple[str, int]:
+    """`build_prompt` and the character offset of the message in it, -1 when the template altered
+    the message. Found where the template puts a probe message, not by searching the text: a
+    message that also occurs in the template's header (or a document in the instruction) is not
+    found there."""
+    text, probe = (
+        build_prompt(tokenizer, m, chat=chat, assistant_prefix=assistant_prefix, plain_separator=plain_separator)
+        for m in (user, _PROBE)
+    )
+    pos, n = probe.find(_PROBE), len(user)
+    same = text[:pos] == probe[:pos] and text[pos + n :] == probe[pos + len(_PROBE) :]
+    return text, pos if pos >= 0 and same and text[pos : pos + n] == user else -1

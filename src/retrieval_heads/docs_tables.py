@@ -17,6 +17,8 @@ to the current directory, the repository root) or `ref:<name>` (a shipped refere
                   (k=10; score=NAME ranks by another of the run's scores)
     sparsity      detection runs and ref maps: share of heads per score bin, retrieval heads
     other-scores  one detection run: the top heads of each score and its top-10 stability (k=5)
+    correlation   pairs of runs or maps (A B [A B ...]): Pearson and Spearman per pair
+    task-summary  task-eval runs: no mask, top-K and random-K masked, top minus random
     kv-eval, mask-eval, task-eval, grounding-eval, passage-rank   one experiment run: its table.md
     finetune-eval one or several finetune-eval runs: their table.md rows under one header
 
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -44,7 +46,8 @@ from .heads import top_heads
 from .reference import is_reference
 from .results import RETRIEVAL_THRESHOLD, DetectionResult
 from .runs import CONFIG_FILE, SUMMARY_FILE, TABLE_FILE, is_run_config, read_config
-from .scorefile import atomic_write, atomic_write_text, read_json
+from .scorefile import atomic_write, atomic_write_text, read_json, read_json_or_none
+from .userfiles import MAX_SUMMARY, MAX_TEXT, read_bytes, read_text
 
 COMMAND = "retrieval-heads docs-tables"
 OPEN = re.compile(r"<!-- table:(?P<spec>.*?)-->\s*")  # a whole line
@@ -71,7 +74,7 @@ class Table:
 
 # ---------------------------------------------------------------- sources
 @dataclass(frozen=True)
-class Run:
+class SavedRun:
     """A run folder as the tables see it: its config, its summary, the folder."""
 
     source: str
@@ -80,34 +83,34 @@ class Run:
     summary: dict[str, Any]
 
 
-def read_run(source: str, root: Path, where: str, *, summary: bool = True) -> Run:
+def read_run(source: str, root: Path, where: str, *, summary: bool = True) -> SavedRun:
     folder = root / source
     if not folder.is_dir():
         raise DataError(f"{where}: source {source!r} is not a run folder (looked in {folder})")
     try:
         config = read_config(folder / CONFIG_FILE)
-        obj = read_json(folder / SUMMARY_FILE) if summary else {}
+        obj = read_json(folder / SUMMARY_FILE, MAX_SUMMARY) if summary else {}
     except DataError as e:
         raise DataError(f"{where}: {e}") from None
     if not is_run_config(config):
         raise DataError(f"{where}: {folder / CONFIG_FILE} is not the config of a retrieval-heads run")
     if not isinstance(obj, dict):
         raise DataError(f"{where}: {folder / SUMMARY_FILE} must be a JSON object")
-    return Run(source, folder, config, obj)
+    return SavedRun(source, folder, config, obj)
 
 
 EXPERIMENT_KINDS = ("mask-eval", "kv-eval", "task-eval", "grounding-eval", "passage-rank", "finetune-eval")
 
 
 def experiment_kind(config: dict[str, Any]) -> str | None:
-    """'mask-eval', 'kv-eval' or 'task-eval' for an experiment's config, None for detection."""
-    for key in ("task", "kind"):  # task-eval records its task under "task", its kind under "kind"
+    """The experiment kind of a run's config (one of EXPERIMENT_KINDS), None for detection."""
+    for key in ("kind", "task"):  # the kind is saved under "kind"; older mask-eval/kv-eval runs used "task"
         if config.get(key) in EXPERIMENT_KINDS:
             return str(config[key])
     return None
 
 
-def detection_run(source: str, root: Path, where: str) -> tuple[Run, DetectionResult]:
+def detection_run(source: str, root: Path, where: str) -> tuple[SavedRun, DetectionResult]:
     """A detection run folder (only its config and summary) as a DetectionResult of aggregates."""
     run = read_run(source, root, where)
     other = experiment_kind(run.config)
@@ -120,7 +123,7 @@ def detection_run(source: str, root: Path, where: str) -> tuple[Run, DetectionRe
     return run, result
 
 
-def detection_result(source: str, root: Path, where: str) -> tuple[Run | None, DetectionResult]:
+def detection_result(source: str, root: Path, where: str) -> tuple[SavedRun | None, DetectionResult]:
     """A detection run folder, or a shipped map (`ref:<name>`; no run, aggregates only)."""
     if not is_reference(source):
         return detection_run(source, root, where)
@@ -152,7 +155,7 @@ def where_ran(config: dict[str, Any]) -> str:
     return f"{m.get('platform', '?')}, {m.get('cpu_count', '?')} CPUs, {device}, torch {m.get('torch', '?')}"
 
 
-def provenance(runs: Sequence[Run], refs: Sequence[str]) -> str:
+def provenance(runs: Sequence[SavedRun], refs: Sequence[str]) -> str:
     """The line under a table: the command, and each source with the date and machine of its run."""
     parts = [f"{r.source} ({when(r.config)}, {where_ran(r.config)})" for r in runs]
     if refs:
@@ -231,7 +234,7 @@ def top_heads_table(sources: list[str], options: dict[str, str], root: Path, whe
 
 
 def sparsity_rows(sources: list[str], options: dict[str, str], root: Path, where: str) -> tuple[str, str]:
-    runs: list[Run] = []
+    runs: list[SavedRun] = []
     refs: list[str] = []
     results: list[DetectionResult] = []
     origins: list[str] = []
@@ -263,7 +266,7 @@ def correlation_table(sources: list[str], options: dict[str, str], root: Path, w
     """Pearson and Spearman correlation of two score maps per line; sources come in pairs (A B A B ...)."""
     if len(sources) % 2:
         raise DataError(f"{where}: correlation takes sources in pairs (A B [A B ...]), got {len(sources)}")
-    runs: list[Run] = []
+    runs: list[SavedRun] = []
     refs: list[str] = []
     lines = ["| model A | model B | heads | Pearson | Spearman |", "|---|---|---:|---:|---:|"]
     for a, b in zip(sources[::2], sources[1::2], strict=True):
@@ -277,7 +280,7 @@ def correlation_table(sources: list[str], options: dict[str, str], root: Path, w
                 runs.append(run)
         if pair[0].shape != pair[1].shape:
             raise DataError(f"{where}: {a} {pair[0].shape} and {b} {pair[1].shape} are not of one shape")
-        row = correlation_pairs(pair).iloc[0]
+        row = correlation_pairs([replace(pair[0], name="A"), replace(pair[1], name="B")]).iloc[0]  # one name twice
         lines.append(
             f"| {pair[0].name} | {pair[1].name} | {row['n_heads']} | {row['pearson']:.3f} | {row['spearman']:.3f} |"
         )
@@ -312,7 +315,7 @@ def experiment_table(kind: str) -> Callable[[list[str], dict[str, str], Path, st
         path = run.folder / TABLE_FILE
         if not path.is_file():
             raise DataError(f"{where}: {path} not found (an unfinished {kind} run?)")
-        return path.read_text(encoding="utf-8").strip(), provenance([run], [])
+        return read_text(path, MAX_SUMMARY).strip(), provenance([run], [])
 
     return table
 
@@ -449,14 +452,14 @@ def update(paths: Sequence[str | Path], root: str | Path = ".", *, check: bool =
     for p in map(Path, paths):
         if not p.is_file():
             raise DataError(f"{p}: Markdown file not found")
-        text = p.read_text(encoding="utf-8")
+        text = read_text(p, MAX_TEXT)
         new, found = render(text, root, str(p))
         rendered.append((p, text, new))
         tables += [Table(p, line, spec, stale) for line, spec, stale in found]
     if not check:
         for p, text, new in rendered:
             if new != text:
-                atomic_write_text(p, new)
+                atomic_write_text(p.resolve(), new)  # through a symlink: the link stays a link
     return tables
 
 
@@ -479,8 +482,10 @@ def snapshot(run: str | Path, dest_dir: str | Path = SNAPSHOT_DIR) -> Path:
     dest = Path(dest_dir) / src.resolve().name
     if dest.resolve() == src.resolve():
         raise ConfigError(f"{src} is already a snapshot in {dest_dir}")
-    texts = {f: (src / f).read_text(encoding="utf-8") for f in SNAPSHOT_FILES if (src / f).is_file()}
-    figures = {f.name: f.read_bytes() for f in sorted(src.glob("*.png")) if f.is_file()}
+    if any((dest / f).exists() for f in SNAPSHOT_FILES) and not is_run_config(read_json_or_none(dest / CONFIG_FILE)):
+        raise ConfigError(f"{dest} holds files that no snapshot wrote; give another snapshot folder")
+    texts = {f: read_text(src / f, MAX_SUMMARY) for f in SNAPSHOT_FILES if (src / f).is_file()}
+    figures = {f.name: read_bytes(f, MAX_SUMMARY) for f in sorted(src.glob("*.png")) if f.is_file()}
     dest.mkdir(parents=True, exist_ok=True)
     for name, data in figures.items():
         atomic_write(dest / name, partial(_write_bytes, data))

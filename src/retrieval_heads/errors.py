@@ -25,3 +25,9 @@ class NeedleNotFoundError(RetrievalHeadsError):
 
 class RunConflictError(RetrievalHeadsError):
     """The output folder holds a run with a different configuration."""
+
+
+def check_choice(what: str, value: object, choices: tuple[str, ...] | list[str]) -> None:
+    """The one message shape for a value outside its choices: "unknown mask phase 'x'; choose from all, decode"."""
+    if value not in choices:
+        raise ConfigError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")

@@ -30,19 +30,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, check_choice
 from .heads import Head
 from .models import attention_modules, spec_from_config
 
 Method = Literal["uniform", "zero", "mean"]
 Phase = Literal["all", "decode"]
-METHODS: tuple[str, ...] = ("uniform", "zero", "mean")
-PHASES: tuple[str, ...] = ("all", "decode")
+METHODS: tuple[str, ...] = get_args(Method)
+PHASES: tuple[str, ...] = get_args(Phase)
 
 
 @dataclass(frozen=True)
@@ -164,10 +164,8 @@ def mask_heads(
     `means` `[n_layers, n_heads, head_dim]` is required by `method="mean"` (see `head_means`).
     Masking nothing (`heads=[]`) registers no hook and changes nothing.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown masking method {method!r}; choose from {', '.join(METHODS)}")
-    if phase not in PHASES:
-        raise ConfigError(f"unknown masking phase {phase!r}; choose from {', '.join(PHASES)}")
+    check_choice("masking method", method, METHODS)
+    check_choice("mask phase", phase, PHASES)
     parts = attention_parts(model)
     n_heads = parts[0].n_heads
     chosen = validate_heads(heads, len(parts), n_heads)

@@ -48,6 +48,12 @@ ALIASES: dict[str, Alias] = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
+def default_model_note() -> str:
+    """What the default model is, in words: it is a quantized file, not the original weights."""
+    a = ALIASES[DEFAULT_MODEL]
+    return f"default {DEFAULT_MODEL}: the 4-bit GGUF {a.gguf_name}, dequantized to float weights on load"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What the method needs to know of a model's attention.
@@ -230,6 +236,7 @@ def resolve_alias(alias: str) -> Path:
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             try:
                 mod.assemble(output_path=tmp, overwrite=True)
+                os.chmod(tmp, 0o666 & ~current_umask())  # group-readable like the rest of the cache
                 os.replace(tmp, target)
             finally:
                 tmp.unlink(missing_ok=True)
@@ -312,6 +319,8 @@ def _convert_gguf(gguf: Path, out: Path, key: str) -> None:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
+        for f in tmp.iterdir():  # safetensors writes 0600: colleagues sharing the cache could not load it
+            os.chmod(f, 0o666 & ~current_umask())
         if out.exists():  # a stale, incomplete conversion (we hold the lock: nobody reads it)
             shutil.rmtree(out)
         try:

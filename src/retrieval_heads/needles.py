@@ -18,6 +18,7 @@ from typing import Any
 from . import decoding
 from .errors import ConfigError, DataError, NeedleNotFoundError
 from .models import package_dir
+from .userfiles import MAX_TEXT, read_text
 
 # The authors' prompt (ALGORITHM.md): document, then the question.
 QUESTION_TEMPLATE = "\n\nBased on the content of the book, Question: {question}\nAnswer:"
@@ -98,15 +99,9 @@ EVALUATION_NEEDLES: tuple[Needle, ...] = (
 def load_needles(path: str | Path) -> list[Needle]:
     """Read needles from JSONL: one object per line with keys needle, question, answer (id optional)."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise DataError(f"needles file not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        lineno = p.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(f"{p}:{lineno}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise DataError(f"{p}: cannot read ({e.strerror or e})") from None
+    text = read_text(p, MAX_TEXT)
     out: list[Needle] = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -148,14 +143,11 @@ def load_haystack(path: str | Path | None = None) -> str:
     p = default_haystack_dir() if path is None else Path(path)
     if p.is_dir():
         files = sorted(p.glob("*.txt"))
-    elif p.is_file():
+    elif p.exists():
         files = [p]
     else:
         raise DataError(f"haystack not found: {p}")
-    try:
-        text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace").strip() for f in files)
-    except OSError as e:
-        raise DataError(f"{e.filename or p}: cannot read ({e.strerror or e})") from None
+    text = "\n\n".join(read_text(f, MAX_TEXT, errors="replace").strip() for f in files)
     if not text.strip():
         raise DataError(f"haystack is empty: {p}")
     return text
@@ -284,8 +276,7 @@ def _fit_haystack(tokenizer: Any, haystack: str, n_tokens: int, *, sentence_end:
 def build_prompt(tokenizer: Any, document: str, question: str, chat: bool) -> tuple[str, int]:
     """Prompt text (`decoding.build_prompt` of document + question) and the character offset where
     the document starts in it."""
-    text = decoding.build_prompt(tokenizer, document + QUESTION_TEMPLATE.format(question=question), chat=chat)
-    start = text.find(document)
+    text, start = decoding.build_prompt_at(tokenizer, document + QUESTION_TEMPLATE.format(question=question), chat=chat)
     if start < 0:
         raise NeedleNotFoundError("the chat template altered the document text")
     return text, start

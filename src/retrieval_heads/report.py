@@ -127,6 +127,9 @@ def _run_section(i: int, r: DetectionResult, top_k: int, threshold: float) -> st
     if r.n_kept == 0:
         parts.append('<p class="note">No kept sample: the model retrieved no needle, so there are no scores.</p>')
         return "\n".join(parts)
+    note = A.skipped_note(r)
+    if note:  # a summary or shipped map: say what is left out instead of failing
+        parts.append(f'<p class="note">{html.escape(note)}</p>')
     parts.append(f'<div class="plot">{interactive_heatmap(r, f"heatmap-{i}")}</div>')
     parts.append(f"<h3>Top {top_k} heads</h3>")
     parts.append(_table(A.top_heads(r, top_k).drop(columns=["model"])))

@@ -1,22 +1,32 @@
 """DetectionResult: per-head retrieval scores and activation frequency, loadable from a run folder
-or from any authors'-format score file."""
+or from any authors'-format score file; `require_kept`: what every consumer of a detection run
+calls before using its scores (refuses a run that kept no sample, warns below `MIN_KEPT`)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from .errors import ConfigError, DataError
 from .heads import rank_heads, top_heads
 from .reference import is_reference, is_reference_map, parse_reference_map, reference_path
-from .runs import CONFIG_FILE, RECORDS_FILE, SCORES_FILE, SUMMARY_FILE, read_config, read_numbered_records
+from .runs import (
+    CONFIG_FILE,
+    RECORDS_FILE,
+    SCORES_FILE,
+    SUMMARY_FILE,
+    read_config,
+    read_numbered_records,
+    strict_json,
+)
 from .scorefile import MAX_HEADS, MAX_LAYERS, atomic_write_text, parse_scores, read_json, read_scores, write_scores
-from .scoring import aggregate
+from .scoring import aggregate, check_records
 
 # Bootstrap of the per-head scores over kept samples (intervals, top-K stability); saved in summaries.
 N_BOOT, CI, BOOT_SEED = 1000, 0.95, 0
@@ -25,70 +35,20 @@ SCORES_DIR = "scores"  # the other scores, one authors'-format file each
 
 RETRIEVAL_THRESHOLD = 0.1  # paper: a head is a retrieval head when its score > 0.1
 
+# Fewer kept samples than this: the scores are used and shown, with a warning (a top-10 built on a
+# handful of samples changes with every resample; see `top_k_stability`).
+MIN_KEPT = 5
 
-def _matrix(value: Any, where: str, what: str) -> np.ndarray:
-    """A `[layers][heads]` list of finite numbers as an array, else one DataError line."""
-    if not isinstance(value, list) or not value or len(value) > MAX_LAYERS:
-        raise DataError(f"{where}: {what} must be a non-empty [layer][head] list (at most {MAX_LAYERS} layers)")
-    try:
-        a = np.asarray(value, dtype=float)
-    except (ValueError, TypeError, OverflowError):
-        raise DataError(f"{where}: {what} must be a [layer][head] list of numbers of one shape") from None
-    if a.ndim != 2 or not 0 < a.shape[1] <= MAX_HEADS:
-        raise DataError(f"{where}: {what} must be a [layer][head] list of numbers (at most {MAX_HEADS} heads)")
-    if not np.isfinite(a).all():
-        raise DataError(f"{where}: {what} holds a non-finite number")
+logger = logging.getLogger(__name__)
+
+
+def _score_map(value: Any, what: str) -> np.ndarray:
+    """A summary's map as floats (null -> NaN, not scored); a negative or infinite score is a
+    ValueError: ranking by it would put a corrupted head first."""
+    a = np.asarray(value, dtype=float)
+    if np.any(np.isinf(a)) or np.any(a < 0):
+        raise ValueError(f"{what} holds a negative or infinite score")
     return a
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def check_records(records: Sequence[Any], source: str = "records", lines: Sequence[int] | None = None) -> None:
-    """Detection records as `from_records` needs them, else one DataError naming `source:line`:
-    objects with unique ids; `copy_counts` non-negative counts of one `[layers][heads]` shape;
-    `kept` a boolean; `needle_tokens` (and `span_tokens`) positive integers; the other scores,
-    when present, of the same shape and names in every kept record."""
-    shape: tuple[int, ...] | None = None
-    names: list[str] | None = None
-    seen: dict[str, str] = {}
-    for i, r in enumerate(records):
-        where = f"{source}:{lines[i] if lines is not None else i + 1}"
-        if not isinstance(r, dict):
-            raise DataError(f"{where}: a record must be a JSON object")
-        rid = r.get("id")
-        if rid is not None:
-            if not isinstance(rid, str) or rid in seen:
-                raise DataError(f"{where}: duplicate or non-string record id {str(rid)[:80]!r}")
-            seen[rid] = where
-        if "copy_counts" not in r:
-            raise DataError(f"{where}: record has no copy_counts (not a detection record?)")
-        counts = _matrix(r["copy_counts"], where, "copy_counts")
-        if (counts < 0).any():
-            raise DataError(f"{where}: copy_counts holds a negative count")
-        if shape is None:
-            shape = counts.shape
-        elif counts.shape != shape:
-            raise DataError(f"{where}: copy_counts has shape {counts.shape}, the first record {shape}")
-        kept = r.get("kept", False)
-        if not isinstance(kept, bool):
-            raise DataError(f"{where}: kept must be true or false")
-        for key in ("needle_tokens", "span_tokens"):
-            if (kept and key == "needle_tokens") or key in r:
-                if not _positive_int(r.get(key)):
-                    raise DataError(f"{where}: {key} must be a positive integer, got {str(r.get(key))[:40]}")
-        if kept:
-            extra = r.get("attention_scores") or {}
-            if not isinstance(extra, dict):
-                raise DataError(f"{where}: attention_scores must be an object of [layer][head] maps")
-            if names is None:
-                names = sorted(extra)
-            elif sorted(extra) != names:
-                raise DataError(f"{where}: attention_scores names {sorted(extra)} differ from the first kept record's")
-            for n, m in extra.items():
-                if _matrix(m, where, f"attention_scores[{n!r}]").shape != shape:
-                    raise DataError(f"{where}: attention_scores[{n!r}] does not have the shape {shape}")
 
 
 @dataclass(frozen=True)
@@ -108,10 +68,13 @@ class HeadScore:
 
 
 def sparsity(scores: np.ndarray) -> dict[str, float]:
-    """Share of heads with score = 0, in (0, 0.1], in (0.1, 0.5], > 0.5 (paper Fig. 3)."""
+    """Share of heads with score = 0, in (0, 0.1], in (0.1, 0.5], > 0.5 (paper Fig. 3); NaN
+    when no head is scored."""
     s = np.asarray(scores, dtype=float)
     s = s[~np.isnan(s)]
-    n = max(s.size, 1)
+    if not s.size:  # no scored head: undefined (null in JSON), not 0 %
+        return dict.fromkeys(("zero", "(0,0.1]", "(0.1,0.5]", ">0.5"), float("nan"))
+    n = s.size
     return {
         "zero": float((s == 0).sum() / n),
         "(0,0.1]": float(((s > 0) & (s <= 0.1)).sum() / n),
@@ -122,27 +85,35 @@ def sparsity(scores: np.ndarray) -> dict[str, float]:
 
 def _json_map(a: np.ndarray) -> list[Any]:
     """NaN -> None (JSON null), as nested lists."""
-    out = a.astype(object)
-    out[np.isnan(a)] = None
-    nested: list[Any] = out.tolist()
+    nested: list[Any] = strict_json(np.asarray(a, dtype=float).tolist())
     return nested
 
 
 def _json_float(x: float) -> float | None:
-    return None if np.isnan(x) else float(x)
+    out: float | None = strict_json(float(x))
+    return out
 
 
 @dataclass
 class DetectionResult:
     """Scores of one model. Arrays are `[n_layers, n_heads]`; NaN means not scored.
 
-    per_sample: `[n_kept, n_layers, n_heads]`, the kept samples' scores in run order.
-    records: the per-sample records (all samples, kept or not) when loaded from a run folder.
-    aggregates: (retrieval score, activation frequency, n_kept) of a result known only by its
-    aggregates (the shipped reference maps); `per_sample` is then empty `[0, L, H]`.
+    A result is in one of two modes (`mode`):
+    - "records": a full run (a run folder's records, detection in this process, an authors'-format
+      score file): `per_sample` `[n_kept, n_layers, n_heads]` holds the kept samples' scores in
+      run order, so bootstrap intervals, rank stability and every other score (`with_score`) are
+      available; `records` holds every sample's record (kept or not) when loaded from a run.
+    - "summary": aggregates only (a run's summary.json, e.g. a docs/runs snapshot, or a shipped
+      reference map): `aggregates` = (retrieval score, activation frequency, n_kept) and
+      `per_sample` is empty `[0, L, H]`. Rankings, top heads and sparsity work as in a full run;
+      intervals and stability are NaN; `with_score` takes another score's mean map (a summary
+      keeps one per score); `require_records` raises one ConfigError.
+
     extra: the other scores of the same kept samples, name -> `[n_kept, n_layers, n_heads]`
     (topk_mass, needle_mass, distant_mass; see `scoring.attention_scores`). `per_sample` is the
     copy score (the paper's retrieval score); `with_score(name)` makes any of them the score.
+    A run that kept no sample (`n_kept == 0`) scores no head: every score is NaN, `top` is empty;
+    consumers refuse it through `require_kept`.
     """
 
     name: str
@@ -161,16 +132,26 @@ class DetectionResult:
         """The same result with `name` as its score (rankings, top heads, sparsity follow it)."""
         if name == self.score_name:
             return self
-        if not self.has_per_sample:
-            raise ConfigError(
-                f"{self.name} holds aggregates of its {self.score_name!r} score only (a summary, snapshot or"
-                f" shipped map); score {name!r} needs the run folder with its records"
-            )
+        if self.aggregates is not None:
+            return self._summary_with_score(name)
         pool = {self.score_name: self.per_sample, **self.extra}
         if name not in pool:
             raise ConfigError(f"{self.name} has no score {name!r}; it has: {', '.join(self.score_names())}")
         rest = {n: v for n, v in pool.items() if n != name}
         return DetectionResult(self.name, pool[name], self.records, self.config, None, rest, name)
+
+    def _summary_with_score(self, name: str) -> DetectionResult:
+        """`with_score` on a summary: the other score's mean map (a summary keeps one per score).
+        Its activation frequency is not stored; a head counts as active where its mean is > 0."""
+        assert self.aggregates is not None
+        scores, _, n_kept = self.aggregates
+        pool = {self.score_name: scores[None], **self.extra}
+        if name not in pool:
+            raise ConfigError(f"{self.name} has no score {name!r}; it has: {', '.join(self.score_names())}")
+        m = np.asarray(pool[name][0], dtype=float)
+        freq = np.where(np.isnan(m), np.nan, (m > 0).astype(float))
+        rest = {n: v for n, v in pool.items() if n != name}
+        return replace(self, aggregates=(m, freq, n_kept), extra=rest, score_name=name)
 
     def intervals(
         self, *, n_boot: int = N_BOOT, ci: float = CI, seed: int = BOOT_SEED
@@ -226,21 +207,29 @@ class DetectionResult:
         if not isinstance(summary, dict):
             raise DataError(f"{source}: must be a JSON object")
         try:
-            scores = np.asarray(summary["scores"], dtype=float)  # null (not scored) -> NaN
-            freq = np.asarray(summary["activation_frequency"], dtype=float)
+            scores = _score_map(summary["scores"], "scores")  # null (not scored) -> NaN
+            freq = _score_map(summary["activation_frequency"], "activation_frequency")
+            if np.any(freq > 1):
+                raise ValueError("activation_frequency above 1")
+            n_kept = summary["n_kept"]
+            if not isinstance(n_kept, int) or isinstance(n_kept, bool) or n_kept < 0:
+                raise ValueError(f"n_kept must be a count, not {str(n_kept)[:20]}")
+            other_scores = summary.get("other_scores") or {}
+            if not isinstance(other_scores, dict) or not all(isinstance(m, dict) for m in other_scores.values()):
+                raise ValueError("other_scores must map a score name to {'scores': [[...]]}")
             if scores.ndim != 2 or freq.shape != scores.shape:
                 raise ValueError("maps are not [layer][head] of one shape")
             if not (0 < scores.shape[0] <= MAX_LAYERS and 0 < scores.shape[1] <= MAX_HEADS):
                 raise ValueError(f"shape {scores.shape} out of bounds")
             name = str(summary.get("name") or config.get("model", "run"))
             others = {
-                str(n): np.asarray(m["scores"], dtype=float)[None]  # one row: its mean is the aggregate
-                for n, m in (summary.get("other_scores") or {}).items()
+                str(n): _score_map(m["scores"], f"other_scores[{str(n)[:20]!r}]")[None]  # one row: the mean
+                for n, m in other_scores.items()
             }
             if any(o.shape[1:] != scores.shape for o in others.values()):
                 raise ValueError("other scores are not of the main score's shape")
             result = replace(
-                cls.from_aggregate(name, scores, freq, int(summary["n_kept"]), config),
+                cls.from_aggregate(name, scores, freq, n_kept, config),
                 score_name=str(summary.get("score", "copy")),
                 extra=others,
             )
@@ -249,9 +238,22 @@ class DetectionResult:
         return result
 
     @property
+    def mode(self) -> Literal["records", "summary"]:
+        """ "records" (per-sample scores of a full run) or "summary" (aggregates only); see the class."""
+        return "summary" if self.aggregates is not None else "records"
+
+    @property
     def has_per_sample(self) -> bool:
-        """Whether per-sample scores exist (rank stability and bootstrap need them)."""
-        return self.aggregates is None
+        """Whether per-sample scores exist (rank stability and bootstrap need them): mode "records"."""
+        return self.mode == "records"
+
+    def require_records(self, what: str) -> None:
+        """One ConfigError when `what` needs the per-sample scores and this result is a summary."""
+        if self.mode == "summary":
+            raise ConfigError(
+                f"{self.name} holds aggregates of its {self.score_name!r} score only (a summary, snapshot or"
+                f" shipped map); {what} needs the run folder with its records"
+            )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -293,9 +295,35 @@ class DetectionResult:
         return out
 
     def top(self, k: int = 20) -> list[HeadScore]:
-        """The k heads with the highest retrieval score (NaN last; ties: lower layer, then lower head)."""
+        """The k best-ranked scored heads (`heads.rank_heads`): highest score first, ties broken by
+        the `tiebreak` score, then the lower layer and head. Heads not scored (NaN) are never
+        listed: a run that kept no sample has no top heads."""
         s, f = self.scores, self.activation_frequency
-        return [HeadScore(l, h, float(s[l, h]), float(f[l, h])) for l, h in top_heads(s, k, self.tiebreak)]
+        heads = [(l, h) for l, h in top_heads(s, k, self.tiebreak) if not np.isnan(s[l, h])]
+        return [HeadScore(l, h, float(s[l, h]), float(f[l, h])) for l, h in heads]
+
+    def retrieval_table(self) -> list[dict[str, Any]]:
+        """Per (length, depth) cell of the detection grid, from the records: samples run, kept, mean
+        answer recall (where the model stops retrieving; the NIAH heatmap of the grid itself).
+        Empty without records (a summary or a score file)."""
+        cells: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
+        for r in self.records:
+            at = (r.get("length"), r.get("depth"))
+            if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in at):  # numbers sort
+                cells.setdefault(at, []).append(r)
+        table = []
+        for (length, depth), rs in sorted(cells.items()):
+            recalls = [float(r["answer_recall"]) for r in rs if isinstance(r.get("answer_recall"), (int, float))]
+            table.append(
+                {
+                    "length": length,
+                    "depth": depth,
+                    "run": len(rs),
+                    "kept": sum(r.get("kept") is True for r in rs),
+                    "mean_recall": round(float(np.mean(recalls)), 4) if recalls else None,
+                }
+            )
+        return table
 
     def retrieval_heads(self, threshold: float = RETRIEVAL_THRESHOLD) -> list[tuple[int, int]]:
         return [(int(l), int(h)) for l, h in zip(*np.nonzero(np.nan_to_num(self.scores) > threshold), strict=True)]
@@ -304,8 +332,11 @@ class DetectionResult:
         return sparsity(self.scores)
 
     def summary(self, k: int = 20) -> dict[str, Any]:
+        """What summary.json holds (strict JSON once `runs.strict_json` turns NaN into null). A run
+        that kept no sample: `n_kept` 0, every score null, no top heads."""
         low, high = self.intervals()
         maps = {n: self.with_score(n) for n in self.score_names()}
+        table = self.retrieval_table()
         return {
             "score": self.score_name,
             "name": self.name,
@@ -313,7 +344,7 @@ class DetectionResult:
             "n_samples": len(self.records) if self.records else self.n_kept,
             "n_kept": self.n_kept,
             "sparsity": self.sparsity(),
-            "n_retrieval_heads": len(self.retrieval_heads()),
+            "n_retrieval_heads": len(self.retrieval_heads()) if self.n_kept else None,
             "top": [h.to_dict() for h in self.top(k)],
             "scores": _json_map(self.scores),
             "activation_frequency": _json_map(self.activation_frequency),
@@ -335,17 +366,19 @@ class DetectionResult:
                 for n, r in maps.items()
                 if n != self.score_name
             },
+            **({"retrieval_by_cell": table} if table else {}),
         }
 
     def save(self, folder: str | Path) -> None:
         """Write the authors' score file and a summary (atomically) into `folder`."""
         d = Path(folder)
         d.mkdir(parents=True, exist_ok=True)
-        write_scores(d / SCORES_FILE, self.per_sample)
+        # a summary has no per-sample rows: its mean map is written as the one row (same scores on load)
+        write_scores(d / SCORES_FILE, self.per_sample if self.aggregates is None else self.scores[None])
         for name, per in self.extra.items():  # every other score, in the authors' format too
             (d / SCORES_DIR).mkdir(exist_ok=True)
             write_scores(d / SCORES_DIR / f"{name}.json", per)
-        atomic_write_text(d / SUMMARY_FILE, json.dumps(self.summary(), indent=1))
+        atomic_write_text(d / SUMMARY_FILE, json.dumps(strict_json(self.summary()), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> DetectionResult:
@@ -406,3 +439,25 @@ class DetectionResult:
         names = sorted(kept[0].get("attention_scores") or {}) if kept else []  # records are written key-sorted
         extra = {n: np.array([np.asarray(r["attention_scores"][n], dtype=float) for r in kept]) for n in names}
         return cls(name, per, list(records), dict(config or {}), extra=extra)
+
+
+def require_kept(result: DetectionResult, source: str | Path | None = None) -> DetectionResult:
+    """What every consumer of a detection run (mask-eval, task-eval, kv-eval, export-heads,
+    attribute, the kvpress press, the Trainer callback) calls before using its scores: a run that
+    kept no sample is refused with one ConfigError line (its scores are undefined); fewer than
+    `MIN_KEPT` kept samples log a warning. Returns `result`."""
+    where = str(source) if source is not None else result.name
+    if result.n_kept == 0:
+        ran = f" (0 of {len(result.records)} samples retrieved the needle)" if result.records else ""
+        raise ConfigError(
+            f"{where}: no kept detection sample{ran}, so its head scores are undefined; "
+            "run detect again with shorter --lengths or a lower --recall-threshold"
+        )
+    if result.n_kept < MIN_KEPT:
+        logger.warning(
+            "%s: head scores from only %d kept detection sample(s), fewer than %d: the ranking of heads is unstable",
+            where,
+            result.n_kept,
+            MIN_KEPT,
+        )
+    return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -19,6 +20,7 @@ from typing import Any, ClassVar
 
 from .errors import DataError, RunConflictError
 from .scorefile import atomic_write_text, read_json
+from .userfiles import MAX_CONFIG, MAX_RECORDS, read_bytes
 
 try:
     import fcntl
@@ -49,20 +51,34 @@ RUN_CONFIG_KEYS = ("version", "model")  # every run's config has these
 NON_SEMANTIC_KEYS = frozenset({"show_progress", "device", "batch_size", "out", "overwrite", "created", "machine"})
 
 
-def run_stamp(device: Any) -> dict[str, Any]:
-    """`created` (UTC, ISO 8601) and `machine` (platform, CPU count, the model's device, torch
-    version; the GPU's name on CUDA) of a run's config."""
+def run_stamp(device: Any, dtype: str | None = None) -> dict[str, Any]:
+    """`created` (UTC, ISO 8601) and `machine` (platform, CPU count, the model's resolved device
+    and dtype, torch version; the GPU's name on CUDA) of a run's config. Non-semantic: a key added
+    here never makes an older run's config count as different."""
     import torch
 
     machine: dict[str, Any] = {
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "device": str(device),
+        **({"dtype": dtype} if dtype else {}),
         "torch": torch.__version__,
     }
     if str(device).startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine}
+
+
+def strict_json(obj: Any) -> Any:
+    """NaN and infinities -> None, tuples -> lists: what strict JSON readers accept. The one JSON
+    sanitiser of the package (summaries, score maps, attribution files)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 def read_numbered_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
@@ -72,10 +88,7 @@ def read_numbered_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     p = Path(path)
     if not p.exists():
         return []
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise DataError(f"{p}: cannot read ({e.strerror or e})") from None
+    data = read_bytes(p, MAX_RECORDS)
     lines = data.split(b"\n")
     out: list[tuple[int, dict[str, Any]]] = []
     first_line: dict[str, int] = {}
@@ -107,13 +120,16 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """A run's `config.json` (a file or its folder): a JSON object, else one DataError line."""
+    """A run's `config.json` (a file or its folder): a JSON object whose `model` (when present) is
+    text, else one DataError line."""
     p = Path(path)
     if p.is_dir():
         p = p / CONFIG_FILE
-    obj = read_json(p)
+    obj = read_json(p, MAX_CONFIG)
     if not isinstance(obj, dict):
         raise DataError(f"{p}: a run config must be a JSON object, not {type(obj).__name__}")
+    if "model" in obj and not (isinstance(obj["model"], str) and obj["model"].strip()):
+        raise DataError(f"{p}: the run config's model must be a model name, not {json.dumps(obj['model'])[:40]}")
     return obj
 
 
@@ -123,7 +139,10 @@ def is_run_config(obj: Any) -> bool:
 
 
 def semantic(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS}
+    out = {k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS}
+    if isinstance(out.get("task"), str) and "kind" not in out:  # the kind, saved under "task" by older runs
+        out["kind"] = out.pop("task")
+    return out
 
 
 def _is_run_file(name: str) -> bool:
@@ -327,7 +346,7 @@ class RunFolder:
         p = self.records_path
         if not p.exists():
             return
-        data = p.read_bytes()
+        data = read_bytes(p, MAX_RECORDS)
         if data and not data.endswith(b"\n"):
             cut = data.rfind(b"\n") + 1
             try:
@@ -355,3 +374,16 @@ class RunFolder:
     def append_many(self, records: Iterable[dict[str, Any]]) -> None:
         for r in records:
             self.append(r)
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as saved in `config.json`: `dataclasses.asdict` (nested dataclasses such
+    as needles become dicts), every tuple a list."""
+    from dataclasses import asdict
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return {k: plain(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    return plain(asdict(config))  # type: ignore[no-any-return]

@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import ConfigError, DataError
 from .models import current_umask
+from .userfiles import MAX_SCORES, MAX_SUMMARY, read_text
 
 _KEY = re.compile(r"^(\d+)-(\d+)$")
 # Bounds checked before anything is allocated: the largest models have ~128 layers x 128 heads.
@@ -76,15 +77,11 @@ def read_scores(path: str | Path) -> np.ndarray:
     return parse_scores(read_json(path), str(path))
 
 
-def read_json(path: str | Path) -> Any:
-    """A JSON file's content; unreadable or invalid files are one clear DataError."""
+def read_json(path: str | Path, limit: int = MAX_SCORES) -> Any:
+    """A JSON file's content (a regular file of at most `limit` bytes); unreadable or invalid
+    files are one clear DataError."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{p}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{p}: cannot read ({e})") from None
+    text = read_text(p, limit)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -92,6 +89,14 @@ def read_json(path: str | Path) -> Any:
     except (ValueError, RecursionError) as e:  # an integer of > 4300 digits, nesting too deep
         raise DataError(f"{p}: not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
     return obj
+
+
+def read_json_or_none(path: str | Path) -> Any:
+    """`read_json`, or None when the file is missing or not valid JSON (deciding whose file it is)."""
+    try:
+        return read_json(path, MAX_SUMMARY)
+    except DataError:
+        return None
 
 
 def scores_to_obj(per_sample: np.ndarray) -> dict[str, list[float]]:

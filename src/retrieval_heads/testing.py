@@ -1,7 +1,9 @@
 """Tiny random-weight models of each supported architecture, built in-process (tests, benchmarks).
 
 No download: configs are written here, weights are random with a fixed seed, and the tokenizer
-is a word-level fast tokenizer (offsets supported) over a small vocabulary.
+is a word-level fast tokenizer (offsets supported) over a small vocabulary. A random model never
+says a needle's answer: at the default recall threshold detection keeps no sample (tests of runs
+that kept nothing), and `recall_threshold=-1` keeps every sample (tests that need scores).
 """
 
 from __future__ import annotations
@@ -47,51 +49,36 @@ def tiny_tokenizer(extra_words: tuple[str, ...] = ()) -> Any:
 def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
     import transformers as T
 
-    common = {"vocab_size": vocab_size, "max_position_embeddings": 4096}
-    if arch == "llama":
-        cfg = T.LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **common,
-        )
-    elif arch == "qwen2":
-        cfg = T.Qwen2Config(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **common,
-        )
-    elif arch == "mistral":
-        cfg = T.MistralConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            sliding_window=None,
-            **common,
-        )
-    elif arch == "gemma3":
-        cfg = T.Gemma3TextConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            head_dim=16,
-            sliding_window=16,
-            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-            **common,
-        )
-    elif arch == "gpt2":
+    if arch == "gpt2":
         cfg = T.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=4096, vocab_size=vocab_size)
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}")
+        # what each architecture adds to a 64-wide, 4-head model (grouped-query, sliding windows)
+        own: dict[str, tuple[Any, dict[str, Any]]] = {
+            "llama": (T.LlamaConfig, {"num_hidden_layers": 2, "num_key_value_heads": 2}),
+            "qwen2": (T.Qwen2Config, {"num_hidden_layers": 2, "num_key_value_heads": 2}),
+            "mistral": (T.MistralConfig, {"num_hidden_layers": 2, "num_key_value_heads": 1, "sliding_window": None}),
+            "gemma3": (
+                T.Gemma3TextConfig,
+                {
+                    "num_hidden_layers": 3,
+                    "num_key_value_heads": 1,
+                    "head_dim": 16,
+                    "sliding_window": 16,
+                    "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+                },
+            ),
+        }
+        if arch not in own:
+            raise ValueError(f"unknown tiny architecture {arch!r}")
+        config_class, fields = own[arch]
+        cfg = config_class(
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            vocab_size=vocab_size,
+            max_position_embeddings=4096,
+            **fields,
+        )
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg

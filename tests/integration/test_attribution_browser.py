@@ -89,7 +89,9 @@ def test_attribution_page_opens_offline_in_chromium(tmp_path: Path) -> None:
         assert info["dangling"] == 0 and not info["pwned"] and info["scripts"] == 1 and info["bold"] == 0, info
         assert info["shown"], "the passage's markup must be shown as text"
         unsupported = driver.execute_script("return document.querySelectorAll('#answer .unsupported').length")
-        assert unsupported == sum(not t.supported for t in att.tokens)
+        assert unsupported == sum(t.state == "unsupported" for t in att.tokens)
+        restated = driver.execute_script("return document.querySelectorAll('#answer .question').length")
+        assert restated == sum(t.state == "question" for t in att.tokens)
         first = driver.find_element(By.CSS_SELECTOR, "#answer a.tok")
         target = first.get_attribute("href").split("#", 1)[1]
         ActionChains(driver).move_to_element(first).perform()

@@ -339,3 +339,59 @@ def test_report_html_is_self_contained(tmp_path) -> None:
     assert html.count("data:image/png;base64,") >= 5  # sparsity, heatmap, Fig. 4, Fig. 13, NIAH
     assert "activation frequency %{customdata" in html and 'id="heatmap-0"' in html
     assert "plotly.js v" in html.lower() or "plotly.js" in html  # the bundle itself, inlined
+
+
+# ---------------------------------------------------------------- summaries, snapshots, shipped maps
+SNAPSHOTS = Path(__file__).resolve().parents[2] / "docs" / "runs"
+
+
+def test_score_agreement_of_a_summary_matches_its_run(tmp_path) -> None:
+    """A summary keeps each score's mean map: the agreement table is the full run's."""
+    rng = np.random.default_rng(1)
+    per = rng.random((6, 3, 4))
+    extra = {"topk_mass": rng.random((6, 3, 4)), "needle_mass": per * 0.5 + rng.random((6, 3, 4)) * 0.1}
+    run = DetectionResult("m", per, [], {"model": "m"}, None, extra)
+    run.save(tmp_path)
+    summary = DetectionResult.from_summary(json.loads((tmp_path / "summary.json").read_text()), {}, "s")
+    assert not summary.has_per_sample and summary.score_names() == run.score_names()
+    pd.testing.assert_frame_equal(A.score_agreement(summary), A.score_agreement(run))
+    why = "(they need the run folder's per-sample records)"
+    assert A.skipped_note(summary) == f"m: skipped rank stability and the NIAH grid {why}"
+    assert A.skipped_note(run) == f"m: skipped the NIAH grid {why}"  # per-sample scores, no records
+    assert A.skipped_note(A.load_results([_run_folder(tmp_path / "full")])[0]) is None
+
+
+@pytest.mark.parametrize("source", [str(SNAPSHOTS / "smollm2-135m"), "ref:Meta-Llama-3-8B-Instruct"])
+def test_analyze_and_report_on_snapshots_and_shipped_maps(tmp_path, monkeypatch, capsys, source) -> None:
+    out = tmp_path / "a"
+    code, _, err = _cli_main(monkeypatch, capsys, "analyze", source, "-o", str(out), "--top", "5")
+    assert code == 0, err
+    notes = err.strip().splitlines()
+    assert len(notes) == 1 and notes[0].startswith("note: ") and "skipped rank stability" in notes[0]
+    assert (out / "top_heads.csv").exists() and (out / "sparsity.png").exists()
+    assert not list(out.glob("*rank_stability*"))
+    if source.startswith("ref:"):  # one score only
+        assert not (out / "score_agreement.csv").exists()
+    else:  # five scores: every pair
+        assert len(pd.read_csv(out / "score_agreement.csv")) == 10
+    page = tmp_path / "r.html"
+    code, _, err = _cli_main(monkeypatch, capsys, "report", source, "--out", str(page), "--top", "5")
+    assert code == 0, err
+    assert "skipped rank stability" in page.read_text()
+
+
+def test_report_keeps_output_as_a_deprecated_alias(tmp_path, monkeypatch, capsys) -> None:
+    page = tmp_path / "old.html"
+    code, _, err = _cli_main(monkeypatch, capsys, "report", "ref:Yi-6B-200K", "--output", str(page))
+    assert code == 0 and page.exists() and "--output is deprecated" in err
+
+
+def test_compare_a_snapshot_with_the_map_shipped_from_it(tmp_path, monkeypatch, capsys) -> None:
+    out = tmp_path / "c"
+    snapshot = str(SNAPSHOTS / "smollm2-135m")
+    code, _, err = _cli_main(
+        monkeypatch, capsys, "compare", snapshot, "ref:smollm2-135m", "-o", str(out), "--no-figures"
+    )
+    assert code == 0, err
+    pairs = json.loads((out / "correlation.json").read_text())["pairs"]
+    assert len(pairs) == 1 and pairs[0]["pearson"] == pytest.approx(1.0) and pairs[0]["n_heads"] == 270

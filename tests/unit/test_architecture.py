@@ -139,8 +139,8 @@ def test_code_lines_leave_out_blanks_comments_and_docstrings():
 
 def test_experiment_modules_are_small():
     """Each experiment applies conditions to a task through the shared runner; the skeleton
-    (header, resume, progress, save/load) lives in runner.py and conditions.py only."""
-    shared = {"__init__.py", "runner.py", "conditions.py"}
+    (header, resume, progress, save/load) lives in retrieval_heads.runner and conditions.py only."""
+    shared = {"__init__.py", "conditions.py"}
     sizes = {
         p.name: code_lines(p.read_text(encoding="utf-8"))
         for p in sorted((PACKAGE / "experiments").glob("*.py"))
@@ -204,3 +204,31 @@ def test_attention_implementation_switched_only_in_models():
         and rel != "models.py"
     )
     assert not calls, "switch the attention implementation with models.attention_implementation:\n" + "\n".join(calls)
+
+
+def test_attention_weights_are_requested_in_one_module():
+    """Every reader of eager attention rows goes through `decoding.attention_rows` or
+    `decoding.greedy_with_attentions` (its per-step kwargs); no other module passes `output_attentions`."""
+    where = sorted(
+        f"{rel}:{node.lineno}"
+        for rel, tree in modules().items()
+        for node in ast.walk(tree)
+        if (isinstance(node, ast.keyword) and node.arg == "output_attentions")
+        or (
+            isinstance(node, ast.Dict)
+            and any(isinstance(k, ast.Constant) and k.value == "output_attentions" for k in node.keys)
+        )
+    )
+    assert where and {w.split(":")[0] for w in where} == {"decoding.py"}, where
+    assert len(where) == 2, where  # attention_rows' forward and decode_positions' step kwargs
+
+
+def test_one_run_skeleton():
+    """The run skeleton (`runner.Run`) is defined once; detection and every experiment use it."""
+    runs = [
+        rel
+        for rel, tree in modules().items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef) and node.name == "Run"
+    ]
+    assert runs == ["runner.py"], runs

@@ -39,10 +39,10 @@ def test_detect_runs_on_every_architecture(arch, cfg):
 
 
 def test_run_folder_files_and_determinism(tmp_path, cfg, monkeypatch):
-    import retrieval_heads.detection as D
+    import retrieval_heads.runner as R
 
-    stamp = D.run_stamp("cpu")  # when and where: the same for both runs, so config.json is comparable
-    monkeypatch.setattr(D, "run_stamp", lambda device: stamp)
+    stamp = R.run_stamp("cpu", "float32")  # when and where: the same for both runs, so config.json is comparable
+    monkeypatch.setattr(R, "run_stamp", lambda device, dtype=None: stamp)
     lm = tiny_model("llama")
     a = detect(lm, GRID, cfg, out=tmp_path / "a", show_progress=False)
     b = detect(lm, GRID, cfg, out=tmp_path / "b", show_progress=False)
@@ -135,7 +135,7 @@ def test_different_config_is_refused_unless_overwrite(tmp_path, cfg, cli, tiny_l
     ]
     code, out, err = cli(*base, "--lengths", "80")
     assert code == 0, err
-    assert "Top 10 retrieval heads" in out
+    assert "Retrieved needles by length and depth" in out  # a random model keeps nothing: no head table
     assert (tmp_path / "run" / "retrieval_scores.json").exists()
     code, out, err = cli(*base, "--lengths", "120")
     assert code != 0
@@ -176,8 +176,9 @@ def test_bad_inputs_give_one_line_and_nonzero_exit(tmp_path, cli, tiny_llama_dir
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 64)
     expect(["--model", bad, *ok], "cannot read GGUF", "m3")
-    # batch sizes the engine cannot honour
-    expect(["--model", tiny_llama_dir, *ok, "--batch-size", "0"], "batch size must be >= 1", "bs0")
+    # batch sizes the engine cannot honour: 0 is refused by the option itself (usage error, exit 2)
+    code, _, err = cli("detect", "--model", tiny_llama_dir, *ok, *common, "--batch-size", "0", "--out", tmp_path / "b")
+    assert code == 2 and "--batch-size" in err and not (tmp_path / "b").exists()
     expect(
         ["--model", tiny_llama_dir, *ok, "--engine", "reference", "--batch-size", "2"], "one sample at a time", "bs2"
     )
@@ -392,3 +393,96 @@ def test_ties_are_broken_by_a_second_score_not_by_layer():
     # without other scores, the activation frequency breaks ties
     per2 = np.array([[[0.5, 0.5]], [[0.5, 0.0]], [[0.5, 1.0]]])  # same mean 0.5; head 0 copies in 3 of 3
     assert [(h.layer, h.head) for h in DetectionResult("m", per2).top(2)] == [(0, 0), (0, 1)]
+
+
+def test_default_grid_fits_a_cpu_budget_and_on_a_gpu_the_model_context():
+    from retrieval_heads.detection import GPU_ROOM, default_grid
+
+    spec = tiny_model("llama").spec
+    cpu = default_grid(spec)
+    assert cpu == default_grid(spec, "cpu") == default_grid(spec, "mps")
+    assert cpu.lengths == (500, 1333, 2166, 3000) and len(cpu) == 60
+    gpu = default_grid(spec, "cuda:0")
+    assert gpu.lengths[0] == 1000 and gpu.lengths[-1] == spec.max_context - GPU_ROOM and len(gpu.lengths) == 6
+    assert gpu.depths == cpu.depths and gpu.needles == cpu.needles
+    gpu.validate(spec, 50)
+
+
+def test_config_choices_are_checked_once_and_match_the_help():
+    from retrieval_heads.cli.detect import ENGINE_NAMES, SPAN_NAMES
+    from retrieval_heads.engines import ENGINES, SPANS
+    from retrieval_heads.errors import ConfigError
+
+    assert set(ENGINE_NAMES) == set(ENGINES) and SPAN_NAMES == SPANS
+    with pytest.raises(ConfigError, match="unknown engine 'slow'; choose from fast, reference"):
+        DetectConfig(engine="slow")
+    with pytest.raises(ConfigError, match="unknown span 'all'"):
+        DetectConfig(span="all")
+    with pytest.raises(ConfigError, match="--stable-jaccard"):
+        DetectConfig(stable_jaccard=0)
+
+
+# ---------------------------------------------------------------- when the model retrieves nothing (or little)
+def _detect_cli(cli, out, model_dir, haystack_file, needles_file, *extra):
+    grid = ["--haystack", haystack_file, "--needles", needles_file, "--lengths", "80,120", "--depths", "0,50"]
+    common = ["--max-new-tokens", "3", "--no-chat", "--no-progress", "--out", out]
+    return cli("detect", "--model", model_dir, *grid, *common, *extra)
+
+
+def test_zero_kept_warns_in_one_line_shows_no_heads_and_exits_0(
+    tmp_path, cli, tiny_llama_dir, haystack_file, needles_file
+):
+    # a random tiny model never says the answer: with the default recall threshold nothing is kept
+    code, out, err = _detect_cli(cli, tmp_path / "run", tiny_llama_dir, haystack_file, needles_file)
+    assert code == 0, err
+    warning = [l for l in err.splitlines() if l.startswith("warning:")]
+    assert len(warning) == 1, err
+    assert "retrieved none of the needles: 0 of 8 samples kept" in warning[0] and "recall > 0.5" in warning[0]
+    assert "lowest recall at length" in warning[0] and "--recall-threshold" in warning[0] and "--chat" in warning[0]
+    assert "Top 10" not in out and "nan" not in out.lower()
+    assert "Retrieved needles by length and depth" in out and "0/2" in out
+    raw = (tmp_path / "run" / "summary.json").read_text()
+    assert "NaN" not in raw
+    summary = json.loads(raw)
+    assert summary["n_kept"] == 0 and summary["n_samples"] == 8 and summary["top"] == []
+    assert summary["scores"][0][0] is None and summary["n_retrieval_heads"] is None
+    assert summary["sparsity"]["zero"] is None and summary["top_10_stability"] is None
+    assert [(c["length"], c["depth"], c["run"], c["kept"]) for c in summary["retrieval_by_cell"]] == [
+        (80, 0.0, 2, 0),
+        (80, 50.0, 2, 0),
+        (120, 0.0, 2, 0),
+        (120, 50.0, 2, 0),
+    ]
+
+
+def test_few_kept_prints_the_table_with_a_warning_and_no_ranked_zero_ties(
+    tmp_path, cli, tiny_llama_dir, haystack_file, needles_file
+):
+    code, out, err = _detect_cli(
+        cli,
+        tmp_path / "run",
+        tiny_llama_dir,
+        haystack_file,
+        needles_file,
+        "--recall-threshold",
+        "-1",
+        "--lengths",
+        "80",
+    )
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["n_kept"] == 4  # recall threshold -1 keeps every sample: 4 < 5
+    assert "warning: only 4 of 4 samples kept (fewer than 5)" in err and "top-10 stability" in err
+    scores = np.array(summary["scores"], dtype=float)
+    ranked = [l for l in out.splitlines() if l.startswith("│") and l.split("│")[1].strip().isdigit()]
+    ranked = [l for l in ranked if len(l.split("│")) == 7]  # rows of the heads table (rank .. freq.)
+    assert len(ranked) == min(10, int((scores > 0).sum()))  # heads at 0 are not ranked
+    if (scores == 0).any():
+        assert "score 0 (ties: not ranked)" in out
+
+
+def test_help_shows_the_choices_the_gpu_grid_and_the_exit_status(cli):
+    code, out, _ = cli("detect", "--help")
+    text = " ".join(out.replace("│", " ").split())  # the option table wraps inside its borders
+    assert code == 0 and "<fast|reference>" in out and "<answer|needle>" in out
+    assert "up to the model's context" in text and "Exit status 0" in text and "no needle was retrieved" in text

@@ -33,8 +33,7 @@ LLAMA_ROW = "| llama-2-7b-80k | authors | 32 x 32 | 586 | 70.2 % | 26.6 % | 2.6 
 def runs(tmp_path_factory, haystack_file) -> Path:
     """Tiny runs of each kind in `full/`, their trimmed snapshots in `docs/runs/` (a repo root)."""
     from retrieval_heads.experiments.kv_eval import KVEvalConfig, kv_eval
-    from retrieval_heads.experiments.mask_eval import MaskEvalConfig, mask_eval
-    from retrieval_heads.experiments.task_eval import TaskEvalConfig, task_eval
+    from retrieval_heads.experiments.task_eval import TaskEvalConfig, mask_eval, task_eval
 
     root = tmp_path_factory.mktemp("repo")
     full = root / "full"
@@ -48,16 +47,16 @@ def runs(tmp_path_factory, haystack_file) -> Path:
         out=full / "det",
         show_progress=False,
     )
-    mcfg = MaskEvalConfig(
-        ks=(0, 2), random_seeds=(0,), lengths=(80,), depths=(50.0,), needles=NEEDLES[:1], max_new_tokens=3,
-        chat=False, haystack=hay, watch=0,
-    )  # fmt: skip
+    one = Grid((80,), (50.0,), NEEDLES[:1])
+    mcfg = TaskEvalConfig(
+        ks=(0, 2), random_seeds=(0,), grid=one, task_args={"path": hay, "max_new_tokens": 3}, chat=False
+    )
     mask_eval(lm, SCORES, mcfg, out=full / "mask", show_progress=False)
-    task_args = {"needles": NEEDLES[:1], "lengths": (80,), "depths": (50.0,), "path": hay, "max_new_tokens": 3}
-    tcfg = TaskEvalConfig(task="niah", k=2, random_seeds=(0,), chat=False, limit=1, task_args=task_args)
+    task_args = {"path": hay, "max_new_tokens": 3}
+    tcfg = TaskEvalConfig(task="niah", ks=(0, 2), random_seeds=(0,), chat=False, limit=1, grid=one, task_args=task_args)
     task_eval(lm, SCORES, tcfg, out=full / "task", show_progress=False)
     kcfg = KVEvalConfig(
-        budgets=(0.5,), policies=("sink_window", "retrieval"), length=150, depths=(20.0,), needles=NEEDLES[:1],
+        budgets=(0.5,), policies=("sink_window", "retrieval"), grid=Grid((150,), (20.0,), NEEDLES[:1]),
         window=8, max_new_tokens=2, chat=False, haystack=hay, memory_probe=False,
     )  # fmt: skip
     kv_eval(lm, SCORES, kcfg, out=full / "kv", show_progress=False)
@@ -346,8 +345,12 @@ def test_a_snapshot_loads_as_a_score_source(runs):
     assert not snap.has_per_sample and snap.score_name == full.score_name
     np.testing.assert_allclose(snap.scores, full.scores, atol=1e-6)
     assert snap.top(5) == full.top(5)
+    # the snapshot keeps every score's mean map: ranking by another score matches the full run
+    assert [(h.layer, h.head) for h in snap.with_score("topk_mass").top(5)] == [
+        (h.layer, h.head) for h in full.with_score("topk_mass").top(5)
+    ]
     with pytest.raises(ConfigError, match="needs the run folder"):
-        snap.with_score("topk_mass")
+        snap.require_records("the bootstrap")
 
 
 def test_a_bad_snapshot_summary_is_one_clear_error(runs, tmp_path):
@@ -370,3 +373,29 @@ def test_correlation_lines_equal_compare(tmp_path):
         D.generate("correlation ref:Mistral-7B-v0.2-hf", tmp_path)
     with pytest.raises(DataError, match="not of one shape"):
         D.generate("correlation ref:Mistral-7B-v0.2-hf ref:Qwen1.5-14B", tmp_path)
+
+
+def test_snapshot_never_deletes_or_replaces_a_users_files(runs, tmp_path):
+    user = tmp_path / "snap" / "det"  # the snapshot folder of a detection run, holding a user's table.md
+    user.mkdir(parents=True)
+    (user / "table.md").write_text("my notes\n")
+    with pytest.raises(ConfigError, match="no snapshot wrote"):
+        D.snapshot(runs / "full" / "det", tmp_path / "snap")
+    assert (user / "table.md").read_text() == "my notes\n" and sorted(p.name for p in user.iterdir()) == ["table.md"]
+    D.snapshot(runs / "full" / "det", tmp_path / "again")  # our own snapshot is refreshed
+    assert D.snapshot(runs / "full" / "det", tmp_path / "again") == tmp_path / "again" / "det"
+
+
+def test_update_writes_through_a_symlinked_markdown_file(runs, tmp_path):
+    target = tmp_path / "real.md"
+    target.write_text("<!-- table: top-heads docs/runs/det k=2 -->\n<!-- /table -->\n")
+    link = tmp_path / "link.md"
+    link.symlink_to(target)
+    D.update([link], runs)
+    assert link.is_symlink() and "| " in target.read_text()
+
+
+def test_correlation_of_two_maps_of_one_name_is_a_line_not_a_traceback(runs):
+    text = D.generate("correlation docs/runs/det docs/runs/det", runs)
+    row = text.splitlines()[2]
+    assert row.startswith("| tiny-llama | tiny-llama | 8 |") and row.count("|") == 6

@@ -8,7 +8,8 @@ import torch
 
 from retrieval_heads.engines import ENGINES, make_engine
 from retrieval_heads.engines.base import ROW_SCORES, row_scores
-from retrieval_heads.engines.fast import FastEngine, capture_argmax, last_row_argmax
+from retrieval_heads.engines.capture import capture_argmax, last_row_argmax, last_row_weights
+from retrieval_heads.engines.fast import FastEngine
 from retrieval_heads.engines.prefix import common_prefix, reuse_targets
 from retrieval_heads.engines.reference import ReferenceEngine
 from retrieval_heads.needles import Needle, make_sample
@@ -147,19 +148,24 @@ def test_sliding_window_row_covers_only_the_window():
 
 
 def test_last_row_argmax_gqa_mask_softcap_and_ties():
+    def argmax(q, k, mask, scaling, softcap=None):
+        return last_row_argmax(last_row_weights(q, k, mask, scaling, softcap), q.dtype)
+
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, 3, 8, generator=g)  # [batch, head, q, dim]
     k = torch.randn(1, 2, 10, 8, generator=g)  # [batch, kv_head, key, dim]
     full = torch.repeat_interleave(k, 2, dim=1)  # repeat_kv: head h reads kv head h // 2
     logits = (q[:, :, -1:] @ full.transpose(-1, -2))[:, :, 0] * 0.3
-    assert torch.equal(last_row_argmax(q, k, None, 0.3), logits.argmax(-1))
+    assert torch.equal(argmax(q, k, None, 0.3), logits.argmax(-1))
     mask = torch.ones(1, 1, 3, 10, dtype=torch.bool)
     mask[..., -1, logits.argmax(-1)[0, 0]] = False
-    got = last_row_argmax(q, k, mask, 0.3)
+    got = argmax(q, k, mask, 0.3)
     assert got[0, 0] != logits.argmax(-1)[0, 0]
-    assert torch.equal(last_row_argmax(q, k, None, 0.3, softcap=0.5), torch.tanh(logits / 0.5).argmax(-1))
+    assert torch.equal(argmax(q, k, None, 0.3, softcap=0.5), torch.tanh(logits / 0.5).argmax(-1))
     tie = torch.zeros(1, 1, 1, 8)  # all logits equal: the lowest position wins, as torch.argmax
-    assert last_row_argmax(tie, torch.randn(1, 1, 5, 8), None, 1.0).item() == 0
+    assert argmax(tie, torch.randn(1, 1, 5, 8), None, 1.0).item() == 0
+    close = torch.tensor([[[0.5, 0.5005]]])  # equal once rounded to bfloat16: the lower position
+    assert last_row_argmax(close, torch.bfloat16).item() == 0 and last_row_argmax(close, torch.float32).item() == 1
 
 
 def test_capture_restores_attention_implementation():

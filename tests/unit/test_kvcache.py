@@ -3,8 +3,6 @@ exports, the kv-eval experiment end to end and bad CLI input."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -34,9 +32,7 @@ from retrieval_heads.kvcache import (
     read_duo_tsv,
     top_mask,
 )
-from retrieval_heads.needles import Needle
-from retrieval_heads.plots.kv import plot_kv_eval
-from retrieval_heads.scorefile import read_scores, write_scores
+from retrieval_heads.scorefile import read_scores
 from retrieval_heads.testing import tiny_model
 
 N_PROMPT = 120
@@ -204,7 +200,7 @@ def test_exports_round_trip(tmp_path):
     # DuoAttention/kvpress pattern: rank values in [0, 1] (ties keep our order), config beside it
     folder = export_duo_pattern(tmp_path / "pattern", kv, sink=4, recent=60, about={"score": "copy"})
     values, config = read_duo_pattern(folder)
-    assert config == {"sink_size": 4, "recent_size": 60, "score": "copy"}
+    assert config == {"sink_size": 4, "recent_size": 60, "source": "retrieval-heads export-heads", "score": "copy"}
     assert values.tolist() == pattern_values(kv).tolist() == [[0.8, 0.2], [0.6, 1.0], [0.0, 0.4]]
     assert [tuple(h) for h in rank_heads(values)] == [tuple(h) for h in rank_heads(kv)]
     assert np.array_equal(read_duo_pattern(folder / "full_attention_heads.tsv")[0], values)
@@ -343,48 +339,6 @@ def test_each_update_is_consumed_by_one_attention_step():
     assert all(layer.pending is None for layer in cache.layers)  # the attention function consumed each step
 
 
-def test_kv_eval_scores_each_task_by_its_primary_metric():
-    from retrieval_heads.experiments.kv_eval import QA_TASK, TASK_TITLES
-    from retrieval_heads.tasks.registry import TASKS
-
-    assert [TASKS[t].metrics[0].name for t in TASK_TITLES] == ["answer_recall", "f1"] and QA_TASK in TASK_TITLES
-
-
-def test_kv_eval_pairs_each_policy_with_sink_window_at_the_same_budget():
-    from retrieval_heads.experiments.kv_eval import KVEvalResult
-
-    def rec(cid, sample, v, task="niah"):
-        policy, budget = (cid, 1.0) if cid == "full" else (cid.split("-b")[0], float(cid.split("-b")[1].split("-")[0]))
-        key = "answer_recall" if task == "niah" else "f1"
-        return {"kind": "eval", "task": task, "condition": cid, "policy": policy, "budget": budget, "sample_id": sample,
-                key: v, "exact": v == 1, "kv_bytes": 10, "kv_share": budget, "kv_bytes_end": 10}  # fmt: skip
-
-    recs = [
-        *(rec("full", s, 1.0) for s in "abc"),
-        *(rec("sink_window-b0.5", s, v) for s, v in zip("abc", (0.0, 0.5, 0.0), strict=True)),
-        *(rec("retrieval-b0.5", s, v) for s, v in zip("abc", (1.0, 0.5, 0.0), strict=True)),
-        *(rec("retrieval-b0.25", s, 1.0) for s in "ab"),  # no sink_window at 0.25: nothing to pair with
-        rec("sink_window-b0.5", "q1", 0.2, "extractive-qa"),
-        rec("snapkv-b0.5", "q1", 0.6, "extractive-qa"),
-    ]
-    res = KVEvalResult("x", recs, {})
-    rows = {r["condition"]: r for r in res.rows()}
-    assert rows["retrieval-b0.5"]["vs_sink_window"] == pytest.approx(1 / 3)  # a: +1, b: 0, c: 0
-    assert rows["retrieval-b0.5"]["vs_sink_window_n"] == 3
-    assert rows["retrieval-b0.5"]["vs_sink_window_low"] <= 1 / 3 <= rows["retrieval-b0.5"]["vs_sink_window_high"]
-    for cid in ("full", "sink_window-b0.5", "retrieval-b0.25"):
-        assert np.isnan(rows[cid]["vs_sink_window"]) and rows[cid]["vs_sink_window_n"] == 0
-    qa = {r["condition"]: r for r in res.rows("extractive-qa")}  # per task: the task's primary metric
-    assert qa["snapkv-b0.5"]["vs_sink_window"] == pytest.approx(0.4) and qa["snapkv-b0.5"]["vs_sink_window_n"] == 1
-    table = res.table()
-    assert "Δanswer recall vs sink + window, paired [95% CI]" in table and "ΔF1 vs sink + window" in table
-    line = next(x for x in table.splitlines() if x.startswith("| retrieval-b0.5 |"))
-    assert line.split("|")[-2].startswith(" +0.33 [")
-    summary = res.to_dict()
-    assert summary["bootstrap"]["n_boot"] == 2000 and summary["bootstrap"]["seed"] == 0
-    assert summary["tasks"]["extractive-qa"][1]["vs_sink_window"] == pytest.approx(0.4)
-
-
 def test_split_at_marks_the_question():
     from retrieval_heads.kvcache.measure import split_at
 
@@ -398,205 +352,6 @@ def test_split_at_marks_the_question():
     assert starts[split] >= c and starts[split - 1] < c  # the first token of the question part
     with pytest.raises(ConfigError, match="cannot split"):
         split_at(lm.tokenizer, "no question here", "\n\nQuestion: ")
-
-
-# ----------------------------------------------------------------------------------- experiment + CLI
-NEEDLES = (
-    Needle("the secret ingredient is smoked tamarind .", "what is the secret ingredient ?", "smoked tamarind", "stew"),
-)
-SCORES = np.array([[0.9, 0.0, 0.2, 0.05], [0.0, 0.6, 0.0, 0.3]])
-
-
-def test_kv_eval_end_to_end_and_resume(tmp_path, haystack_file):
-    from retrieval_heads.experiments.kv_eval import KVEvalConfig, KVEvalResult, kv_eval
-    from retrieval_heads.runs import read_records
-
-    lm = tiny_model("llama", attn_implementation="sdpa")
-    cfg = KVEvalConfig(
-        budgets=(0.3,),
-        policies=("sink_window", "needle_attention", "gain", "snapkv"),
-        length=150,
-        depths=(20.0,),
-        needles=NEEDLES,
-        rank_needles=NEEDLES,
-        rank_depths=(50.0,),
-        window=8,
-        max_new_tokens=2,
-        chat=False,
-        haystack=str(haystack_file),
-    )
-    res = kv_eval(lm, SCORES, cfg, out=tmp_path / "run", show_progress=False)
-    rows = {r["condition"]: r for r in res.rows()}
-    assert set(rows) == {"full", "sink_window-b0.3", "needle_attention-b0.3", "gain-b0.3", "snapkv-b0.3"}
-    assert rows["full"]["kv_share"] == pytest.approx(1.0)
-    for cid, r in rows.items():
-        if cid != "full":
-            assert r["kv_share"] <= 0.3 + 0.02, (cid, r["kv_share"])  # positions cost a little
-    assert all(r["peak_rss_mib"] for r in rows.values())
-    n = len(read_records(tmp_path / "run" / "records.jsonl"))
-    again = kv_eval(lm, SCORES, cfg, out=tmp_path / "run", show_progress=False)  # resumes: nothing new
-    assert len(read_records(tmp_path / "run" / "records.jsonl")) == n
-    assert again.table() == res.table() == KVEvalResult.load(tmp_path / "run").table()
-    # Experiments never draw (the CLI does): the figure comes from the run folder alone.
-    assert not (tmp_path / "run" / "kv_eval.png").exists()
-    plot_kv_eval(KVEvalResult.load(tmp_path / "run"), tmp_path / "run" / "kv_eval")
-    assert (tmp_path / "run" / "kv_eval.png").exists() and (tmp_path / "run" / "kv_eval.svg").exists()
-
-
-def _scores_file(tmp_path, arr):
-    p = tmp_path / "scores.json"
-    write_scores(p, np.asarray(arr)[None])
-    return p
-
-
-@pytest.mark.parametrize(
-    "args,match",
-    [
-        (["--budgets", "0.5,1.5"], "--budgets must lie within (0, 1)"),
-        (["--budgets", "a"], "--budgets must be a comma list"),
-        (["--policies", "h2o"], "unknown policy 'h2o'"),
-        (["--length", "50"], "length 50 must be within"),
-    ],
-)
-def test_cli_bad_input(cli, tiny_llama_dir, haystack_file, tmp_path, args, match):
-    code, _out, err = cli(
-        "kv-eval",
-        "--scores",
-        _scores_file(tmp_path, SCORES),
-        "--model",
-        tiny_llama_dir,
-        "--haystack",
-        haystack_file,
-        "--no-chat",
-        "--out",
-        tmp_path / "run",
-        "--no-progress",
-        *args,
-    )
-    assert code != 0
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and match in lines[0], err
-
-
-def test_cli_missing_scores_and_shape(cli, tiny_llama_dir, haystack_file, tmp_path):
-    code, _, err = cli("kv-eval", "--scores", tmp_path / "nope.json", "--model", tiny_llama_dir)
-    assert code != 0 and len(err.strip().splitlines()) == 1 and "not found" in err
-    code, _, err = cli(
-        "kv-eval",
-        "--scores",
-        _scores_file(tmp_path, np.ones((3, 4))),
-        "--model",
-        tiny_llama_dir,
-        "--haystack",
-        haystack_file,
-        "--length",
-        "200",
-        "--no-progress",
-        "--out",
-        tmp_path / "r",
-    )
-    assert code != 0 and len(err.strip().splitlines()) == 1 and "shape (3, 4)" in err
-
-
-def test_cli_export_heads(cli, tmp_path):
-    scores = _scores_file(tmp_path, SCORES)
-    code, _out, err = cli(
-        "export-heads", "--scores", scores, "--out", tmp_path / "x", "--n-whole", "2", "--kv-heads", "2"
-    )
-    assert code == 0, err
-    # KV scores: layer 0 -> [0.9, 0.2], layer 1 -> [0.6, 0.3] (max over the query heads of each)
-    assert read_duo_tsv(tmp_path / "x" / "full_attention_heads.tsv").tolist() == [[True, False], [True, False]]
-    assert json.loads((tmp_path / "x" / "kv_head_scores.json").read_text())["0-0"] == [0.9]
-    values, config = read_duo_pattern(tmp_path / "x" / "duo_pattern")  # what DuoAttention and kvpress read
-    np.testing.assert_allclose(values, [[1.0, 0.0], [2 / 3, 1 / 3]], atol=1e-6)
-    assert (config["sink_size"], config["recent_size"], config["score"]) == (4, 60, "copy")
-    code, _, err = cli("export-heads", "--scores", scores, "--out", tmp_path / "y")
-    assert code != 0 and "exactly one of --budget and --n-whole" in err and len(err.strip().splitlines()) == 1
-    code, _, err = cli("export-heads", "--scores", scores, "--out", tmp_path / "y", "--n-whole", "1", "--kv-heads", "3")
-    assert code != 0 and "cannot be grouped" in err
-
-
-def test_cli_export_measured_ranking(cli, tmp_path):
-    """export-heads --ranking needle_attention takes the KV-head scores a kv-eval run measured."""
-    scores = _scores_file(tmp_path, SCORES)
-    run = tmp_path / "kvrun"
-    run.mkdir()
-    measured = [[0.1, 0.7], [0.5, 0.2]]  # a different order than the retrieval scores
-    (run / "records.jsonl").write_text(
-        json.dumps(
-            {"id": "ranking/needle_attention", "kind": "ranking", "ranking": "needle_attention", "kv_scores": measured}
-        )
-        + "\n"
-    )
-    code, _, err = cli(
-        "export-heads",
-        "--scores",
-        scores,
-        "--out",
-        tmp_path / "x",
-        "--n-whole",
-        "2",
-        "--kv-heads",
-        "2",
-        "--ranking",
-        "needle_attention",
-        "--kv-run",
-        run,
-    )
-    assert code == 0, err
-    assert read_duo_tsv(tmp_path / "x" / "full_attention_heads.tsv").tolist() == [[False, True], [True, False]]
-    assert json.loads((tmp_path / "x" / "kv_head_scores.json").read_text())["0-1"] == [0.7]
-    for extra, match in (
-        (["--ranking", "gain", "--kv-run", run], "holds no gain ranking"),
-        (["--ranking", "needle_attention"], "needs --kv-run"),
-        (["--ranking", "h2o", "--kv-run", run], "unknown ranking 'h2o'"),
-    ):
-        code, _, err = cli(
-            "export-heads", "--scores", scores, "--out", tmp_path / "y", "--n-whole", "1", "--kv-heads", "2", *extra
-        )
-        assert code != 0 and match in err and len(err.strip().splitlines()) == 1, err
-        assert not (tmp_path / "y" / "kv_head_scores.json").exists()
-
-
-def test_kv_eval_extractive_qa(tmp_path, haystack_file):
-    """--qa N adds SQuAD examples: compressed context, question after it, F1 per policy, own table."""
-    from retrieval_heads.experiments.kv_eval import KVEvalConfig, KVEvalResult, kv_eval, qa_items
-
-    from .test_tasks import SQUAD
-
-    data = tmp_path / "squad.json"
-    data.write_text(json.dumps(SQUAD))
-    lm = tiny_model("llama", attn_implementation="sdpa")
-    cfg = KVEvalConfig(
-        budgets=(0.5,),
-        policies=("sink_window", "retrieval"),
-        length=150,
-        depths=(20.0,),
-        needles=NEEDLES,
-        window=8,
-        max_new_tokens=2,
-        chat=False,
-        haystack=str(haystack_file),
-        memory_probe=False,
-        qa_examples=2,
-        qa_data=str(data),
-    )
-    items = qa_items(lm, cfg)
-    assert len(items) == 2
-    for it in items:  # the context ends before the question, which follows it
-        q = lm.tokenizer.decode(list(it.prompt_ids[it.context_len :]))  # tiny vocabulary: unknown words are <unk>
-        assert "?" in q and len(it.prompt_ids) - it.context_len < 30 and it.context_len > 40
-    res = kv_eval(lm, SCORES, cfg, out=tmp_path / "run", show_progress=False)
-    assert res.tasks() == ["niah", "extractive-qa"]
-    qa_rows = {r["condition"]: r for r in res.rows("extractive-qa")}
-    assert set(qa_rows) == {"full", "sink_window-b0.5", "retrieval-b0.5"} and all(r["n"] == 2 for r in qa_rows.values())
-    assert qa_rows["full"]["kv_share"] == pytest.approx(1.0) and qa_rows["retrieval-b0.5"]["kv_share"] <= 0.52
-    recs = [r for r in res.records if r.get("task") == "extractive-qa"]
-    assert all(0 <= r["f1"] <= 1 and r["prediction"] is not None for r in recs)
-    assert "extractive QA" in res.table() and "needle retrieval" in res.table()
-    assert KVEvalResult.load(tmp_path / "run").table() == res.table()
-    plot_kv_eval(KVEvalResult.load(tmp_path / "run"), tmp_path / "run" / "kv_eval")
-    assert (tmp_path / "run" / "kv_eval.png").exists()
 
 
 # ----------------------------------------------------------------------------------- sliding-window layers

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from retrieval_heads.decoding import StopRule
-from retrieval_heads.errors import ConfigError
-from retrieval_heads.experiments import conditions
-from retrieval_heads.experiments.conditions import build_conditions, generate
-from retrieval_heads.experiments.mask_eval import MaskEvalConfig, MaskEvalResult, mask_eval
-from retrieval_heads.heads import random_heads, rank_heads
-from retrieval_heads.needles import Needle, make_sample
+from retrieval_heads.detection import Grid
+from retrieval_heads.experiments import masked_task
+from retrieval_heads.experiments.conditions import build_conditions
+from retrieval_heads.experiments.task_eval import MaskEvalResult, TaskEvalConfig, mask_eval
+from retrieval_heads.needles import Needle
 from retrieval_heads.runs import read_records
 from retrieval_heads.scorefile import write_scores
 from retrieval_heads.tasks import niah
-from retrieval_heads.tasks.base import Doc, Request
-from retrieval_heads.tasks.niah import content_recall, error_kind, exact_match
 from retrieval_heads.testing import tiny_model
 
 NEEDLES = (
@@ -35,89 +32,14 @@ def lm():
 
 @pytest.fixture
 def cfg(haystack_file):
-    return MaskEvalConfig(
+    return TaskEvalConfig(
         ks=(0, 2, 3),
         random_seeds=(0, 1),
-        lengths=(80,),
-        depths=(10.0, 90.0),
-        needles=NEEDLES,
-        max_new_tokens=5,
+        grid=Grid((80,), (10.0, 90.0), NEEDLES),
+        task_args={"path": str(haystack_file), "max_new_tokens": 5},
         chat=False,
-        haystack=str(haystack_file),
         watch=3,
     )
-
-
-def test_random_heads_exclude_the_top_set_and_are_seeded():
-    scores = np.random.default_rng(0).random((6, 8))
-    order = rank_heads(scores)
-    assert order[0] == np.unravel_index(scores.argmax(), scores.shape)
-    for k in (1, 5, 10, 24):
-        top = set(order[:k])
-        for seed in range(5):
-            r = random_heads(order[k:], k, seed)
-            assert len(r) == len(set(r)) == k and not top & set(r)
-            assert r == random_heads(order[k:], k, seed)  # reproducible from the recorded seed
-        if k < 24:  # k = 24 of 48 heads takes every outside head
-            assert len({random_heads(order[k:], k, s) for s in range(5)}) > 1
-
-
-def test_conditions(cfg):
-    conds = build_conditions(SCORES, cfg.ks, cfg.random_seeds, cfg.watch)
-    assert [c.id for c in conds] == [
-        "base",
-        "top-k2",
-        "random-k2-s0",
-        "random-k2-s1",
-        "top-k3",
-        "random-k3-s0",
-        "random-k3-s1",
-    ]
-    top3 = next(c for c in conds if c.id == "top-k3")
-    assert set(top3.heads) == {(0, 0), (1, 1), (1, 3)}
-    for c in conds:
-        if c.kind == "random":
-            assert not set(c.heads) & set(rank_heads(SCORES)[: c.k])
-        assert not set(c.watch) & set(c.heads) and len(c.watch) == 3  # watched heads are unmasked
-    assert conds[0].watch == ((0, 0), (1, 1), (1, 3))
-
-
-@pytest.mark.parametrize(
-    "ks,match", [((9,), "larger than the number of heads"), ((5,), "cannot draw 5 random"), ((-1,), ">= 0")]
-)
-def test_bad_k(cfg, ks, match):
-    with pytest.raises(ConfigError, match=match):
-        c = MaskEvalConfig(**{**cfg.__dict__, "ks": ks})
-        build_conditions(SCORES, c.ks, c.random_seeds, c.watch)
-
-
-def test_random_heads_come_from_non_retrieval_heads_by_default():
-    scores = np.random.default_rng(1).random((6, 8)) * 0.3  # about a third of the heads score > 0.1
-    order = rank_heads(scores)
-    default = build_conditions(scores, (0, 2, 5), range(4))
-    assert default == build_conditions(scores, (0, 2, 5), range(4), pool="non-retrieval")
-    outside = build_conditions(scores, (0, 2, 5), range(4), pool="outside-top")
-    for conds in (default, outside):
-        for c in conds:
-            if c.kind == "random":
-                assert len(set(c.heads)) == c.k and not set(c.heads) & set(order[: c.k])
-    assert all(scores[h] <= 0.1 for c in default if c.kind == "random" for h in c.heads)
-    assert any(scores[h] > 0.1 for c in outside if c.kind == "random" for h in c.heads)  # the old pool
-    assert build_conditions(scores, (5,), (3,)) == build_conditions(scores, (5,), (3,))  # seeded
-    # unscored (NaN) heads are never drawn as non-retrieval heads
-    nan = SCORES.copy()
-    nan[1, 2] = np.nan
-    drawn = {h for c in build_conditions(nan, (2,), range(10)) if c.kind == "random" for h in c.heads}
-    assert drawn == {(0, 1), (0, 3), (1, 0)}
-    with pytest.raises(ConfigError, match="unknown random pool 'nearby'"):
-        build_conditions(SCORES, (2,), (0,), pool="nearby")
-    # 3 heads of SCORES score <= 0.1 outside its top 5: one clear error; the old pool allows K = 4
-    with pytest.raises(ConfigError, match=r"cannot draw 5 random heads from the 3 heads with score <= 0\.1"):
-        build_conditions(SCORES, (0, 5), (0,))
-    with pytest.raises(ConfigError, match=r"cannot draw 4 random heads from the 2 heads with score <= 0\.1"):
-        build_conditions(np.array([[0.9, 0.15, 0.2, 0.05], [0.0, 0.6, 0.15, 0.3]]), (4,), (0,))
-    assert build_conditions(SCORES, (4,), (0,), pool="outside-top")[-1].k == 4
-    assert build_conditions(SCORES, (5,), ())[-1].id == "top-k5"  # no random draw, no pool needed
 
 
 def test_paired_top_minus_random_and_the_pool_in_the_table(tmp_path):
@@ -183,8 +105,8 @@ def test_mask_eval_end_to_end_and_resume(lm, cfg, tmp_path, monkeypatch):
     lines = (out / "records.jsonl").read_text().splitlines(keepends=True)
     (out / "records.jsonl").write_text("".join(lines[:-3]) + lines[-3][:20])
     calls = []
-    real = conditions.generate
-    monkeypatch.setattr(conditions, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = masked_task.generate
+    monkeypatch.setattr(masked_task, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = mask_eval(lm, SCORES, cfg, out=out, show_progress=False)
     assert len(calls) == 3
     assert [r["generated_text"] for r in again.records] == [r["generated_text"] for r in res.records]
@@ -207,41 +129,11 @@ def test_mask_eval_end_to_end_and_resume(lm, cfg, tmp_path, monkeypatch):
 
 def test_masking_the_top_heads_changes_tiny_generation(lm, cfg):
     """Sanity: masking every head with zero output changes the text (the hooks are active)."""
-    full = MaskEvalConfig(**{**cfg.__dict__, "ks": (0, 8), "random_seeds": (), "method": "zero"})
+    full = replace(cfg, ks=(0, 8), random_seeds=(), method="zero")
     res = mask_eval(lm, SCORES, full, show_progress=False)
     base = [r["generated_ids"] for r in res.records if r["k"] == 0]
     masked = [r["generated_ids"] for r in res.records if r["k"] == 8]
     assert base != masked
-
-
-@pytest.mark.parametrize("arch", ["gemma3", "gpt2"])
-def test_sdpa_prefill_eager_decode_matches_eager(arch, haystack_file):
-    from retrieval_heads.needles import load_haystack
-
-    a = tiny_model(arch, attn_implementation="sdpa")
-    b = tiny_model(arch, attn_implementation="eager")
-    s = make_sample(a.tokenizer, load_haystack(haystack_file), NEEDLES[0], 80, 50, chat=False)
-    watch = [(0, 1), (1, 2)]
-    ga, wa = generate(a, s.prompt_ids, 6, StopRule(a.tokenizer), watch)
-    gb, wb = generate(b, s.prompt_ids, 6, StopRule(b.tokenizer), watch)
-    assert ga == gb and np.array_equal(wa, wb)
-    assert a.model.config._attn_implementation == "sdpa"  # restored after decoding
-
-
-def test_error_kinds(haystack_file):
-    from retrieval_heads.needles import load_haystack
-
-    lm = tiny_model("llama")
-    s = make_sample(lm.tokenizer, load_haystack(haystack_file), NEEDLES[1], 120, 50, chat=False)
-    assert error_kind(s, "the password is lantern fig seventy .") == ("retrieved", None)
-    assert error_kind(s, "lantern fig") == ("incomplete", None)
-    assert error_kind(s, "the password is blue") == ("hallucination", None)
-    # copying the question or the needle's own words is not a wrong extraction
-    assert error_kind(s, "what is the password ? the password is")[0] == "hallucination"
-    kind, span = error_kind(s, "the city program language was made")
-    assert kind == "wrong_extraction" and span == "the city program language was"
-    assert exact_match("Lake Umber", "over lake umber.") and not exact_match("Lake Umber", "lake of umber")
-    assert content_recall("a violet heron over Lake Umber", "a red bird") == 0.0
 
 
 # ------------------------------------------------------------------------------------- CLI
@@ -258,8 +150,9 @@ def _scores_file(tmp_path, arr):
         (["--k", "5"], "cannot draw 5 random heads"),
         (["--method", "gaussian"], "unknown masking method 'gaussian'"),
         (["--mask-phase", "prefill"], "unknown mask phase"),
-        (["--k", "a,b"], "--k must be a comma list"),
-        (["--random-pool", "nearby"], "unknown --random-pool 'nearby'"),
+        (["--mask-k", "a,b"], "--mask-k must be a comma list"),
+        (["--random-pool", "nearby"], "unknown random pool 'nearby'"),
+        (["--random-seeds", "-1"], "--random-seeds must be >= 0"),
         (["--k", "5", "--random-pool", "outside-top"], "cannot draw 5 random heads outside the top 5 of 8"),
     ],
 )
@@ -378,79 +271,13 @@ def test_execution_order_and_partial_curves(cfg):
     assert cv["random_draws"] == [0, 1, 1]
 
 
-# ------------------------------------------------------------------------------------- the niah task
-@pytest.mark.parametrize("chat", [False, True])
-def test_niah_task_docs_are_the_needle_samples(haystack_file, chat):
-    from retrieval_heads.needles import load_haystack
-    from retrieval_heads.tasks.registry import get_task
-    from retrieval_heads.testing import tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    if chat:
-        tok.chat_template = (
-            "{% for m in messages %}<|user|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-        )
-    task = get_task(
-        "niah", needles=NEEDLES, lengths=(80, 120), depths=(10.0, 90.0), path=str(haystack_file), max_new_tokens=7
-    )
-    assert isinstance(task, niah.NIAH) and task.size == 8
-    with pytest.raises(ConfigError, match="prepare"):
-        task.docs(task.size, 0, len)
-    task.prepare(tok, chat)
-    docs = task.docs(task.size, 0, len)
-    assert [d.id for d in docs] == [f"{n.id}-L{L}-D{d:g}" for n in NEEDLES for L in (80, 120) for d in (10.0, 90.0)]
-    assert len(task.docs(3, 0, len)) == 3
-    hay = load_haystack(haystack_file)
-    for d in docs:
-        s = d.fields["sample"]
-        assert s == make_sample(tok, hay, s.needle, s.length, s.depth, chat=chat)
-        assert d.answers == (s.needle.answer,)
-        req = task.request(d, "answer-only")
-        # the one prompt path rebuilds the sample's prompt and ids exactly: the needle span holds
-        assert req.prompt(tok, chat) == s.prompt and s.needle.question in req.user
-        assert tuple(tok(req.prompt(tok, chat), add_special_tokens=False)["input_ids"]) == s.prompt_ids
-        assert req.max_new_tokens == 7 and req.assistant_prefix == ""
-    with pytest.raises(ConfigError, match="no prompt style"):
-        task.request(docs[0], "cot")
-    assert task.config()["lengths"] == [80, 120] and task.config()["needles"][0]["id"] == "stew"
-
-
-def test_niah_task_scores_the_whole_response(lm):
-    task = niah.NIAH(needles=NEEDLES)
-    doc = Doc("x", {}, ("smoked tamarind",))
-    assert task.extract_answer(" smoked tamarind .\n", doc, "answer-only") == " smoked tamarind .\n"
-    assert task.score(doc, "it is smoked tamarind") == {"answer_recall": 1.0, "exact": 1.0}
-    assert task.score(doc, "tamarind smoked") == {"answer_recall": 1.0, "exact": 0.0}
-    assert task.score(doc, "smoked fish")["answer_recall"] == 0.5
-    req = Request("x", "q", stop=("\n",))
-    stop = task.stop_rule(lm.tokenizer, req)
-    assert isinstance(stop, StopRule) and stop.cut("a\nb") == "a\nb"  # the authors' rule, nothing cut
-    assert [m.name for m in task.metrics] == ["answer_recall", "exact"]
-    with pytest.raises(ConfigError, match="no needles"):
-        niah.NIAH(needles=())
-
-
 def test_task_eval_runs_niah_like_mask_eval(lm, cfg):
-    """One loop: task-eval on the niah task answers exactly as mask-eval does (nothing masked)."""
-    from retrieval_heads.experiments.task_eval import TaskEvalConfig, task_eval
+    """One experiment: the same config through task_eval answers exactly as mask-eval does; mask-eval
+    adds NIAH's columns."""
+    from retrieval_heads.experiments.task_eval import task_eval
 
-    mcfg = MaskEvalConfig(**{**cfg.__dict__, "ks": (0, 2), "random_seeds": (), "watch": 0})
-    masked = mask_eval(lm, SCORES, mcfg, show_progress=False)
-    tcfg = TaskEvalConfig(
-        task="niah",
-        k=2,
-        random_seeds=(),
-        chat=False,
-        limit=4,
-        task_args={
-            "needles": NEEDLES,
-            "lengths": (80,),
-            "depths": (10.0, 90.0),
-            "path": cfg.haystack,
-            "max_new_tokens": 5,
-        },
-    )
+    tcfg = replace(cfg, ks=(0, 2), random_seeds=(), watch=0)
+    masked = mask_eval(lm, SCORES, tcfg, show_progress=False)
     res = task_eval(lm, SCORES, tcfg, show_progress=False)
     assert res.metrics == ["answer_recall", "exact"] and res.config["task"]["name"] == "niah"
     by_id = {r["id"]: r for r in masked.records}
@@ -459,3 +286,23 @@ def test_task_eval_runs_niah_like_mask_eval(lm, cfg):
         m = by_id[r["id"]]
         assert r["generated_text"] == m["generated_text"] and r["prompt_tokens"] == m["prompt_tokens"]
         assert r["scores"] == {"answer_recall": m["answer_recall"], "exact": float(m["exact"])}
+
+
+def test_old_mask_eval_folders_resume(lm, cfg, tmp_path, monkeypatch):
+    """mask-eval saves its config as it always did, its kind under "kind"; a folder that saved the
+    kind under "task" resumes without generating again."""
+    out = tmp_path / "run"
+    small = replace(cfg, ks=(0, 2), random_seeds=(0,))
+    first = mask_eval(lm, SCORES, small, out=out, show_progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["kind"] == "mask-eval" and "task" not in config and "doc_ids" not in config
+    assert {"ks", "lengths", "depths", "needles", "max_new_tokens", "haystack", "watch", "sink_tokens"} <= set(config)
+    config["task"] = config.pop("kind")
+    (out / "config.json").write_text(json.dumps(config))
+
+    def boom(*a, **k):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(masked_task, "generate", boom)
+    again = mask_eval(lm, SCORES, small, out=out, show_progress=False)
+    assert again.curves() == first.curves() and again.table() == first.table()

@@ -183,3 +183,12 @@ def test_answer_must_be_in_the_needle_and_has_its_own_token_span(tmp_path):
     assert s.needle_start < s.answer_start < s.answer_end < s.needle_end
     assert tok.decode(s.prompt_ids[s.answer_start : s.answer_end]).strip() == "smoked tamarind"
     assert s.span("answer") == (s.answer_start, s.answer_end) and s.span("needle") == (s.needle_start, s.needle_end)
+
+
+def test_non_utf8_needles_file_is_one_line(tmp_path):
+    from retrieval_heads.needles import load_needles
+
+    p = tmp_path / "n.jsonl"
+    p.write_bytes(b'{"needle": "a b", "question": "q", "answer": "b"}\n{"needle": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match=r"n\.jsonl:2: not UTF-8"):
+        load_needles(p)

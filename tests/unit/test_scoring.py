@@ -100,15 +100,15 @@ def test_result_from_records_keeps_only_retrieved_samples():
     assert r.retrieval_heads() == [(0, 0), (1, 0)]
 
 
-def test_top_is_the_one_head_ranking_ties_by_lower_layer_then_head_nan_last():
+def test_top_is_the_one_head_ranking_ties_by_lower_layer_then_head_never_nan():
     from retrieval_heads.heads import rank_heads
 
     per = np.array([[[0.2, np.nan, 0.5], [0.5, 0.2, 0.0]]])  # one kept sample, 2 layers x 3 heads
     r = DetectionResult("m", per)
     top = r.top(6)
-    assert [(h.layer, h.head) for h in top] == [(0, 2), (1, 0), (0, 0), (1, 1), (1, 2), (0, 1)]
-    assert [(h.layer, h.head) for h in top] == rank_heads(r.scores)
-    assert np.isnan(top[-1].score) and top[0].score == 0.5 and top[0].activation_frequency == 1.0
+    assert [(h.layer, h.head) for h in top] == [(0, 2), (1, 0), (0, 0), (1, 1), (1, 2)]  # (0, 1) is not scored
+    assert [(h.layer, h.head) for h in top] == rank_heads(r.scores)[:5]
+    assert not any(np.isnan(h.score) for h in top) and top[0].score == 0.5 and top[0].activation_frequency == 1.0
     assert [(h.layer, h.head) for h in r.top(2)] == [(0, 2), (1, 0)]
 
 

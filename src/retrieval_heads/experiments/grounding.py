@@ -25,14 +25,15 @@ bootstrap interval resampled within each class (`stats.bootstrap_auroc`, seeded)
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..attribution import (
+    ENGINES,
     Passage,
     TracePrompt,
     answer_scores,
@@ -46,14 +47,17 @@ from ..decoding import StopStrings
 from ..errors import ConfigError, DataError
 from ..heads import Head
 from ..models import LoadedModel
-from ..needles import EVALUATION_NEEDLES, load_haystack, make_sample
+from ..needles import EVALUATION_NEEDLES, Sample
 from ..results import DetectionResult
+from ..runner import check_scores
 from ..scoring import answer_recall
-from ..tasks.base import DataSource
-from ..tasks.niah import NeedleStop, error_kind
-from ..tasks.qa import ANSWER_ONLY, LCE_DIR, LCE_INSTALL, extract_qa_answer, f1_score, read_json
-from .runner import ExperimentResult, Run, check_scores, run_header
+from ..tasks.niah import NIAH, NeedleStop, error_kind
+from ..tasks.qa import ANSWER_ONLY, ExtractiveQA, extract_qa_answer, f1_score, read_json, squad_paragraphs
+from .heads_run import BootstrapResult, RunOptions, run_on_heads
 from .stats import bootstrap_auroc, bootstrap_auroc_difference
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 KIND = "grounding-eval"
 SETS = ("niah", "niah-masked", "squad")
@@ -92,72 +96,75 @@ class GroundingConfig:
     grounded_f1: float = 0.5
     squad_data: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown engine {self.engine!r}; choose from {', '.join(ENGINES)}")
+
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)
-class Item:
+class LabelledItem:
+    """One answer to label: its prompt and gold (built when the run reaches it) and masked heads."""
+
     id: str
     set: str
-    build: Any  # () -> (TracePrompt, gold: dict)
+    build: Callable[[], tuple[TracePrompt, dict[str, Any]]]  # -> (prompt, gold)
     masked: tuple[Head, ...] = ()
 
 
 def squad_questions(cfg: GroundingConfig) -> list[dict[str, Any]]:
-    """Seeded draw of answerable and unanswerable SQuAD v2 dev questions with their passage."""
-    src = DataSource("long_context_eval", f"{LCE_DIR}/squad.json", LCE_INSTALL, cfg.squad_data)
-    data = read_json(str(src.resolve()))
-    pools: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
-    try:
-        for art in data["data"]:
-            for par in art["paragraphs"]:
-                for q in par["qas"]:
-                    answerable = not q.get("is_impossible") and bool(q["answers"])
-                    answers = tuple(dict.fromkeys(a["text"] for a in q["answers"]))
-                    pools[answerable].append(
-                        {
-                            "id": q["id"],
-                            "title": art["title"],
-                            "context": par["context"],
-                            "question": q["question"],
-                            "answers": list(answers),
-                            "answerable": answerable,
-                        }
-                    )
-    except (KeyError, TypeError) as e:
-        raise DataError(f"not a SQuAD v2 file (missing {e})") from None
+    """Seeded draw of answerable and unanswerable SQuAD v2 dev questions with their passage (the
+    extractive-qa task's data file)."""
+    data = read_json(str(ExtractiveQA(path=cfg.squad_data).source.resolve()))
     rng = np.random.default_rng(cfg.seed)
     out = []
     for answerable, n in ((True, cfg.squad_answerable), (False, cfg.squad_unanswerable)):
-        pool = pools[answerable]
+        pool = [
+            {
+                "id": qid,
+                "title": par["title"],
+                "context": par["context"],
+                "question": question,
+                "answers": list(answers),
+                "answerable": answerable,
+            }
+            for par in squad_paragraphs(data, answerable)
+            for qid, question, answers in par["qas"]
+        ]
         if n > len(pool):
             raise DataError(f"asked for {n} {'answerable' if answerable else 'unanswerable'} questions; {len(pool)}")
         out += [pool[int(i)] for i in rng.permutation(len(pool))[:n]]
     return out
 
 
-def items(lm: LoadedModel, ranking: list[Head], cfg: GroundingConfig) -> list[Item]:
+def niah_samples(lm: LoadedModel, lengths: tuple[int, ...], depths: tuple[float, ...], chat: bool) -> list[Sample]:
+    """The evaluation needles' samples (the niah task's documents), needle by length by depth."""
+    if not lengths:
+        return []
+    task = NIAH(EVALUATION_NEEDLES, lengths, depths)
+    task.prepare(lm.tokenizer, chat)
+    return [d.fields["sample"] for d in task.docs(task.size, 0, lambda text: 0)]
+
+
+def items(lm: LoadedModel, ranking: list[Head], cfg: GroundingConfig) -> list[LabelledItem]:
     tok = lm.tokenizer
-    hay = load_haystack(None)
-    out: list[Item] = []
+    out: list[LabelledItem] = []
     masked = tuple(ranking[: cfg.masked_k])
     for group, lengths, depths, mask in (
         ("niah", cfg.lengths, cfg.depths, ()),
         ("niah-masked", cfg.masked_lengths if masked else (), cfg.masked_depths, masked),
     ):
-        for needle in EVALUATION_NEEDLES:
-            for length in lengths:
-                for depth in depths:
+        for s in niah_samples(lm, lengths, depths, cfg.chat):
 
-                    def build(needle=needle, length=length, depth=depth) -> tuple[TracePrompt, dict[str, Any]]:
-                        s = make_sample(tok, hay, needle, length, depth, chat=cfg.chat)
-                        return prompt_of_sample(tok, s), {"sample": s}
+            def build(s: Sample = s) -> tuple[TracePrompt, dict[str, Any]]:
+                return prompt_of_sample(tok, s), {"sample": s}
 
-                    out.append(Item(f"{group}/{needle.id}-L{length}-D{depth:g}", group, build, mask))
+            out.append(LabelledItem(f"{group}/{s.needle.id}-L{s.length}-D{s.depth:g}", group, build, mask))
     for q in squad_questions(cfg):
 
-        def build_q(q=q) -> tuple[TracePrompt, dict[str, Any]]:
+        def build_q(q: dict[str, Any] = q) -> tuple[TracePrompt, dict[str, Any]]:
             tp = build_trace_prompt(
                 tok,
                 [Passage(q["title"], q["context"])],
@@ -168,7 +175,7 @@ def items(lm: LoadedModel, ranking: list[Head], cfg: GroundingConfig) -> list[It
             )
             return tp, {"squad": q}
 
-        out.append(Item(f"squad/{q['id']}", "squad", build_q))
+        out.append(LabelledItem(f"squad/{q['id']}", "squad", build_q))
     groups = [[it for it in out if it.set == g] for g in SETS]  # interleaved: a partial run holds every set
     return [g[i] for i in range(max(map(len, groups))) for g in groups if i < len(g)]
 
@@ -190,7 +197,7 @@ def label_answer(text: str, gold: dict[str, Any], cfg: GroundingConfig) -> dict[
     return {"grounded": True if f1 >= cfg.grounded_f1 else None, **out}
 
 
-def run_item(lm: LoadedModel, item: Item, ranking: list[Head], cfg: GroundingConfig) -> dict[str, Any]:
+def run_item(lm: LoadedModel, item: LabelledItem, ranking: list[Head], cfg: GroundingConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     tp, gold = item.build()
     watched = [h for h in ranking if h not in item.masked][: cfg.k]
@@ -212,17 +219,10 @@ def run_item(lm: LoadedModel, item: Item, ranking: list[Head], cfg: GroundingCon
     }
 
 
-class GroundingResult(ExperimentResult):
+class GroundingResult(BootstrapResult):
     """AUROC of each answer score per labelled set (see the module docstring)."""
 
     kind = KIND
-
-    def __init__(self, config: dict[str, Any], records: list[dict[str, Any]], n_boot: int, seed: int) -> None:
-        self.config, self.records, self.n_boot, self.seed = config, records, n_boot, seed
-
-    @classmethod
-    def from_run(cls, config: dict[str, Any], records: list[dict[str, Any]], **kwargs: Any) -> GroundingResult:
-        return cls(config, records, int(kwargs.get("n_boot", 2000)), int(kwargs.get("seed", 0)))
 
     def labelled(self, sets: tuple[str, ...]) -> list[dict[str, Any]]:
         return [r for r in self.records if r["set"] in sets and r.get("grounded") is not None]
@@ -281,32 +281,15 @@ class GroundingResult(ExperimentResult):
 
 
 def grounding_eval(
-    lm: LoadedModel,
-    scores: DetectionResult,
-    config: GroundingConfig = GroundingConfig(),
-    *,
-    out: str | Path | None = None,
-    overwrite: bool = False,
-    show_progress: bool = True,
-    scores_source: str = "",
-    n_boot: int = 2000,
-    boot_seed: int = 0,
+    lm: LoadedModel, scores: DetectionResult, config: GroundingConfig = GroundingConfig(), **run: Unpack[RunOptions]
 ) -> GroundingResult:
-    """Trace every labelled answer (resumable with `out`) and compute the AUROC table."""
+    """Trace every labelled answer and compute the AUROC table; `run`: out (resumable run
+    folder), overwrite, show_progress, scores_source, n_boot, boot_seed (`heads_run.run_on_heads`)."""
     check_scores(lm, scores.scores)
     for length in (*config.lengths, *config.masked_lengths):
         if length + config.max_new_tokens + 200 > lm.spec.max_context:
             raise ConfigError(f"length {length} leaves no room in {lm.spec.name}'s context of {lm.spec.max_context}")
     ranking = watched_heads(scores, lm.spec.n_layers * lm.spec.n_heads)
-    todo = items(lm, ranking, config)
+    todo = [(it.id, partial(run_item, lm, it, ranking, config)) for it in items(lm, ranking, config)]
     cfg = {**config.to_dict(), "ranking_top": [list(h) for h in ranking[: config.k + config.masked_k]]}
-    header = run_header(lm, KIND, cfg, scores=scores.scores, scores_source=scores_source, kind_key="kind")
-    with Run(
-        header, out=out, overwrite=overwrite, total=len(todo), desc=KIND, unit="answer", show_progress=show_progress
-    ) as run:
-        for it in todo:
-            run.item(it.id, partial(run_item, lm, it, ranking, config))
-    result = GroundingResult.from_run(header, run.records, n_boot=n_boot, seed=boot_seed)
-    if out is not None:
-        result.save(out)
-    return result
+    return run_on_heads(lm, KIND, cfg, scores, todo, GroundingResult, unit="answer", **run)

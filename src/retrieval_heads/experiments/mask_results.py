@@ -1,34 +1,27 @@
-"""What a mask-eval run's records mean (`mask_eval` runs it): NIAH score vs K for the top-K and
+"""What a mask-eval run's records mean (`task_eval.mask_eval` runs it): NIAH score vs K for the top-K and
 random-K conditions, the paired top-minus-random differences, error kinds and where the watched
 heads attended; the summary and the Markdown table."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..tasks.niah import ERROR_KINDS
 from .conditions import Condition, random_pool_line, random_pool_of
-from .runner import ExperimentResult
 from .stats import fmt_interval, paired_difference
+from .task_results import MaskingResult, by_doc, seed_mean
 
 LOCATIONS = ("sink", "needle", "elsewhere")
 
 
 @dataclass
-class MaskEvalResult(ExperimentResult):
-    """Records of every (condition, sample) and the conditions; aggregates computed on demand."""
+class MaskEvalResult(MaskingResult):
+    """A mask-eval run: NIAH score vs K, paired differences, error kinds; computed on demand."""
 
     kind = "mask-eval"
-    name: str
-    conditions: list[Condition]
-    records: list[dict[str, Any]]
-    config: dict[str, Any] = field(default_factory=dict)
-    n_boot: int = 2000
-    ci: float = 0.95
-    boot_seed: int = 0
 
     @classmethod
     def from_run(cls, config: dict[str, Any], records: list[dict[str, Any]], **kwargs: Any) -> MaskEvalResult:
@@ -80,13 +73,9 @@ class MaskEvalResult(ExperimentResult):
         interval; a sample's random score is the mean over the seeds that finished it."""
         out: dict[str, list[Any]] = {"k": [], "n": [], "mean": [], "low": [], "high": []}
         for k in (k for k in self.ks if k > 0):
-            top = {r["sample_id"]: r["niah_score"] for r in self._by(f"top-k{k}")}
-            per: dict[str, list[float]] = {}
-            for c in self.conditions:
-                if c.kind == "random" and c.k == k:
-                    for r in self._by(c.id):
-                        per.setdefault(r["sample_id"], []).append(r["niah_score"])
-            rand = {sid: float(np.mean(v)) for sid, v in per.items()}
+            top = by_doc(self.records, f"top-k{k}", _niah_score, "sample_id")
+            draws = [c.id for c in self.conditions if c.kind == "random" and c.k == k]
+            rand = seed_mean(self.records, draws, _niah_score, "sample_id")
             d = paired_difference(top, rand, n_boot=self.n_boot, ci=self.ci, seed=self.boot_seed)
             out["k"].append(k)
             for key in ("n", "mean", "low", "high"):
@@ -155,12 +144,7 @@ class MaskEvalResult(ExperimentResult):
             "curves": self.curves(),
             "random_pool": random_pool_of(self.config),
             "paired_top_minus_random": self.paired(),
-            "bootstrap": {
-                "n_boot": self.n_boot,
-                "ci": self.ci,
-                "seed": self.boot_seed,
-                "method": "percentile, numpy default_rng",
-            },
+            "bootstrap": self.bootstrap(),
             "errors": self.errors(),
             "examples": self.examples(),
         }
@@ -197,6 +181,10 @@ class MaskEvalResult(ExperimentResult):
                 f"{e['hallucination']} | {e['wrong_extraction']} | {att} |"
             )
         return "\n".join(lines)
+
+
+def _niah_score(r: dict[str, Any]) -> float:
+    return float(r["niah_score"])
 
 
 def _mean_share(records: list[dict[str, Any]], location: str) -> float:

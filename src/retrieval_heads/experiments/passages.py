@@ -25,19 +25,21 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..attribution import Passage, build_trace_prompt, question_attention, watched_heads
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..models import LoadedModel
 from ..results import DetectionResult
-from ..tasks.base import DataSource
-from ..tasks.qa import ANSWER_ONLY, LCE_DIR, LCE_INSTALL, read_json
-from .runner import ExperimentResult, Run, check_scores, run_header
+from ..runner import check_scores
+from ..tasks.qa import ANSWER_ONLY, HotpotQA
+from .heads_run import BootstrapResult, RunOptions, run_on_heads
 from .stats import bootstrap_ci, fmt_interval, paired_difference
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 KIND = "passage-rank"
 TOP = 2  # recall@2: HotpotQA has two gold paragraphs
@@ -56,22 +58,22 @@ class PassageConfig:
         return asdict(self)
 
 
-def hotpot_questions(cfg: PassageConfig) -> list[dict[str, Any]]:
-    """Seeded draw of HotpotQA dev questions: id, question, paragraphs (title, text), gold indices."""
-    src = DataSource("long_context_eval", f"{LCE_DIR}/hotpotqa.json", LCE_INSTALL, cfg.data)
-    data = read_json(str(src.resolve()))
-    if not isinstance(data, list) or not data:
-        raise DataError("not a HotpotQA file (expected a JSON list of questions)")
+def hotpot_questions(lm: LoadedModel, cfg: PassageConfig) -> list[dict[str, Any]]:
+    """Seeded draw of HotpotQA dev questions (the hotpotqa task's documents): id, question,
+    paragraphs (title, text), gold indices."""
+    count = lambda text: len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     out = []
-    for i in np.random.default_rng(cfg.seed).permutation(len(data))[: cfg.limit]:
-        ex = data[int(i)]
-        try:
-            paras = [(str(t), "".join(s).strip()) for t, s in ex["context"]]
-            gold_titles = {str(t) for t, _ in ex["supporting_facts"]}
-            gold = [j for j, (t, _) in enumerate(paras) if t in gold_titles]
-            out.append({"id": str(ex["_id"]), "question": str(ex["question"]), "paragraphs": paras, "gold": gold})
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"not a HotpotQA record (missing {e})") from None
+    for doc in HotpotQA(cfg.data).docs(cfg.limit, cfg.seed, count):
+        paras = doc.fields["paragraphs"]
+        gold = set(doc.fields["gold_titles"])
+        out.append(
+            {
+                "id": doc.id,
+                "question": str(doc.fields["question"]),
+                "paragraphs": paras,
+                "gold": [j for j, (t, _) in enumerate(paras) if t in gold],
+            }
+        )
     return out
 
 
@@ -116,17 +118,10 @@ def run_item(lm: LoadedModel, q: dict[str, Any], cfg: PassageConfig) -> dict[str
     }
 
 
-class PassageResult(ExperimentResult):
+class PassageResult(BootstrapResult):
     """Recall@2 per ranking method (see the module docstring)."""
 
     kind = KIND
-
-    def __init__(self, config: dict[str, Any], records: list[dict[str, Any]], n_boot: int, seed: int) -> None:
-        self.config, self.records, self.n_boot, self.seed = config, records, n_boot, seed
-
-    @classmethod
-    def from_run(cls, config: dict[str, Any], records: list[dict[str, Any]], **kwargs: Any) -> PassageResult:
-        return cls(config, records, int(kwargs.get("n_boot", 2000)), int(kwargs.get("seed", 0)))
 
     def per_question(self) -> dict[str, dict[str, float]]:
         """method -> {question id: recall@2}."""
@@ -176,38 +171,16 @@ class PassageResult(ExperimentResult):
 
 
 def passage_rank(
-    lm: LoadedModel,
-    scores: DetectionResult,
-    config: PassageConfig = PassageConfig(),
-    *,
-    out: str | Path | None = None,
-    overwrite: bool = False,
-    show_progress: bool = True,
-    scores_source: str = "",
-    n_boot: int = 2000,
-    boot_seed: int = 0,
+    lm: LoadedModel, scores: DetectionResult, config: PassageConfig = PassageConfig(), **run: Unpack[RunOptions]
 ) -> PassageResult:
-    """Read the question's attention to each paragraph for every question (resumable with `out`)."""
+    """Read the question's attention to each paragraph for every question; `run`: out (resumable
+    run folder), overwrite, show_progress, scores_source, n_boot, boot_seed (`heads_run.run_on_heads`)."""
     check_scores(lm, scores.scores)
     if config.limit < 1:
         raise ConfigError(f"limit must be >= 1, got {config.limit}")
-    questions = hotpot_questions(config)
+    questions = hotpot_questions(lm, config)
     bm25_scores("a", [("a", "a"), ("b", "b")])  # the baseline is installed (before any model work)
     sets = head_sets(scores, config.k)
     cfg = {**config.to_dict(), "head_sets": [[n, [list(h) for h in hs]] for n, hs in sets.items()]}  # ordered
-    header = run_header(lm, KIND, cfg, scores=scores.scores, scores_source=scores_source, kind_key="kind")
-    with Run(
-        header,
-        out=out,
-        overwrite=overwrite,
-        total=len(questions),
-        desc=KIND,
-        unit="question",
-        show_progress=show_progress,
-    ) as run:
-        for q in questions:
-            run.item(q["id"], partial(run_item, lm, q, config))
-    result = PassageResult.from_run(header, run.records, n_boot=n_boot, seed=boot_seed)
-    if out is not None:
-        result.save(out)
-    return result
+    todo = [(q["id"], partial(run_item, lm, q, config)) for q in questions]
+    return run_on_heads(lm, KIND, cfg, scores, todo, PassageResult, unit="question", **run)

@@ -3,7 +3,7 @@ paired difference (two conditions on the same examples)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -78,17 +78,7 @@ def bootstrap_auroc(
     """(AUROC, low, high): percentile bootstrap over examples, resampled within each class (the
     class sizes stay fixed) with `numpy.random.default_rng(seed)`."""
     s, y = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
-    point = auroc(s, y)
-    if np.isnan(point):
-        return point, float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    pos, neg = np.nonzero(y)[0], np.nonzero(~y)[0]
-    vals = []
-    for _ in range(n_boot):
-        idx = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
-        vals.append(auroc(s[idx], y[idx]))
-    lo, hi = np.quantile(vals, [(1 - ci) / 2, 1 - (1 - ci) / 2])
-    return point, float(lo), float(hi)
+    return _within_class_bootstrap(auroc(s, y), lambda idx: auroc(s[idx], y[idx]), y, n_boot, ci, seed)
 
 
 def bootstrap_auroc_difference(
@@ -104,6 +94,17 @@ def bootstrap_auroc_difference(
     bootstrap resamples (within each class, as `bootstrap_auroc`), so the interval is paired."""
     x, z, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float), np.asarray(labels, dtype=bool)
     point = auroc(x, y) - auroc(z, y)
+    return _within_class_bootstrap(
+        point, lambda idx: auroc(x[idx], y[idx]) - auroc(z[idx], y[idx]), y, n_boot, ci, seed
+    )
+
+
+def _within_class_bootstrap(
+    point: float, statistic: Callable[[np.ndarray], float], y: np.ndarray, n_boot: int, ci: float, seed: int
+) -> tuple[float, float, float]:
+    """(point, low, high): the percentile interval of `statistic(idx)` over `n_boot` resamples of
+    the example indices, drawn within each class of `y` (the class sizes stay fixed) with
+    `numpy.random.default_rng(seed)`; NaN bounds when the point estimate is NaN."""
     if np.isnan(point):
         return point, float("nan"), float("nan")
     rng = np.random.default_rng(seed)
@@ -111,6 +112,6 @@ def bootstrap_auroc_difference(
     vals = []
     for _ in range(n_boot):
         idx = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
-        vals.append(auroc(x[idx], y[idx]) - auroc(z[idx], y[idx]))
+        vals.append(statistic(idx))
     lo, hi = np.quantile(vals, [(1 - ci) / 2, 1 - (1 - ci) / 2])
     return point, float(lo), float(hi)

@@ -4,25 +4,39 @@ Markdown table."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from ..runner import ExperimentResult
 from .conditions import Condition, random_pool_line, random_pool_of
-from .runner import ExperimentResult
 from .stats import bootstrap_ci, fmt_interval, named, paired_difference
+
+Value = Callable[[dict[str, Any]], float]  # a record's value of one metric
+
+
+def by_doc(records: Sequence[dict[str, Any]], cid: str, value: Value, key: str = "doc_id") -> dict[str, float]:
+    """Per document (`key`): the value of the records of condition `cid`."""
+    return {r[key]: value(r) for r in records if r["condition"] == cid}
+
+
+def seed_mean(
+    records: Sequence[dict[str, Any]], cids: Sequence[str], value: Value, key: str = "doc_id"
+) -> dict[str, float]:
+    """Random K heads, per document: the mean over the draws `cids` (one per seed) that finished it."""
+    per = [by_doc(records, cid, value, key) for cid in cids]
+    docs = sorted(set().union(*per)) if per else []
+    return {d: float(np.mean([p[d] for p in per if d in p])) for d in docs}
 
 
 @dataclass
-class TaskEvalResult(ExperimentResult):
-    """Records of every (condition, doc); rows with bootstrap intervals computed on demand."""
+class MaskingResult(ExperimentResult):
+    """Records of every (condition, document) of a masking run and its conditions; the bootstrap
+    settings of its intervals (`n_boot` resamples from `numpy.random.default_rng(boot_seed)`)."""
 
-    kind = "task-eval"
     name: str
-    task: str
-    style: str
-    metrics: list[str]
     conditions: list[Condition]
     records: list[dict[str, Any]]
     config: dict[str, Any] = field(default_factory=dict)
@@ -30,23 +44,26 @@ class TaskEvalResult(ExperimentResult):
     ci: float = 0.95
     boot_seed: int = 0
 
+    def bootstrap(self) -> dict[str, Any]:
+        """How the intervals were computed (saved in the summary)."""
+        return {"n_boot": self.n_boot, "ci": self.ci, "seed": self.boot_seed, "method": "percentile, numpy default_rng"}
+
+
+@dataclass
+class TaskEvalResult(MaskingResult):
+    """A task-eval run: per condition each metric's mean, rows with bootstrap intervals on demand."""
+
+    kind = "task-eval"
+    task: str = ""
+    style: str = "answer-only"
+    metrics: list[str] = field(default_factory=list)
+
     @classmethod
     def from_run(cls, config: dict[str, Any], records: list[dict[str, Any]], **kwargs: Any) -> TaskEvalResult:
         """`kwargs`: n_boot, ci, boot_seed of the bootstrap."""
         conds = [Condition.from_dict(c, watch=False) for c in config["conditions"]]
-        return cls(
-            config["model"],
-            config["task"]["name"],
-            config["style"],
-            config["metrics"],
-            conds,
-            records,
-            config,
-            **kwargs,
-        )
-
-    def _values(self, cid: str, metric: str) -> dict[str, float]:
-        return {r["doc_id"]: float(r["scores"][metric]) for r in self.records if r["condition"] == cid}
+        task, style, metrics = config["task"]["name"], config["style"], config["metrics"]
+        return cls(config["model"], conds, records, config, **kwargs, task=task, style=style, metrics=metrics)
 
     def _random_ids(self) -> list[str]:
         return [c.id for c in self.conditions if c.kind == "random"]
@@ -54,11 +71,13 @@ class TaskEvalResult(ExperimentResult):
     def _series(self, which: str, metric: str) -> dict[str, float]:
         """Per doc: the metric of a condition id, or for 'random' the mean over the seeds that
         finished that doc."""
+
+        def value(r: dict[str, Any]) -> float:
+            return float(r["scores"][metric])
+
         if which != "random":
-            return self._values(which, metric)
-        per = [self._values(cid, metric) for cid in self._random_ids()]
-        docs = sorted(set().union(*per)) if per else []
-        return {d: float(np.mean([p[d] for p in per if d in p])) for d in docs}
+            return by_doc(self.records, which, value)
+        return seed_mean(self.records, self._random_ids(), value)
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per shown condition: none, top-K, random-K (seed mean), each seed; per metric
@@ -142,12 +161,7 @@ class TaskEvalResult(ExperimentResult):
             "style": self.style,
             "metrics": self.metrics,
             "n_records": len(self.records),
-            "bootstrap": {
-                "n_boot": self.n_boot,
-                "ci": self.ci,
-                "seed": self.boot_seed,
-                "method": "percentile, numpy default_rng",
-            },
+            "bootstrap": self.bootstrap(),
             "config": self.config,
             "random_pool": random_pool_of(self.config),
             "rows": self.rows(),

@@ -41,6 +41,7 @@ This module imports kvpress; nothing else in the package imports this module.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,10 +51,10 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..heads import kv_head_scores, top_mask
-from ..kvcache.export import PATTERN_TSV, read_duo_pattern
+from ..kvcache.export import PATTERN_TSV, kv_score, read_duo_pattern
 from ..kvcache.policies import HeadPolicy
 from ..models import ModelSpec, spec_from_config
-from ..results import DetectionResult
+from ..results import DetectionResult, require_kept
 
 try:
     from kvpress import DuoAttentionPress
@@ -62,14 +63,16 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         f"retrieval_heads.integrations.kvpress needs kvpress: pip install 'retrieval-heads[kvpress]' ({e})"
     ) from e
 
+logger = logging.getLogger(__name__)
 ScoreSource = str | Path | np.ndarray
 
 
-def load_kv_ranking(source: ScoreSource, spec: ModelSpec, score: str = "copy") -> np.ndarray:
+def load_kv_ranking(source: ScoreSource, spec: ModelSpec, score: str | None = None) -> np.ndarray:
     """`[n_layers, n_kv_heads]` map whose order is the KV-head ranking of `source` for `spec`'s model.
 
     source: a run folder, an authors'-format JSON, `ref:NAME` (ranked as kv-eval ranks them: `score`,
-    ties by the second score, max over the query heads of a KV head); a DuoAttention pattern folder
+    by default needle_mass when the source holds it, else copy with a warning; ties by the second
+    score, max over the query heads of a KV head); a DuoAttention pattern folder
     or its `full_attention_heads.tsv` (its values); or an array over query heads `[n_layers, n_heads]`
     or KV heads `[n_layers, n_kv_heads]`; an `export-heads` folder (its `duo_pattern/`). NaN = not
     scored (ranks last)."""
@@ -93,7 +96,9 @@ def load_kv_ranking(source: ScoreSource, spec: ModelSpec, score: str = "copy") -
                 f"{p}: pattern has shape {values.shape}; {spec.name} has {spec.n_layers} x {spec.n_kv_heads}"
             )
         return values
-    result = DetectionResult.load(source).with_score(score)
+    result, note = kv_score(require_kept(DetectionResult.load(source), source), score)
+    if note:
+        logger.warning(note)
     if result.shape != spec.shape:
         raise DataError(f"{source}: scores have shape {result.shape}; {spec.name} has {spec.shape} heads")
     return kv_head_scores(result.ranking_scores(), spec)
@@ -104,13 +109,14 @@ class RetrievalHeadsPress(DuoAttentionPress):
     """DuoAttention-style press with our KV-head ranking: the best-ranked KV heads of the global
     layers keep every token, the others keep `sink_size` first + `recent_size` last tokens.
 
-    scores: see `load_kv_ranking`; score: which score of a run (copy, needle_mass, topk_mass, ...);
+    scores: see `load_kv_ranking`; score: which score of a run (copy, needle_mass, topk_mass, ...;
+    default: needle_mass when the run holds it, else copy with a warning);
     head_compression_ratio: share of the global layers' KV heads made streaming heads;
     kv_compression_ratio: share of the KV pairs to remove (overrides head_compression_ratio).
     """
 
     scores: ScoreSource | None = field(default=None, compare=False)
-    score: str = "copy"
+    score: str | None = None
     sink_size: int = 4  # DuoAttentionPress reads these two from its pattern; ours are set here
     recent_size: int = 60
     kv_compression_ratio: float | None = None

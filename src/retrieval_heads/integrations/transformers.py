@@ -46,7 +46,8 @@ from ..detection import DetectConfig, Grid, detect
 from ..errors import ConfigError
 from ..models import LoadedModel, attention_implementation, spec_from_config
 from ..needles import EVALUATION_NEEDLES, Needle
-from ..results import DetectionResult
+from ..results import DetectionResult, require_kept
+from ..runs import config_dict
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class WatchConfig:
             raise ConfigError(f"watch every must be >= 1 step, got {self.every}")
         if self.k < 1:
             raise ConfigError(f"top-k must be >= 1, got {self.k}")
+        if not (self.lengths and self.depths and self.needles):  # an empty grid would detect on the default one
+            raise ConfigError("the watch grid is empty: give at least one length, one depth and one needle")
 
     @property
     def grid(self) -> Grid:
@@ -90,10 +93,7 @@ class WatchConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["lengths"], d["depths"] = list(self.lengths), list(self.depths)
-        d["needles"] = [n.id for n in self.needles]
-        return d
+        return {**config_dict(self), "needles": [n.id for n in self.needles]}
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,9 @@ class RetrievalHeadsCallback(TrainerCallback):
     ) -> None:
         self.tokenizer = tokenizer
         self.config = config or WatchConfig()
-        self.reference = DetectionResult.load(reference) if isinstance(reference, (str, Path)) else reference
+        if isinstance(reference, (str, Path)):  # a run that kept no sample is refused here, in one line
+            reference = require_kept(DetectionResult.load(reference), reference)
+        self.reference = reference
         self.history: list[Watch] = []
         self.results: list[DetectionResult] = []
         self.trainer: Any = None

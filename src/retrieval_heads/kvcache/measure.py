@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from ..decoding import StopFn, cache_io, greedy
+from ..decoding import StopFn, attention_rows, cache_io, greedy
 from ..errors import ConfigError
 from ..heads import kv_head_scores
-from ..models import LoadedModel, attention_implementation
+from ..models import LoadedModel
 from ..needles import QUESTION_TEMPLATE, Needle, Sample
 from .cache import HeadSparseCache, SinkWindowEviction
 from .policies import KVPolicy
@@ -123,22 +123,18 @@ def needle_attention_scores(lm: LoadedModel, samples: Sequence[Sample]) -> np.nd
     answer tokens (teacher forced after the question), per query head (HeadKV-like)."""
     import torch
 
-    model = lm.model
-    kw, attr = cache_io(model)
     total = np.zeros(lm.spec.shape)
     for s in samples:
         ans = answer_ids(lm, s.needle)
         ids = _ids(lm, list(s.prompt_ids) + ans[:-1])
         n = len(s.prompt_ids)
-        with torch.no_grad():
-            out = model(input_ids=ids[:, : n - 1], use_cache=True)
-            with attention_implementation(model, "eager"):  # only the answer rows need weights
-                att = model(
-                    input_ids=ids[:, n - 1 :], **{kw: getattr(out, attr)}, use_cache=True, output_attentions=True
-                ).attentions
-        # att: per layer [1, heads, answer rows, keys]
-        mass = torch.stack([a[0, :, :, s.needle_start : s.needle_end].sum(-1).mean(-1) for a in att])
-        total += mass.float().cpu().numpy()
+        with torch.no_grad():  # the prefill keeps the model's attention, only the answer rows are eager
+            rows = attention_rows(lm.model, ids, n - 1, ids.shape[1])
+        mass = []
+        for l, a in enumerate(rows.layers):  # [1, heads, answer rows, K_l]: the last K_l keys
+            f = rows.first_key(l)  # a sliding-window layer's keys start after 0
+            mass.append(a[0, :, :, max(s.needle_start - f, 0) : max(s.needle_end - f, 0)].sum(-1).mean(-1))
+        total += torch.stack(mass).float().cpu().numpy()
     return total / max(len(samples), 1)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -26,6 +26,23 @@ from ..errors import ConfigError
 from ..heads import top_mask
 from ..models import ModelSpec
 from .cache import Eviction, HeadSparseCache, SinkWindowEviction, SnapKVEviction
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What `KVPolicy.for_budget` sizes a policy for: `share` of the full cache's bytes after
+    `n_tokens` tokens; what cut heads keep where the share does not set it (`sink`, `window`); the
+    KV-head `ranking` of policies that choose whole heads."""
+
+    share: float
+    n_tokens: int
+    sink: int = 4
+    window: int = 60
+    ranking: np.ndarray | None = None
+    dense_prefill: bool = True
+
+
+_P = TypeVar("_P", bound="KVPolicy")
 
 
 @dataclass(frozen=True)
@@ -48,9 +65,8 @@ class KVPolicy(ABC):
         """The policy's parameters for run configs (keys fixed: saved configs depend on them)."""
 
     @classmethod
-    @abstractmethod
     def for_budget(
-        cls,
+        cls: type[_P],
         spec: ModelSpec,
         budget: float,
         n_tokens: int,
@@ -60,10 +76,18 @@ class KVPolicy(ABC):
         ranking: np.ndarray | None = None,
         name: str | None = None,
         dense_prefill: bool = True,
-    ) -> KVPolicy:
+    ) -> _P:
         """The policy whose cache after `n_tokens` tokens holds at most `budget` (a share) of the full
         cache's bytes. `sink`/`window`: what cut heads keep where the budget does not set it;
-        `ranking`: KV-head scores `[n_layers, n_kv_heads]` for policies that choose whole heads."""
+        `ranking`: KV-head scores `[n_layers, n_kv_heads]` for policies that choose whole heads.
+        Each policy sizes its own fields (`sized`)."""
+        b = Budget(budget, n_tokens, sink, window, ranking, dense_prefill)
+        return cls(**({"name": name} if name else {}), dense_prefill=dense_prefill, **cls.sized(spec, b))
+
+    @classmethod
+    @abstractmethod
+    def sized(cls, spec: ModelSpec, b: Budget) -> dict[str, Any]:
+        """The policy's own fields for budget `b` (what `for_budget` passes to the constructor)."""
 
     @property
     def n_whole(self) -> int | None:
@@ -75,11 +99,6 @@ class KVPolicy(ABC):
         return HeadSparseCache(
             self.whole_mask(spec), self.eviction(), dense_prefill=self.dense_prefill, windows=spec.sliding_window
         )
-
-
-def _name(name: str | None) -> dict[str, Any]:
-    """The `name` argument of a constructor: the class's default name unless one is given."""
-    return {"name": name} if name else {}
 
 
 @dataclass(frozen=True)
@@ -100,21 +119,10 @@ class SinkWindowPolicy(KVPolicy):
         return {"policy": self.name, "sink": self.sink, "window": self.window}
 
     @classmethod
-    def for_budget(
-        cls,
-        spec: ModelSpec,
-        budget: float,
-        n_tokens: int,
-        *,
-        sink: int = 4,
-        window: int = 60,
-        ranking: np.ndarray | None = None,
-        name: str | None = None,
-        dense_prefill: bool = True,
-    ) -> SinkWindowPolicy:
-        """Sink + window = `budget * n_tokens` tokens per head (the budget sets the window)."""
-        keep = max(sink + 1, int(round(budget * n_tokens)))  # noqa: RUF046  (budget may be a NumPy 1.x float)
-        return cls(**_name(name), sink=sink, window=keep - sink, dense_prefill=dense_prefill)
+    def sized(cls, spec: ModelSpec, b: Budget) -> dict[str, Any]:
+        """Sink + window = `share * n_tokens` tokens per head (the budget sets the window)."""
+        keep = max(b.sink + 1, int(round(b.share * b.n_tokens)))  # noqa: RUF046  (a NumPy 1.x float share)
+        return {"sink": b.sink, "window": keep - b.sink}
 
 
 @dataclass(frozen=True)
@@ -127,20 +135,9 @@ class FullPolicy(SinkWindowPolicy):
         return np.ones((spec.n_layers, spec.n_kv_heads), dtype=bool)
 
     @classmethod
-    def for_budget(
-        cls,
-        spec: ModelSpec,
-        budget: float,
-        n_tokens: int,
-        *,
-        sink: int = 4,
-        window: int = 60,
-        ranking: np.ndarray | None = None,
-        name: str | None = None,
-        dense_prefill: bool = True,
-    ) -> FullPolicy:
+    def sized(cls, spec: ModelSpec, b: Budget) -> dict[str, Any]:
         """The full cache, whatever the budget (it is the reference the budget is a share of)."""
-        return cls(**_name(name), sink=sink, window=window, dense_prefill=dense_prefill)
+        return {"sink": b.sink, "window": b.window}
 
 
 @dataclass(frozen=True)
@@ -163,21 +160,9 @@ class SnapKVPolicy(KVPolicy):
         return {"policy": self.name, "budget_tokens": self.budget_tokens, "obs_window": self.obs_window}
 
     @classmethod
-    def for_budget(
-        cls,
-        spec: ModelSpec,
-        budget: float,
-        n_tokens: int,
-        *,
-        sink: int = 4,
-        window: int = 60,
-        ranking: np.ndarray | None = None,
-        name: str | None = None,
-        dense_prefill: bool = True,
-    ) -> SnapKVPolicy:
-        """`budget * n_tokens` tokens per head (SnapKV chooses them; no sink or window)."""
-        tokens = max(1, int(round(budget * n_tokens)))  # noqa: RUF046  (budget may be a NumPy 1.x float)
-        return cls(**_name(name), budget_tokens=tokens, dense_prefill=dense_prefill)
+    def sized(cls, spec: ModelSpec, b: Budget) -> dict[str, Any]:
+        """`share * n_tokens` tokens per head (SnapKV chooses them; no sink or window)."""
+        return {"budget_tokens": max(1, int(round(b.share * b.n_tokens)))}  # noqa: RUF046  (NumPy 1.x float)
 
 
 @dataclass(frozen=True)
@@ -228,33 +213,20 @@ class HeadPolicy(KVPolicy):
         return int(min(n, max(0, math.floor(k + 1e-9))))
 
     @classmethod
-    def for_budget(
-        cls,
-        spec: ModelSpec,
-        budget: float,
-        n_tokens: int,
-        *,
-        sink: int = 4,
-        window: int = 60,
-        ranking: np.ndarray | None = None,
-        name: str | None = None,
-        dense_prefill: bool = True,
-    ) -> HeadPolicy:
+    def sized(cls, spec: ModelSpec, b: Budget) -> dict[str, Any]:
         """As many best-ranked KV heads whole as the budget allows, sink + window for the rest.
         NaN in `ranking` (not scored) ranks after every scored head (`heads.rank_heads`)."""
-        if ranking is None:
+        if b.ranking is None:
             raise ConfigError("a head policy needs a ranking of the KV heads")
-        r = np.asarray(ranking, dtype=float)
+        r = np.asarray(b.ranking, dtype=float)
         if r.shape != (spec.n_layers, spec.n_kv_heads):
             raise ConfigError(
                 f"KV-head scores have shape {r.shape}, {spec.name} has {spec.n_layers} x {spec.n_kv_heads}"
             )
         local = np.array([w is not None for w in spec.sliding_window])
         r = np.where(local[:, None], -np.inf, np.nan_to_num(r, nan=-1e300))  # only global layers' heads are chosen
-        mask = top_mask(r, cls.n_whole_for(spec, budget, n_tokens, sink, window))
-        return cls(
-            **_name(name),
-            whole=tuple(map(tuple, mask.tolist())),
-            rest=SinkWindowPolicy(sink=sink, window=window, dense_prefill=dense_prefill),
-            dense_prefill=dense_prefill,
-        )
+        mask = top_mask(r, cls.n_whole_for(spec, b.share, b.n_tokens, b.sink, b.window))
+        return {
+            "whole": tuple(map(tuple, mask.tolist())),
+            "rest": SinkWindowPolicy(sink=b.sink, window=b.window, dense_prefill=b.dense_prefill),
+        }

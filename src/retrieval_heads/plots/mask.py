@@ -12,7 +12,7 @@ import numpy as np
 from .common import plain, save_figure  # also selects the Agg backend
 
 if TYPE_CHECKING:
-    from ..experiments.mask_eval import MaskEvalResult
+    from ..experiments.mask_results import MaskEvalResult
 
 
 def plot_mask_eval(result: MaskEvalResult, stem: str | Path, *, title: str | None = None) -> list[Path]:

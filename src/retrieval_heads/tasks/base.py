@@ -22,14 +22,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, get_args
 
 from ..decoding import StopStrings, build_prompt
 from ..errors import ConfigError, DataError
 from ..models import package_dir
 
-PromptStyle = Literal["answer-only", "cot"]
-PROMPT_STYLES: tuple[str, ...] = ("answer-only", "cot")
+PromptStyle = Literal["answer-only", "cot"]  # how the answer is asked for: at once, or after reasoning
+PROMPT_STYLES: tuple[str, ...] = get_args(PromptStyle)
 CountTokens = Callable[[str], int]
 
 

