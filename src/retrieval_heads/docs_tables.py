@@ -21,6 +21,7 @@ to the current directory, the repository root) or `ref:<name>` (a shipped refere
     task-summary  task-eval runs: no mask, top-K and random-K masked, top minus random
     kv-eval, mask-eval, task-eval, grounding-eval, passage-rank   one experiment run: its table.md
     finetune-eval one or several finetune-eval runs: their table.md rows under one header
+    headlines     the README's questions, one row per run (see `retrieval_heads.docs_headlines`)
 
 Only `config.json`, `summary.json` and `table.md` are read, never the records, so the trimmed
 copies that `snapshot` makes under `docs/runs/<name>/` regenerate every table in a fresh clone.
@@ -32,7 +33,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
@@ -40,16 +40,26 @@ from typing import IO, Any
 import numpy as np
 
 from .analysis import SPARSITY_BINS, correlation_pairs, head_label, sparsity_table
+from .docs_headlines import headlines_table
+from .docs_sources import (
+    COMMAND,
+    SavedRun,
+    detection_result,
+    detection_run,
+    experiment_kind,
+    fmt_number,
+    provenance,
+    ranked_heads,
+    read_run,
+    task_summary,
+)
 from .errors import ConfigError, DataError
 from .experiments.stats import fmt_interval
-from .heads import top_heads
-from .reference import is_reference
 from .results import RETRIEVAL_THRESHOLD, DetectionResult
 from .runs import CONFIG_FILE, SUMMARY_FILE, TABLE_FILE, is_run_config, read_config
-from .scorefile import atomic_write, atomic_write_text, read_json, read_json_or_none
+from .scorefile import atomic_write, atomic_write_text, read_json_or_none
 from .userfiles import MAX_SUMMARY, MAX_TEXT, read_bytes, read_text
 
-COMMAND = "retrieval-heads docs-tables"
 OPEN = re.compile(r"<!-- table:(?P<spec>.*?)-->\s*")  # a whole line
 CLOSE = "<!-- /table -->"
 FENCE = re.compile(r" {0,3}(```|~~~)")
@@ -72,123 +82,12 @@ class Table:
         return f"{self.path}:{self.line}: table '{self.spec}' is out of date; run `{COMMAND} {self.path}`"
 
 
-# ---------------------------------------------------------------- sources
-@dataclass(frozen=True)
-class SavedRun:
-    """A run folder as the tables see it: its config, its summary, the folder."""
-
-    source: str
-    folder: Path
-    config: dict[str, Any]
-    summary: dict[str, Any]
-
-
-def read_run(source: str, root: Path, where: str, *, summary: bool = True) -> SavedRun:
-    folder = root / source
-    if not folder.is_dir():
-        raise DataError(f"{where}: source {source!r} is not a run folder (looked in {folder})")
-    try:
-        config = read_config(folder / CONFIG_FILE)
-        obj = read_json(folder / SUMMARY_FILE, MAX_SUMMARY) if summary else {}
-    except DataError as e:
-        raise DataError(f"{where}: {e}") from None
-    if not is_run_config(config):
-        raise DataError(f"{where}: {folder / CONFIG_FILE} is not the config of a retrieval-heads run")
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: {folder / SUMMARY_FILE} must be a JSON object")
-    return SavedRun(source, folder, config, obj)
-
-
-EXPERIMENT_KINDS = ("mask-eval", "kv-eval", "task-eval", "grounding-eval", "passage-rank", "finetune-eval")
-
-
-def experiment_kind(config: dict[str, Any]) -> str | None:
-    """The experiment kind of a run's config (one of EXPERIMENT_KINDS), None for detection."""
-    for key in ("kind", "task"):  # the kind is saved under "kind"; older mask-eval/kv-eval runs used "task"
-        if config.get(key) in EXPERIMENT_KINDS:
-            return str(config[key])
-    return None
-
-
-def detection_run(source: str, root: Path, where: str) -> tuple[SavedRun, DetectionResult]:
-    """A detection run folder (only its config and summary) as a DetectionResult of aggregates."""
-    run = read_run(source, root, where)
-    other = experiment_kind(run.config)
-    if other:
-        raise DataError(f"{where}: {source} is a {other} run, not a detection run")
-    try:
-        result = DetectionResult.from_summary(run.summary, run.config, str(run.folder / SUMMARY_FILE))
-    except DataError as e:
-        raise DataError(f"{where}: {e}") from None
-    return run, result
-
-
-def detection_result(source: str, root: Path, where: str) -> tuple[SavedRun | None, DetectionResult]:
-    """A detection run folder, or a shipped map (`ref:<name>`; no run, aggregates only)."""
-    if not is_reference(source):
-        return detection_run(source, root, where)
-    try:
-        return None, DetectionResult.load(source)
-    except DataError as e:
-        raise DataError(f"{where}: {e}") from None
-
-
-# ---------------------------------------------------------------- provenance line
-def when(config: dict[str, Any]) -> str:
-    created = config.get("created")
-    if not created:
-        return "date not recorded"
-    try:
-        t = datetime.fromisoformat(str(created)).astimezone(timezone.utc)
-    except ValueError:
-        return f"run on {created}"
-    return f"run on {t:%Y-%m-%d %H:%M} UTC"
-
-
-def where_ran(config: dict[str, Any]) -> str:
-    m = config.get("machine")
-    if not m:
-        return "machine not recorded"
-    if not isinstance(m, dict):
-        return str(m)
-    device = f"{m.get('device', '?')}" + (f" ({m['gpu']})" if m.get("gpu") else "")
-    return f"{m.get('platform', '?')}, {m.get('cpu_count', '?')} CPUs, {device}, torch {m.get('torch', '?')}"
-
-
-def provenance(runs: Sequence[SavedRun], refs: Sequence[str]) -> str:
-    """The line under a table: the command, and each source with the date and machine of its run."""
-    parts = [f"{r.source} ({when(r.config)}, {where_ran(r.config)})" for r in runs]
-    if refs:
-        parts.append(f"{', '.join(refs)} (published score maps shipped with the package)")
-    return f"Generated by `{COMMAND}` from {'; '.join(parts)}."
-
-
 # ---------------------------------------------------------------- kinds
 def _int_option(options: dict[str, str], key: str, default: int, where: str) -> int:
     text = options.get(key, str(default))
     if not text.isdigit() or int(text) < 1:
         raise DataError(f"{where}: {key}={text} must be a positive integer")
     return int(text)
-
-
-def _fmt(x: Any, digits: int) -> str:
-    """A number with `digits` decimals; "n/a" for null, NaN or anything that is not a number."""
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return "n/a"
-    return f"{v:.{digits}f}" if np.isfinite(v) else "n/a"
-
-
-def _ranked(stored: Any, scores: np.ndarray, k: int) -> list[tuple[int, int]]:
-    """The k best heads in the order the run saved (`top` of its summary: ties there were broken by
-    the second score, which needs the per-sample data a snapshot lacks); from the map when fewer
-    than k were saved."""
-    try:
-        heads = [(int(h["layer"]), int(h["head"])) for h in stored or []]
-    except (KeyError, TypeError, ValueError):
-        heads = []
-    return heads[:k] if len(heads) >= k else top_heads(scores, k)
 
 
 def top_heads_table(sources: list[str], options: dict[str, str], root: Path, where: str) -> tuple[str, str]:
@@ -204,12 +103,12 @@ def top_heads_table(sources: list[str], options: dict[str, str], root: Path, whe
         af = result.activation_frequency
         freq = {(layer, head): float(af[layer, head]) for layer in range(af.shape[0]) for head in range(af.shape[1])}
         low, high = intervals.get("low"), intervals.get("high")
-        order = _ranked(s.get("top"), scores, k)
+        order = ranked_heads(s.get("top"), scores, k)
     elif isinstance(other, dict) and name in other:
         try:
             scores, label = np.asarray(other[name]["scores"], dtype=float), f"{name} score"
             freq = {(int(h["layer"]), int(h["head"])): h["activation_frequency"] for h in other[name].get("top", [])}
-            order = _ranked(other[name].get("top"), scores, k)
+            order = ranked_heads(other[name].get("top"), scores, k)
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{where}: {run.folder / SUMMARY_FILE}: malformed other_scores[{name!r}] ({e})") from None
         low = high = None  # intervals are recorded for the run's own score only
@@ -227,8 +126,8 @@ def top_heads_table(sources: list[str], options: dict[str, str], root: Path, whe
         except (TypeError, IndexError, ValueError):  # a head not scored (null) or a malformed map
             interval = "-"
         lines.append(
-            f"| {rank} | {layer} | {head} | {_fmt(scores[layer, head], 3)} | {interval} | "
-            f"{_fmt(freq.get((layer, head)), 2)} |"
+            f"| {rank} | {layer} | {head} | {fmt_number(scores[layer, head], 3)} | {interval} | "
+            f"{fmt_number(freq.get((layer, head)), 2)} |"
         )
     return "\n".join(lines), provenance([run], [])
 
@@ -301,8 +200,10 @@ def other_scores_table(sources: list[str], options: dict[str, str], root: Path, 
         raise DataError(f"{where}: {run.folder / SUMMARY_FILE}: malformed other_scores ({e})") from None
     lines = [f"| score | top-{k} heads (score) | top-10 stability |", "|---|---|---:|"]
     for name, scores, stability, stored in rows:
-        heads = ", ".join(f"{head_label(l, h)} {_fmt(scores[l, h], 3)}" for l, h in _ranked(stored, scores, k))
-        lines.append(f"| {name} | {heads} | {_fmt(stability, 2)} |")
+        heads = ", ".join(
+            f"{head_label(l, h)} {fmt_number(scores[l, h], 3)}" for l, h in ranked_heads(stored, scores, k)
+        )
+        lines.append(f"| {name} | {heads} | {fmt_number(stability, 2)} |")
     return "\n".join(lines), provenance([run], [])
 
 
@@ -326,20 +227,8 @@ def task_summary_table(sources: list[str], options: dict[str, str], root: Path, 
     runs, lines = [], []
     for src in sources:
         run = read_run(src, root, where)
-        if experiment_kind(run.config) != "task-eval":
-            raise DataError(f"{where}: {src} is not a task-eval run")
-        s = run.summary
-        try:
-            metric = str(s["metrics"][0])
-            rows = {r["kind"]: r for r in s["rows"]}
-            base, top = rows["base"], rows["top"]
-            rand = rows.get("random")
-            k = max(int(c["k"]) for c in run.config["conditions"])
-            seeds = sum(1 for r in s["rows"] if r["kind"] == "random-seed")
-            task = str(s["task"])
-            style = str(s["style"])
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise DataError(f"{where}: {run.folder / SUMMARY_FILE} is not a task-eval summary ({e})") from None
+        t = task_summary(run, where)
+        metric, base, top, rand, k, seeds = t.metric, t.base, t.top, t.random, t.k, t.seeds
 
         def cell(row: dict[str, Any] | None, metric: str = metric) -> str:
             v = None if row is None else row.get(metric)
@@ -348,7 +237,7 @@ def task_summary_table(sources: list[str], options: dict[str, str], root: Path, 
             return f"{100 * float(v['mean']):.1f} [{100 * float(v['low']):.1f}, {100 * float(v['high']):.1f}]"
 
         gap = fmt_interval(top.get(metric), "minus_random", scale=100)
-        name = f"{task}, {style}, {metric} (N = {base['n']}, K = {k}, {seeds} random seed{'s' * (seeds != 1)})"
+        name = f"{t.task}, {t.style}, {metric} (N = {base['n']}, K = {k}, {seeds} random seed{'s' * (seeds != 1)})"
         lines.append(f"| {name} | {cell(base)} | {cell(top)} | {cell(rand)} | {gap} |")
         runs.append(run)
     head = [
@@ -385,6 +274,7 @@ KINDS: dict[str, tuple[Callable[[list[str], dict[str, str], Path, str], tuple[st
     "grounding-eval": (experiment_table("grounding-eval"), (), False),
     "passage-rank": (experiment_table("passage-rank"), (), False),
     "finetune-eval": (finetune_rows, (), True),
+    "headlines": (headlines_table, (), True),
 }
 
 
