@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from ..results import RETRIEVAL_THRESHOLD
-from .options import Threshold
+from .options import ScoreName, Threshold
 
 Figures = Annotated[bool, typer.Option("--figures/--no-figures", help="write PNG and SVG figures")]
 
@@ -121,11 +121,19 @@ def compare(
     runs: Annotated[list[Path], typer.Argument(help="two or more run folders or score files of one shape")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the matrices and figures")] = Path("analysis"),
     figures: Figures = True,
+    score: ScoreName = "copy",
+    k: Annotated[
+        int | None,
+        typer.Option("--k", help="top heads per run whose overlap and Jaccard index are reported [default: 10]"),
+    ] = None,
 ) -> None:
-    """Spearman and Pearson correlation of the score maps (paper Fig. 6)."""
+    """Spearman and Pearson correlation of the score maps (paper Fig. 6); for each pair of runs the
+    overlap and Jaccard index of their top-K heads and the Pearson r of one score, with 95 % bootstrap
+    intervals (do a short and a long context grid find the same heads?)."""
     from rich.console import Console
     from rich.table import Table
 
+    from .. import agreement as G
     from .. import analysis as A
     from ..errors import DataError
     from ..scorefile import atomic_write_text
@@ -134,6 +142,9 @@ def compare(
         raise DataError("compare needs at least two run folders or score files")
     results = A.load_results(runs)
     A.check_same_shape(results)
+    if k is None:  # 10, or every head of a model with fewer
+        k = min(10, results[0].shape[0] * results[0].shape[1])
+    agree = G.agreement_table(results, score, k)  # checks --score and --k before anything is written
     console = Console()
     written = []
     saved = {}
@@ -163,7 +174,30 @@ def compare(
     saved["pairs"] = json.loads(pairs.to_json(orient="records"))
     atomic_write_text(out / "correlation.json", json.dumps(saved, indent=1))
     written.append(out / "correlation.json")
+    _print_agreement(console, agree, score, k)
+    written += _write_frame(agree, out / "agreement")
     typer.echo(f"wrote {len(written)} files to {out}")
+    note = G.interval_note(results)
+    if note:
+        typer.echo(f"note: {note}", err=True)
+
+
+def _print_agreement(console, agree, score: str, k: int) -> None:
+    from rich.table import Table
+
+    def show(v: float, m: str) -> str:
+        return "n/a" if v != v else (f"{v:g}" if m == "overlap" else f"{v:.3f}")
+
+    t = Table(title=f"Do the runs find the same heads? Top-{k} heads and maps of the {score} score")
+    for col in ("run A", "run B", "measure", "value", "95 % interval"):
+        t.add_column(col, justify="left" if col.startswith("run") else "right")
+    labels = {"overlap": f"top-{k} overlap", "jaccard": f"top-{k} Jaccard", "pearson": "Pearson r"}
+    for _, r in agree.iterrows():
+        m = r["metric"]
+        value = f"{int(r['value'])}/{k}" if m == "overlap" else show(r["value"], m)
+        span = "n/a" if r["ci_low"] != r["ci_low"] else f"[{show(r['ci_low'], m)}, {show(r['ci_high'], m)}]"
+        t.add_row(str(r["a"]), str(r["b"]), labels[m], value, span)
+    console.print(t)
 
 
 def report(
