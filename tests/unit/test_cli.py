@@ -312,6 +312,9 @@ def test_option_groups_follow_the_commands_own_options_and_arrive_as_dicts():
     }
     assert seen["run"] == {"out": Path("o"), "overwrite": False, "progress": False}
     assert seen["mask"] == {"random_seeds": 3, "random_pool": "non-retrieval", "method": "uniform", "mask_phase": "all"}
+    res = CliRunner().invoke(app, ["--random-draws", "4", "--random-pool", "layer-matched"])  # the alias
+    assert res.exit_code == 0, res.output
+    assert seen["mask"]["random_seeds"] == 4 and seen["mask"]["random_pool"] == "layer-matched"
     command(name="z")  # from Python: the groups' defaults
     assert seen["run"] == {"out": None, "overwrite": False, "progress": True} and seen["model"]["device"] == "auto"
 

@@ -108,3 +108,28 @@ def test_one_default_for_random_seeds_and_one_message_shape():
     with pytest.raises(ConfigError, match=r"^unknown mask phase 'x'; choose from all, decode$"):
         check_choice("mask phase", "x", ("all", "decode"))
     check_choice("mask phase", "all", ("all", "decode"))  # a known value passes
+
+
+def test_layer_matched_draws_keep_the_top_k_layer_profile():
+    from collections import Counter
+
+    from retrieval_heads.experiments.conditions import layer_matched_heads
+
+    scores = np.random.default_rng(2).random((6, 8))
+    order = rank_heads(scores)
+    for k in (1, 5, 12):
+        top = order[:k]
+        conds = build_conditions(scores, (0, k), range(5), pool="layer-matched")
+        draws = [c.heads for c in conds if c.kind == "random"]
+        assert len(draws) == 5 and len(set(draws)) > 1  # the seeds draw different heads
+        for r in draws:
+            assert Counter(h[0] for h in r) == Counter(h[0] for h in top)  # same layers, same counts
+            assert len(set(r)) == k and not set(r) & set(top)
+        assert draws[3] == layer_matched_heads(order, k, 3)  # seeded: the same heads again
+    assert conds == build_conditions(scores, (0, 12), range(5), pool="layer-matched")
+    # SCORES' top 3 are (0, 0), (1, 1), (1, 3): one head of layer 0, two of layer 1, drawn from the rest
+    r = build_conditions(SCORES, (3,), (0,), pool="layer-matched")[-1].heads
+    assert r[0][0] == 0 and {h[0] for h in r[1:]} == {1} and not set(r) & {(0, 0), (1, 1), (1, 3)}
+    # the top 5 hold 3 of the 4 heads of layer 0: one clear error
+    with pytest.raises(ConfigError, match="K=5: layer 0 holds 3 top-K heads and 1 other heads to match them"):
+        build_conditions(SCORES, (0, 5), (0,), pool="layer-matched")

@@ -100,3 +100,17 @@ def test_grounding_eval_end_to_end_on_squad(tmp_path: Path):
 def test_grounding_config_checks_the_engine():
     with pytest.raises(ConfigError, match="unknown engine 'turbo'"):
         GroundingConfig(engine="turbo")
+
+
+def test_a_bad_engine_is_refused_before_the_run_folder_or_the_model(cli, tmp_path: Path, monkeypatch):
+    """The config is checked before anything is written, so the corrected rerun needs no --overwrite."""
+    import retrieval_heads.cli.options as O
+
+    monkeypatch.setattr(O, "open_model", lambda *a, **k: pytest.fail("the model must not load"))
+    out = tmp_path / "ge"
+    root = Path(__file__).resolve().parents[2]
+    code, _, err = cli(
+        "grounding-eval", "--scores", root / "docs" / "runs" / "smollm2-135m", "--engine", "bogus", "-o", out
+    )
+    assert code == 2 and err.strip() == "error: unknown engine 'bogus'; choose from fast, reference"
+    assert not out.exists()

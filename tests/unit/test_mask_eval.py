@@ -228,7 +228,9 @@ def test_cli_runs(cli, tiny_llama_dir, needles_file, haystack_file, tmp_path):
         "--k",
         "0,2",
         "--random-seeds",
-        "1",
+        "2",
+        "--random-pool",
+        "layer-matched",
         "--max-new-tokens",
         "4",
         "--method",
@@ -241,6 +243,9 @@ def test_cli_runs(cli, tiny_llama_dir, needles_file, haystack_file, tmp_path):
     )
     assert code == 0, err
     assert "| K |" in out and (tmp_path / "run" / "mask_eval.png").exists()
+    assert "(pool 'layer-matched')" in out and "| K | top-K effect (NIAH score) |" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["config"]["random_pool"] == "layer-matched" and summary["null_distribution"][0]["n_draws"] == 2
 
 
 def test_execution_order_and_partial_curves(cfg):

@@ -41,7 +41,7 @@ def choices(names: tuple[str, ...] | list[str]) -> str:
 # them against the modules that define them.
 SCORE_NAMES = ("copy", "topk_mass", "needle_mass", "distant_mass", "query_focus")
 MASK_PHASES = ("all", "decode")
-RANDOM_POOLS = ("non-retrieval", "outside-top")
+RANDOM_POOLS = ("non-retrieval", "outside-top", "layer-matched")
 MASK_METHODS = ("uniform", "zero", "mean")  # masking.METHODS
 RANDOM_SEED_COUNT = 2  # len(experiments.conditions.RANDOM_SEEDS): the random draws of every command
 
@@ -127,12 +127,18 @@ RandomPool = Annotated[
     typer.Option(
         metavar=choices(RANDOM_POOLS),
         help="where random-K heads come from: non-retrieval (heads with score <= 0.1 outside the top K, "
-        "the paper's control) or outside-top (every head outside the top K: the earlier default)",
+        "the paper's control), outside-top (every head outside the top K: the earlier default) or "
+        "layer-matched (heads outside the top K in its layers, as many per layer as the top K has)",
     ),
 ]
 RandomSeeds = Annotated[
     int,
-    typer.Option(help="random draws, seeds 0..n-1 (K random heads; kv-eval: random KV-head rankings)"),
+    typer.Option(
+        "--random-seeds",
+        "--random-draws",
+        help="random draws, seeds 0..n-1 (K random heads; kv-eval: random KV-head rankings); the masking "
+        "experiments place the top-K effect in the null of these draws (percentile, p-value)",
+    ),
 ]
 MaskMethod = Annotated[
     str,

@@ -3,8 +3,10 @@ baseline), and for each K > 0 the top-K heads by score and, per seed, K heads dr
 without replacement with `numpy.random.default_rng([seed, K])` from a pool outside that top-K set
 (the authors meant to exclude the top heads and never did; their draw was unseeded). Pools
 (`RANDOM_POOLS`): "non-retrieval" (default, as in the paper: heads scoring <= 0.1, never a
-retrieval head ranked just below K) or "outside-top" (every other head, scored or not; the pool
-of runs made before `random_pool` existed).
+retrieval head ranked just below K), "outside-top" (every other head, scored or not; the pool
+of runs made before `random_pool` existed) or "layer-matched" (per layer of the top K, as many
+heads of that layer outside the top K as the top K has there, scored or not: the same depth
+profile, so a draw cannot owe its harm to hitting other layers than the top K).
 
     conditions = build_conditions(scores, ks=(0, 20), random_seeds=(0, 1))
 
@@ -23,11 +25,12 @@ from ..errors import ConfigError, check_choice
 from ..heads import Head, random_heads, rank_heads
 from ..results import RETRIEVAL_THRESHOLD, DetectionResult
 
-RandomPool = Literal["non-retrieval", "outside-top"]
+RandomPool = Literal["non-retrieval", "outside-top", "layer-matched"]
 # Where random-K heads are drawn from (always outside the top-K set): name -> how tables say it.
 RANDOM_POOLS: dict[str, str] = {
     "non-retrieval": f"heads with score <= {RETRIEVAL_THRESHOLD:g} outside the top K",
     "outside-top": "every head outside the top K",
+    "layer-matched": "heads outside the top K in the top K's layers, as many per layer as the top K has",
 }
 DEFAULT_RANDOM_POOL = "non-retrieval"
 LEGACY_RANDOM_POOL = "outside-top"  # runs saved before the config recorded `random_pool`
@@ -104,7 +107,37 @@ def random_pool(scores: np.ndarray, order: Sequence[Head], k: int, pool: str) ->
     rest = list(order[k:])
     if pool == "outside-top":
         return rest
+    if pool == "layer-matched":
+        layers = {h[0] for h in order[:k]}
+        return [h for h in rest if h[0] in layers]
     return [h for h in rest if scores[h] <= RETRIEVAL_THRESHOLD]
+
+
+def layer_matched_heads(order: Sequence[Head], k: int, seed: int) -> tuple[Head, ...]:
+    """K heads outside the top K of `order`, as many in each layer as the top K has there: layer by
+    layer (ascending), drawn without replacement from that layer's other heads (sorted) with one
+    `numpy.random.default_rng([seed, k])`; sorted. The same (order, k, seed) gives the same heads."""
+    top = order[:k]
+    rng = np.random.default_rng([seed, k])
+    out: list[Head] = []
+    for layer in sorted({h[0] for h in top}):
+        need = sum(h[0] == layer for h in top)
+        others = sorted(h for h in order[k:] if h[0] == layer)
+        if need > len(others):
+            raise ConfigError(
+                f"K={k}: layer {layer} holds {need} top-K heads and {len(others)} other heads to match "
+                "them; use a smaller K or another --random-pool"
+            )
+        out += [others[i] for i in rng.choice(len(others), size=need, replace=False)]
+    return tuple(sorted(out))
+
+
+def draw_random(scores: np.ndarray, order: Sequence[Head], k: int, pool: str, seed: int) -> tuple[Head, ...]:
+    """One random-K draw of `pool` (seeded by (seed, K)): per layer for "layer-matched", else
+    uniformly from `random_pool` (`heads.random_heads`)."""
+    if pool == "layer-matched":
+        return layer_matched_heads(order, k, seed)
+    return random_heads(random_pool(scores, order, k, pool), k, seed)
 
 
 def build_conditions(
@@ -119,9 +152,9 @@ def build_conditions(
     """Validate K values against the head count and build the conditions, base first.
 
     Top-K: the K best heads of `rank_heads(scores, tiebreak)` (ties by the second score).
-    Random: per seed, K heads drawn from `random_pool(scores, order, K, pool)`
-    (`heads.random_heads`). `watch`: per condition, the best-ranked heads that are not masked
-    (whose attention an experiment may follow)."""
+    Random: per seed, K heads drawn from `random_pool(scores, order, K, pool)` (`draw_random`:
+    uniformly, or per layer for "layer-matched"). `watch`: per condition, the best-ranked heads
+    that are not masked (whose attention an experiment may follow)."""
     n = int(scores.size)
     order = rank_heads(scores, tiebreak)
     out: list[Condition] = []
@@ -137,6 +170,8 @@ def build_conditions(
             raise ConfigError(
                 f"K={k}: cannot draw {k} random heads outside the top {k} of {n} heads; use K <= {n // 2}"
             )
+        if random_seeds and k > 0 and pool == "layer-matched":
+            layer_matched_heads(order, k, 0)  # raises when a layer lacks heads to match
         size = len(random_pool(scores, order, k, pool))
         if random_seeds and k > 0 and size < k:
             raise ConfigError(
@@ -155,7 +190,7 @@ def build_conditions(
         top = tuple(sorted(order[:k]))
         out.append(Condition("top", k, None, top, watched(top)))
         for s in random_seeds:
-            r = random_heads(random_pool(scores, order, k, pool), k, s)
+            r = draw_random(scores, order, k, pool, s)
             out.append(Condition("random", k, s, r, watched(r)))
     return out
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..tasks.niah import ERROR_KINDS
 from .conditions import Condition, random_pool_line, random_pool_of
+from .null import null_table, null_test
 from .stats import fmt_interval, paired_difference
 from .task_results import MaskingResult, by_doc, seed_mean
 
@@ -82,6 +83,18 @@ class MaskEvalResult(MaskingResult):
                 out[key].append(d[key])
         return out
 
+    def null(self) -> list[dict[str, Any]]:
+        """Per K > 0: the top-K effect on the mean NIAH score (top-K minus K = 0) placed in the null
+        of the random draws' effects, each finished draw one sample (`null.null_test`)."""
+        base = self._means("base")[0]
+        full = max((len(self._by(c.id)) for c in self.conditions), default=0)
+        out = []
+        for k in (k for k in self.ks if k > 0):
+            draws = [c for c in self.conditions if c.kind == "random" and c.k == k and len(self._by(c.id)) == full]
+            effects = [self._means(c.id)[0] - base for c in draws]
+            out.append({"k": k, **null_test(self._means(f"top-k{k}")[0] - base, effects)})
+        return out
+
     def _means(self, cid: str) -> tuple[float, float]:
         rs = self._by(cid)
         if not rs:
@@ -144,6 +157,7 @@ class MaskEvalResult(MaskingResult):
             "curves": self.curves(),
             "random_pool": random_pool_of(self.config),
             "paired_top_minus_random": self.paired(),
+            "null_distribution": self.null(),
             "bootstrap": self.bootstrap(),
             "errors": self.errors(),
             "examples": self.examples(),
@@ -167,6 +181,8 @@ class MaskEvalResult(MaskingResult):
                 f"{cv['random_exact'][i]:.0%} [{cv['random_exact_min'][i]:.0%}, {cv['random_exact_max'][i]:.0%}] | "
                 f"{cv['random_draws'][i] or '-'} | {fmt_interval(paired.get(k))} |"
             )
+        null = null_table([(str(t["k"]), t) for t in self.null()], "NIAH score")
+        lines += ["", *null] if null else []
         lines += [
             "",
             "| condition | n | retrieved | incomplete | hallucination | wrong extraction | "

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..runner import ExperimentResult
 from .conditions import Condition, random_pool_line, random_pool_of
+from .null import null_table, null_test
 from .stats import bootstrap_ci, fmt_interval, named, paired_difference
 
 Value = Callable[[dict[str, Any]], float]  # a record's value of one metric
@@ -65,6 +66,9 @@ class TaskEvalResult(MaskingResult):
         task, style, metrics = config["task"]["name"], config["style"], config["metrics"]
         return cls(config["model"], conds, records, config, **kwargs, task=task, style=style, metrics=metrics)
 
+    def _draws(self, k: int) -> list[Condition]:
+        return [c for c in self.conditions if c.kind == "random" and c.k == k]
+
     def _random_ids(self) -> list[str]:
         return [c.id for c in self.conditions if c.kind == "random"]
 
@@ -108,6 +112,21 @@ class TaskEvalResult(MaskingResult):
             rows.append(row)
         return rows
 
+    def null(self) -> dict[str, dict[str, Any]]:
+        """Per metric: the top-K effect (mean over docs of top-K minus no mask, the row's delta)
+        placed in the null of the random draws' effects, each seed one sample (`null.null_test`)."""
+        k = max((c.k for c in self.conditions), default=0)
+        out = {}
+        for m in self.metrics:
+            base = self._series("base", m)
+
+            def effect(cid: str, m: str = m, base: dict[str, float] = base) -> float:
+                diffs = [v - base[d] for d, v in self._series(cid, m).items() if d in base]
+                return float(np.mean(diffs)) if diffs else float("nan")
+
+            out[m] = {"k": k, **null_test(effect(f"top-k{k}"), [effect(c.id) for c in self._draws(k)])}
+        return out
+
     def table(self) -> str:
         pct = round(self.ci * 100)
         head = " | ".join(
@@ -135,7 +154,8 @@ class TaskEvalResult(MaskingResult):
                 )
                 cells.append(fmt_interval(v, "minus_random", scale=100))
             lines.append(f"| {r['label']} | {r['n']} | " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+        null = null_table([(f"{t['k']}, {m}", t) for m, t in self.null().items()], "points", scale=100, key="K, metric")
+        return "\n".join([*lines, "", *null] if null else lines)
 
     def examples(self, n: int = 3) -> list[dict[str, Any]]:
         """Docs the unmasked model got right (primary metric > 0.5) and top-K got wrong."""
@@ -165,5 +185,6 @@ class TaskEvalResult(MaskingResult):
             "config": self.config,
             "random_pool": random_pool_of(self.config),
             "rows": self.rows(),
+            "null_distribution": self.null(),
             "examples": self.examples(),
         }
