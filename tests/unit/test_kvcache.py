@@ -179,13 +179,25 @@ def test_gqa_kv_head_score_is_the_max_of_its_query_heads():
     assert np.array_equal(random_kv_scores(lm.spec, 1), random_kv_scores(lm.spec, 1))
 
 
-def test_budget_solver_stays_within_budget():
-    lm = tiny_model("llama")
-    spec = lm.spec
-    for b in (0.1, 0.25, 0.5, 0.9):
-        k = HeadPolicy.n_whole_for(spec, b, 1000, 4, 60)
-        n = spec.n_layers * spec.n_kv_heads
-        assert (k * 1000 + (n - k) * 64) <= b * n * 1000 + 1e-6
+def test_budget_solver_is_the_largest_count_within_budget():
+    """Within budget, and maximal: one more whole KV head would exceed it (unless all are whole)."""
+    spec = tiny_model("llama").spec
+    n = spec.n_layers * spec.n_kv_heads
+
+    def cost(k: int, n_tokens: int, part: int) -> int:
+        return k * n_tokens + (n - k) * min(part, n_tokens)
+
+    for n_tokens in (50, 64, 65, 1000, 4096):
+        for b in (0.0, 0.01, 0.1, 0.25, 0.3, 0.5, 0.75, 0.9, 1.0):
+            k = HeadPolicy.n_whole_for(spec, b, n_tokens, 4, 60)
+            assert 0 <= k <= n
+            if n_tokens > 64 and cost(0, n_tokens, 64) > b * n * n_tokens:
+                assert k == 0  # even sink + window everywhere exceeds the budget: none whole
+            elif n_tokens > 64:
+                assert cost(k, n_tokens, 64) <= b * n * n_tokens + 1e-6, (n_tokens, b, k)
+                assert k == n or cost(k + 1, n_tokens, 64) > b * n * n_tokens + 1e-6, (n_tokens, b, k)
+            else:  # sink + window covers the context: every head is whole at no extra cost
+                assert k == n
 
 
 def test_exports_round_trip(tmp_path):
