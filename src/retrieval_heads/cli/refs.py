@@ -29,13 +29,13 @@ def refs_cmd(
     t.add_column("name", no_wrap=True)
     for col in ("layers x heads (KV)", "kept"):
         t.add_column(col, justify="right")
-    for col in ("score", "source", "from"):
-        t.add_column(col, overflow="fold")
-    for i in infos:
+    t.add_column("from", overflow="fold")
+    for i in infos:  # the score, source file and commit of each map are in --json
         kv = "?" if i.n_kv_heads is None else str(i.n_kv_heads)
-        source = "our detect run" if i.source.startswith("retrieval-heads") else i.source
-        folder = i.origin.split("@")[0].rsplit("/", 1)[0]  # the file is in --json
-        t.add_row(i.name, f"{i.n_layers} x {i.n_heads} ({kv})", str(i.n_kept), i.score, source, folder)
+        folder = (
+            "our detect run" if i.source.startswith("retrieval-heads") else i.origin.split("@")[0].rsplit("/", 1)[0]
+        )
+        t.add_row(i.name, f"{i.n_layers} x {i.n_heads} ({kv})", str(i.n_kept), folder)
     Console().print(t)
     typer.echo(
         "KV heads: from each model's config.json (refs --json names it); kept: needle samples behind the map; "
