@@ -43,7 +43,7 @@ def export_heads_cmd(
     from ..errors import ConfigError, check_choice
     from ..heads import kv_head_scores, top_mask
     from ..kvcache import HeadPolicy, export_authors_json, export_duo_pattern, export_duo_tsv
-    from ..kvcache.export import kv_head_count, measured_ranking
+    from ..kvcache.export import check_export_folder, kv_head_count, kv_score, measured_ranking
     from ..models import ModelSpec
     from ..results import DetectionResult, require_kept
 
@@ -52,8 +52,6 @@ def export_heads_cmd(
         raise ConfigError("give exactly one of --budget and --n-whole")
     if budget is not None and not 0 < budget <= 1:
         raise ConfigError(f"--budget must lie within (0, 1], got {budget}")
-    from ..kvcache.export import kv_score
-
     # a measured ranking replaces its scores: no default score to pick
     loaded = require_kept(DetectionResult.load(scores), scores)
     result, note = kv_score(loaded, score) if ranking == "retrieval" else (loaded.with_score(score or "copy"), None)
@@ -81,16 +79,18 @@ def export_heads_cmd(
         n_whole = HeadPolicy.n_whole_for(spec, float(budget), n_tokens, sink, window)  # type: ignore[arg-type]
     if not 0 <= n_whole <= n_layers * n_kv:
         raise ConfigError(f"--n-whole must be within 0..{n_layers * n_kv}")
+    check_export_folder(out)  # nothing is written into a folder that holds exports we did not write
     out.mkdir(parents=True, exist_ok=True)
-    export_authors_json(out / "kv_head_scores.json", kv)
-    export_duo_tsv(out / "full_attention_heads.tsv", top_mask(order, n_whole))
     about = {
         "source": "retrieval-heads export-heads",
         "model": result.name,
         "score": result.score_name,
         "ranking": ranking,
     }
+    # the pattern first: its config carries the mark that makes the folder ours for the other two
     pattern = export_duo_pattern(out / "duo_pattern", order, sink=sink, recent=window, about=about)
+    export_authors_json(out / "kv_head_scores.json", kv)
+    export_duo_tsv(out / "full_attention_heads.tsv", top_mask(order, n_whole))
     typer.echo(
         f"{n_whole} of {n_layers * n_kv} KV heads whole; wrote {out / 'kv_head_scores.json'}, "
         f"{out / 'full_attention_heads.tsv'} and the DuoAttention/kvpress pattern {pattern}"

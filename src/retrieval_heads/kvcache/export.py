@@ -22,9 +22,6 @@ PATTERN_CONFIG = "config.json"
 AUTHORS_JSON = "kv_head_scores.json"  # the names export-heads writes into its --out folder
 PATTERN_DIR = "duo_pattern"
 EXPORT_SOURCE = "retrieval-heads export-heads"  # in the pattern's config: the mark of a folder we wrote
-# Files this process wrote: export-heads writes three exports one after the other into a new folder,
-# which carries our mark only once the last one is written.
-_WRITTEN: set[Path] = set()
 
 if TYPE_CHECKING:
     from ..results import DetectionResult
@@ -62,21 +59,22 @@ def _written_by_us(pattern_config: Path) -> bool:
     return isinstance(obj, dict) and obj.get("source") == EXPORT_SOURCE
 
 
+def _refuse_foreign(files: list[Path], pattern_config: Path) -> None:
+    """One ConfigError when any of `files` exists and the folder is not ours: it is ours only when
+    `pattern_config` carries our mark."""
+    found = [p for p in files if p.exists() or p.is_symlink()]
+    if found and not _written_by_us(pattern_config):
+        raise ConfigError(f"{found[0]} exists and export-heads did not write it; give another output folder")
+
+
 def check_export_folder(folder: str | Path) -> None:
     """Refuse (one ConfigError) to write exports into `folder` when it holds a file of their names
-    that export-heads did not write (a trained DuoAttention pattern, a user's score file): the
-    folder is ours only when its pattern config carries our mark. Checked before anything is written."""
+    that export-heads did not write (a trained DuoAttention pattern, a user's score file). export-heads
+    checks before anything is written, then writes the marked pattern first, so the other two
+    exports find the folder marked as ours."""
     d = Path(folder)
     names = [d / AUTHORS_JSON, d / PATTERN_TSV, d / PATTERN_DIR / PATTERN_TSV, d / PATTERN_DIR / PATTERN_CONFIG]
-    found = [p for p in names if (p.exists() or p.is_symlink()) and p.absolute() not in _WRITTEN]
-    if found and not _written_by_us(d / PATTERN_DIR / PATTERN_CONFIG):
-        raise ConfigError(f"{found[0]} exists and export-heads did not write it; give another output folder")
-
-
-def _check_pattern_folder(d: Path) -> None:
-    found = [p for p in (d / PATTERN_TSV, d / PATTERN_CONFIG) if p.exists() or p.is_symlink()]
-    if found and not _written_by_us(d / PATTERN_CONFIG):
-        raise ConfigError(f"{found[0]} exists and export-heads did not write it; give another output folder")
+    _refuse_foreign(names, d / PATTERN_DIR / PATTERN_CONFIG)
 
 
 def measured_ranking(kv_run: str | Path | None, ranking: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -107,7 +105,6 @@ def measured_ranking(kv_run: str | Path | None, ranking: str, shape: tuple[int, 
 def export_authors_json(path: str | Path, kv_scores: np.ndarray) -> None:
     """The authors' score-file format `{"<layer>-<kv head>": [score]}` over KV heads (NaN -> 0)."""
     check_export_folder(Path(path).parent)
-    _WRITTEN.add(Path(path).absolute())
     s = np.nan_to_num(np.asarray(kv_scores, dtype=float), nan=0.0)
     obj = {f"{l}-{k}": [float(s[l, k])] for l in range(s.shape[0]) for k in range(s.shape[1])}
     atomic_write_text(path, json.dumps(obj))
@@ -117,7 +114,6 @@ def export_duo_tsv(path: str | Path, whole: np.ndarray) -> None:
     """DuoAttention-style full-attention-head pattern: one line per layer, one tab-separated
     0/1 per KV head (1 = keep the whole cache)."""
     check_export_folder(Path(path).parent)
-    _WRITTEN.add(Path(path).absolute())
     rows = ["\t".join(str(int(x)) for x in row) for row in np.asarray(whole, dtype=bool)]
     atomic_write_text(path, "\n".join(rows) + "\n")
 
@@ -159,7 +155,7 @@ def export_duo_pattern(
     """Write a DuoAttention attention pattern into `folder` (`pattern_values` of the KV-head scores,
     `config.json` with the streaming heads' sink and recent sizes plus `about`, our provenance)."""
     d = Path(folder)
-    _check_pattern_folder(d)
+    _refuse_foreign([d / PATTERN_TSV, d / PATTERN_CONFIG], d / PATTERN_CONFIG)
     d.mkdir(parents=True, exist_ok=True)
     values = pattern_values(kv_scores)
     atomic_write_text(d / PATTERN_TSV, "\n".join("\t".join(f"{x:.6f}" for x in row) for row in values) + "\n")
