@@ -1,17 +1,18 @@
 """Detection speed: plain generation (the floor) vs the paper-faithful and the fast engine.
 
-One process, one run, the same prompts for every contender:
+    python benchmarks/detect_speed.py --phases lengths --lengths 1000,2000,4000,8000      # SmolLM2
+    python benchmarks/detect_speed.py --phases lengths --model gemma3-270m \
+        --lengths 1000,2000,4000,8000,16000 --reference-max 2000
+    python benchmarks/detect_speed.py --phases grid,batch                                 # reuse, batching
 
-    python benchmarks/detect_speed.py                        # SmolLM2, 1K/2K/4K, 30 tokens, 2 threads
-    python benchmarks/detect_speed.py --lengths 1000,2000,4000,8000 --rss-length 8000
-
-Per length: plain `model.generate` (SDPA + KV cache, greedy, exactly N new tokens), the reference
-engine (eager, weights at every step), the fast engine (no prefix reuse). Then a grid (lengths x
-depths x needles): plain generate of every sample vs the fast engine with prefix reuse. Every
-contender generates exactly `--new-tokens` tokens (no stop rule), so the work is the same.
-Peak RSS: per phase, sampled from /proc; with `--rss-length`, a fresh child process per contender
-(plain prefill = `generate(max_new_tokens=1)`, fast engine) so the peaks are not masked by
-earlier phases. Each line is printed against its target from the issue.
+Lengths phase: per length, plain `model.generate` (SDPA + KV cache, greedy, exactly N new tokens),
+the fast engine (no prefix reuse) and, up to `--reference-max`, the paper-faithful reference engine
+(eager, weights at every step), each in a fresh process (best time of `--reps` runs; peak RSS
+above the loaded model measured from a reset VmHWM), interleaved by length; then the fitted
+log-log slope of time and memory against prompt tokens. Grid phase: plain generate of every
+sample of a grid vs the fast engine with prefix reuse. Every contender generates exactly
+`--new-tokens` tokens (no stop rule), so the work is the same. Each line is printed against its
+target.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 NEVER = lambda generated: False  # noqa: E731
@@ -118,7 +120,12 @@ def child(args: argparse.Namespace) -> None:
         FastEngine(lm).run(s, max_new_tokens=args.rss_new_tokens, stop=NEVER)
     print(
         json.dumps(
-            {"before": base, "peak": vm_hwm_mib(), "seconds": time.perf_counter() - t0, "tokens": len(s.prompt_ids)}
+            {
+                "before": base,
+                "peak": vm_hwm_mib(),
+                "seconds": time.perf_counter() - t0,
+                "tokens": len(s.prompt_ids),
+            }
         )
     )
 
@@ -142,6 +149,114 @@ def run_child(args: argparse.Namespace, which: str) -> dict[str, float]:
     return json.loads(out.strip().splitlines()[-1])
 
 
+CONTENDERS = ("plain", "fast", "reference")
+# glibc's dynamic mmap threshold lets freed large tensors stay in the heap, so the peak RSS of two
+# identical runs differed by up to 250 MiB (SmolLM2, 8K tokens); with a fixed threshold a peak is
+# the memory in use, for every contender alike.
+CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}
+
+
+def lengths_child(args: argparse.Namespace) -> None:
+    """Fresh process, one contender at one length: its best time of `--reps` runs and its peak RSS.
+
+    A fresh process per (contender, length) keeps one run's freed but retained memory out of the
+    next one's peak; the peak (VmHWM) is reset after the model is loaded and warmed up
+    (/proc/self/clear_refs), so it is this length's own peak on top of the loaded model."""
+    import torch
+
+    from retrieval_heads.engines import FastEngine, ReferenceEngine
+    from retrieval_heads.models import load_model
+    from retrieval_heads.needles import DETECTION_NEEDLES, load_haystack, make_sample
+
+    torch.set_num_threads(args.threads)
+    lm = load_model(args.model, attn_implementation="sdpa")
+    hay = load_haystack()
+    which = args.lengths_child
+    n = args.new_tokens
+
+    def run(s: Any) -> list[int]:
+        if which == "plain":
+            return plain_generate(lm, s, n)
+        if which == "fast":
+            return FastEngine(lm, prefix_reuse=False).run(s, max_new_tokens=n, stop=NEVER).generated_ids
+        return ReferenceEngine(lm).run(s, max_new_tokens=n, stop=NEVER).generated_ids
+
+    run(make_sample(lm.tokenizer, hay, DETECTION_NEEDLES[0], 200, 50.0))  # warm-up: every weight paged in
+    L = int(args.lengths)
+    s = make_sample(lm.tokenizer, hay, DETECTION_NEEDLES[0], L, 50.0)
+    before = PeakRSS.now()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    times = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        ids = run(s)
+        times.append(time.perf_counter() - t0)
+    out = {"length": L, "tokens": len(s.prompt_ids), "seconds": min(times), "times": times, "peak": vm_hwm_mib()}
+    print(json.dumps({**out, "before": before, "ids": ids, "eos": lm.tokenizer.eos_token_id}))
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of log y on log x: 1 = linear growth, 2 = quadratic."""
+    import numpy as np
+
+    return float(np.polyfit(np.log(xs), np.log(ys), 1)[0]) if len(xs) >= 2 else float("nan")
+
+
+def lengths_phase(args: argparse.Namespace, lengths: list[int]) -> list[dict[str, Any]]:
+    """Plain generate, fast engine and reference engine per length, each contender in its own process."""
+    out: dict[str, dict[int, dict[str, Any]]] = {c: {} for c in CONTENDERS}
+    for L in lengths:  # interleaved, so a slow spell of the machine does not fall on one contender only
+        for which in CONTENDERS:
+            if which == "reference" and L > args.reference_max:
+                continue
+            cmd = [sys.executable, __file__, "--lengths-child", which, "--model", args.model, "--threads",
+                   str(args.threads), "--lengths", str(L), "--new-tokens", str(args.new_tokens),
+                   "--reps", str(1 if which == "reference" else args.reps)]  # fmt: skip
+            proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env=CHILD_ENV)
+            out[which][L] = json.loads([x for x in proc.stdout.splitlines() if x.startswith("{")][-1])
+    rows = []
+    print(
+        "\n| length | prompt tokens | plain generate s | reference s | fast s | fast / plain | fast / reference "
+        "| peak RSS MiB plain / ref / fast | fast / plain RSS |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for L in lengths:
+        p, f, r = out["plain"][L], out["fast"][L], out["reference"].get(L)
+        # generate's min_new_tokens bans EOS, so compare with it only up to the engines' first EOS
+        cut = next((i for i, t in enumerate(f["ids"]) if t == f["eos"]), len(f["ids"]))
+        same = p["ids"][:cut] == f["ids"][:cut] and (r is None or r["ids"] == f["ids"])
+        row = {"length": L, "tokens": p["tokens"], "plain_s": p["seconds"], "fast_s": f["seconds"],
+               "reference_s": r["seconds"] if r else None, "plain_rss": p["peak"], "fast_rss": f["peak"],
+               "reference_rss": r["peak"] if r else None,
+               "plain_rss_extra": p["peak"] - p["before"],
+               "fast_rss_extra": f["peak"] - f["before"], "same_tokens": same}  # fmt: skip
+        rows.append(row)
+        ref_s = f"{r['seconds']:.1f}" if r else "-"
+        ref_ratio = f"{f['seconds'] / r['seconds']:.2f}" if r else "-"
+        ref_rss = f"{r['peak']:.0f}" if r else "-"
+        print(
+            f"| {L} | {p['tokens']} | {p['seconds']:.1f} | {ref_s} | {f['seconds']:.1f} | "
+            f"{f['seconds'] / p['seconds']:.2f} | {ref_ratio} | {p['peak']:.0f} / {ref_rss} / {f['peak']:.0f} | "
+            f"{f['peak'] / p['peak']:.2f} |" + ("" if same else " (generations differ!)")
+        )
+    toks = [float(r["tokens"]) for r in rows]
+    fits = {
+        "plain s": slope(toks, [r["plain_s"] for r in rows]),
+        "fast s": slope(toks, [r["fast_s"] for r in rows]),
+        "plain RSS above the loaded model": slope(toks, [r["plain_rss_extra"] for r in rows]),
+        "fast RSS above the loaded model": slope(toks, [r["fast_rss_extra"] for r in rows]),
+    }
+    ref_rows = [r for r in rows if r["reference_s"]]
+    fits["reference s"] = slope([float(r["tokens"]) for r in ref_rows], [r["reference_s"] for r in ref_rows])
+    print("\nlog-log slope against prompt tokens: " + ", ".join(f"{k} {v:.2f}" for k, v in fits.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "rows": rows, "slopes": fits}, indent=1))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -154,14 +269,20 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4, help="batch phase: samples per batch")
     p.add_argument("--rss-length", type=int, default=0, help="also measure peak RSS at this length in child processes")
     p.add_argument("--rss-new-tokens", type=int, default=5)
+    p.add_argument("--reference-max", type=int, default=4000, help="lengths phase: reference engine up to here")
+    p.add_argument("--reps", type=int, default=2, help="lengths phase: runs per contender and length (best kept)")
+    p.add_argument("--json", default="", help="lengths phase: also write the rows and slopes to this JSON file")
     p.add_argument("--child", choices=["plain", "fast"], help=argparse.SUPPRESS)
+    p.add_argument("--lengths-child", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
+    if args.lengths_child:
+        return lengths_child(args)
 
     import torch
 
-    from retrieval_heads.engines import FastEngine, ReferenceEngine
+    from retrieval_heads.engines import FastEngine
     from retrieval_heads.models import load_model
     from retrieval_heads.needles import DETECTION_NEEDLES, load_haystack, make_sample
 
@@ -182,30 +303,10 @@ def main() -> None:
     warm = sample(200)
     plain_generate(lm, warm, 2), fast.run(warm, max_new_tokens=2, stop=NEVER)
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     phases = set(args.phases.split(","))
-    print(
-        "\n| length | prompt tokens | plain generate s | reference s | fast s | fast/plain | fast/reference "
-        "| peak RSS MiB plain / ref / fast |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for L in lengths if "lengths" in phases else []:
-        s = sample(L)
-        lm.model.set_attn_implementation("sdpa")
-        tp, mp, gen_plain = timed(lambda s=s: plain_generate(lm, s, n), rss)
-        ref = ReferenceEngine(lm)  # switches the model to eager
-        tr, mr, out_ref = timed(lambda s=s, ref=ref: ref.run(s, max_new_tokens=n, stop=NEVER), rss)
-        fast = FastEngine(lm, prefix_reuse=False)  # back to SDPA
-        tf, mf, out_fast = timed(lambda s=s, fast=fast: fast.run(s, max_new_tokens=n, stop=NEVER), rss)
-        # generate's min_new_tokens bans EOS, so compare with it only up to the engines' first EOS
-        eos = lm.tokenizer.eos_token_id
-        cut = out_fast.generated_ids.index(eos) if eos in out_fast.generated_ids else n
-        same = out_fast.generated_ids == out_ref.generated_ids and gen_plain[:cut] == out_fast.generated_ids[:cut]
-        rows.append((L, tp, tr, tf))
-        print(
-            f"| {L} | {len(s.prompt_ids)} | {tp:.1f} | {tr:.1f} | {tf:.1f} | {tf / tp:.2f} | {tf / tr:.2f} | "
-            f"{mp:.0f} / {mr:.0f} / {mf:.0f} |" + ("" if same else " (generations differ!)")
-        )
+    if "lengths" in phases:
+        rows = lengths_phase(args, lengths)
 
     # The grid: plain generate of every sample vs fast engine with prefix reuse, same samples.
     tg_plain = tg_fast = 0.0
@@ -275,12 +376,18 @@ def main() -> None:
 
     print("\nTargets")
     if rows:
-        tot_p, tot_f = sum(r[1] for r in rows), sum(r[3] for r in rows)
-        print(f"  fast / plain generate (all lengths):   {verdict(tot_f / tot_p, 1.1)}")
-        for L, tp, _tr, tf in rows:
-            print(f"  fast / plain generate at {L}:         {verdict(tf / tp, 1.1)}")
-        big = max(rows)
-        print(f"  fast / paper-faithful at {big[0]}:       {verdict(big[3] / big[2], 0.35)}")
+        for r in rows:
+            print(f"  fast / plain generate at {r['length']}:         {verdict(r['fast_s'] / r['plain_s'], 1.15)}")
+        ref = [r for r in rows if r.get("reference_s")]
+        if ref:
+            big = ref[-1]
+            print(
+                f"  fast / paper-faithful at {big['length']}:       {verdict(big['fast_s'] / big['reference_s'], 0.35)}"
+            )
+        last = rows[-1]
+        print(
+            f"  peak RSS fast / plain at {last['length']}:        {verdict(last['fast_rss'] / last['plain_rss'], 1.1)}"
+        )
     if tg_plain:
         print(
             f"  grid with reuse / plain generate grid: {verdict(tg_fast / tg_plain, 0.7)} "

@@ -5,7 +5,9 @@ long context grid).
   Jaccard index of the two top-K sets and the Pearson correlation of the score maps, each with a
   95 % bootstrap interval over kept samples;
 - agreement_table: the same for every pair of two or more runs;
-- interval_note: one line naming the sources that give no interval (no per-sample records).
+- interval_note: one line naming the sources that give no interval (no per-sample records);
+- length_prefixes: a run cut to its samples up to each of its lengths (how short may a grid be?);
+- run_cost: what each run's grid cost (samples, prompt tokens, seconds summed over its records).
 
 Each run is resampled on its own, with the draws its own `DetectionResult.intervals` uses
 (N_BOOT resamples of its kept samples, seed BOOT_SEED): resample b of run A meets resample b of
@@ -17,6 +19,7 @@ tie-break score, resampled too); heads not scored (NaN) are never in a top-K.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -130,13 +133,57 @@ def run_agreement(
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def agreement_table(results: Sequence[DetectionResult], score: str = "copy", k: int = 10) -> pd.DataFrame:
-    """`run_agreement` for every pair a < b of the results, one frame (checked before any is computed)."""
+def agreement_table(
+    results: Sequence[DetectionResult], score: str | Sequence[str] = "copy", k: int = 10
+) -> pd.DataFrame:
+    """`run_agreement` for every score and every pair a < b of the results, one frame (checked
+    before any is computed)."""
+    scores = [score] if isinstance(score, str) else list(score)
     for r in results:
         check_k(k, r)
-        r.with_score(score)
-    frames = [run_agreement(a, b, score, k) for i, a in enumerate(results) for b in results[i + 1 :]]
+        for name in scores:
+            r.with_score(name)
+    frames = [run_agreement(a, b, name, k) for name in scores for i, a in enumerate(results) for b in results[i + 1 :]]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+
+
+def length_prefixes(result: DetectionResult) -> list[DetectionResult]:
+    """The run cut to its samples of length <= L, for each of its lengths L (shortest first; the
+    last is the whole run): the cheaper grids the run contains. Needs per-sample records."""
+    result.require_records("comparing grids by length")
+    lengths = sorted({int(r["length"]) for r in result.records})
+    out = []
+    for cut in lengths:
+        records = [r for r in result.records if int(r["length"]) <= cut]
+        name = f"{result.name} (lengths <= {cut})" if cut < lengths[-1] else result.name
+        out.append(DetectionResult.from_records(name, records, result.config).with_score(result.score_name))
+    return out
+
+
+def run_cost(result: DetectionResult) -> dict[str, Any]:
+    """What a run's grid cost: lengths, depths, needles (of its records, else of its config),
+    samples, kept samples, prompt tokens and detection seconds summed over the samples (the two
+    sums None for a source without records); `created` and `machine` say when and where it ran."""
+    cfg, recs = result.config, result.records
+    grid: dict[str, Any] = cfg["grid"] if isinstance(cfg.get("grid"), dict) else {}
+    if recs:
+        grid = {
+            "lengths": sorted({int(r["length"]) for r in recs}),
+            "depths": sorted({float(r["depth"]) for r in recs}),
+            "needles": sorted({str(r["needle_id"]) for r in recs}),
+        }
+    return {
+        "name": result.name,
+        "created": cfg.get("created"),
+        "machine": cfg.get("machine"),
+        "lengths": grid.get("lengths"),
+        "depths": grid.get("depths"),
+        "n_needles": len(grid.get("needles") or []) or None,
+        "n_samples": len(recs) if recs else None,
+        "n_kept": result.n_kept,
+        "prompt_tokens": sum(int(r.get("prompt_tokens", 0)) for r in recs) if recs else None,
+        "seconds": round(sum(float(r.get("seconds", 0.0)) for r in recs), 1) if recs else None,
+    }
 
 
 def interval_note(results: Sequence[DetectionResult]) -> str | None:

@@ -278,6 +278,8 @@ def _detect(
     if shard is not None:
         run_config["shard"] = str(shard)
     engine = make_engine(config.engine, lm, batch_size=config.batch_size, span=config.span)
+    if config.until_stable is not None and hasattr(engine, "prefix_slots"):
+        engine.prefix_slots = 4  # the interleaved order visits every needle's prefix family in turn
     run_config["batch_size"] = getattr(engine, "batch_size", 1)  # recorded; not semantic (outputs are equal)
     if config.until_stable is not None and shard is not None:
         raise ConfigError("--until-stable stops a whole grid; it cannot run in shards")

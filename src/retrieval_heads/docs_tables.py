@@ -19,12 +19,17 @@ to the current directory, the repository root) or `ref:<name>` (a shipped refere
     other-scores  one detection run: the top heads of each score and its top-10 stability (k=5)
     correlation   pairs of runs or maps (A B [A B ...]): Pearson and Spearman per pair
     task-summary  task-eval runs: no mask, top-K and random-K masked, top minus random
+    null          one mask-eval or task-eval run: the top-K effect in the null of its random draws
+                  (per K and metric: draws' effects, how many as harmful, percentile, p-value), its pool
     kv-eval, mask-eval, task-eval, grounding-eval, passage-rank   one experiment run: its table.md
     finetune-eval one or several finetune-eval runs: their table.md rows under one header
     headlines     the README's questions, one row per run (see `retrieval_heads.docs_headlines`)
+    agreement     one `compare` folder of two runs: top-K overlap, Jaccard, Pearson per score, the
+                  cost of each grid (see `retrieval_heads.docs_agreement`)
 
-Only `config.json`, `summary.json` and `table.md` are read, never the records, so the trimmed
-copies that `snapshot` makes under `docs/runs/<name>/` regenerate every table in a fresh clone.
+Only `config.json`, `summary.json` and `table.md` (and `compare`'s two JSON files) are read, never
+the records, so the trimmed copies that `snapshot` makes under `docs/runs/<name>/` regenerate every
+table in a fresh clone.
 Markers inside fenced code blocks are examples, not tables: they are left alone.
 """
 
@@ -40,6 +45,7 @@ from typing import IO, Any
 import numpy as np
 
 from .analysis import SPARSITY_BINS, correlation_pairs, head_label, sparsity_table
+from .docs_agreement import AGREEMENT_FILE, RUNS_FILE, agreement_rows
 from .docs_headlines import headlines_table
 from .docs_sources import (
     COMMAND,
@@ -54,6 +60,8 @@ from .docs_sources import (
     task_summary,
 )
 from .errors import ConfigError, DataError
+from .experiments.conditions import random_pool_line
+from .experiments.null import UNITS, null_rows, null_table
 from .experiments.stats import fmt_interval
 from .results import RETRIEVAL_THRESHOLD, DetectionResult
 from .runs import CONFIG_FILE, SUMMARY_FILE, TABLE_FILE, is_run_config, read_config
@@ -248,6 +256,26 @@ def task_summary_table(sources: list[str], options: dict[str, str], root: Path, 
     return "\n".join(head + lines), provenance(runs, [])
 
 
+def null_distribution_table(sources: list[str], options: dict[str, str], root: Path, where: str) -> tuple[str, str]:
+    """The null table of a mask-eval or task-eval run's summary (as under its table.md), under the
+    line that names the pool its random heads came from."""
+    run = read_run(sources[0], root, where)
+    kind = experiment_kind(run.config) or "detection"
+    if kind not in UNITS:
+        raise DataError(f"{where}: {sources[0]} is a {kind} run, not a {' or '.join(UNITS)} run")
+    unit, scale, key = UNITS[kind]
+    try:
+        lines = null_table(null_rows(run.summary.get("null_distribution") or []), unit, scale=scale, key=key)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"{where}: {run.folder / SUMMARY_FILE}: malformed null_distribution ({e})") from None
+    if not lines:
+        raise DataError(
+            f"{where}: {sources[0]} has no null distribution with a random draw (a run without random draws, "
+            "or one saved before the null existed)"
+        )
+    return "\n".join([random_pool_line(run.config), "", *lines]), provenance([run], [])
+
+
 def finetune_rows(sources: list[str], options: dict[str, str], root: Path, where: str) -> tuple[str, str]:
     """finetune-eval runs (one per condition): the header of the first run's table.md, then the
     row of each."""
@@ -271,10 +299,12 @@ KINDS: dict[str, tuple[Callable[[list[str], dict[str, str], Path, str], tuple[st
     "mask-eval": (experiment_table("mask-eval"), (), False),
     "task-eval": (experiment_table("task-eval"), (), False),
     "task-summary": (task_summary_table, (), True),
+    "null": (null_distribution_table, (), False),
     "grounding-eval": (experiment_table("grounding-eval"), (), False),
     "passage-rank": (experiment_table("passage-rank"), (), False),
     "finetune-eval": (finetune_rows, (), True),
     "headlines": (headlines_table, (), True),
+    "agreement": (agreement_rows, (), False),
 }
 
 
@@ -357,11 +387,31 @@ def _write_bytes(data: bytes, fh: IO[bytes]) -> None:
     fh.write(data)
 
 
+def _snapshot_comparison(src: Path, dest_dir: Path) -> Path:
+    """`snapshot` of a `compare` folder: agreement.json and agreement_runs.json, nothing else."""
+    files = (AGREEMENT_FILE, RUNS_FILE)
+    if not (src / RUNS_FILE).is_file():
+        raise DataError(f"{src}: no {RUNS_FILE} (written by `retrieval-heads compare` since 0.2)")
+    dest = dest_dir / src.resolve().name
+    if dest.resolve() == src.resolve():
+        raise ConfigError(f"{src} is already a snapshot in {dest_dir}")
+    if dest.exists() and any(p.name not in files for p in dest.iterdir()):
+        raise ConfigError(f"{dest} holds files that no snapshot of a comparison wrote; give another snapshot folder")
+    texts = {f: read_text(src / f, MAX_SUMMARY) for f in files}
+    dest.mkdir(parents=True, exist_ok=True)
+    for f, text in texts.items():
+        atomic_write_text(dest / f, text)
+    return dest
+
+
 def snapshot(run: str | Path, dest_dir: str | Path = SNAPSHOT_DIR) -> Path:
     """Copy what the tables read from a finished run folder (config.json, summary.json and, for
     experiments, table.md; never the records) into `dest_dir/<the run folder's name>/`, with the
-    run's PNG figures so that the docs show the figure of the same run as the table."""
+    run's PNG figures so that the docs show the figure of the same run as the table. A `compare`
+    folder gives its two agreement files."""
     src = Path(run)
+    if not (src / CONFIG_FILE).exists() and (src / AGREEMENT_FILE).is_file():
+        return _snapshot_comparison(src, Path(dest_dir))
     config = read_config(src)
     if not is_run_config(config):
         raise DataError(f"{src / CONFIG_FILE} is not the config of a retrieval-heads run")

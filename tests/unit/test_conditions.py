@@ -133,3 +133,61 @@ def test_layer_matched_draws_keep_the_top_k_layer_profile():
     # the top 5 hold 3 of the 4 heads of layer 0: one clear error
     with pytest.raises(ConfigError, match="K=5: layer 0 holds 3 top-K heads and 1 other heads to match them"):
         build_conditions(SCORES, (0, 5), (0,), pool="layer-matched")
+
+
+def _matched_map() -> tuple[np.ndarray, np.ndarray]:
+    """8 x 8 heads: 5 top heads (scores 0.5..0.9, needle mass 0.6..0.8), 6 more retrieval heads
+    (0.1 < score <= 0.3), the rest non-retrieval with needle masses spread over [0, 1)."""
+    rng = np.random.default_rng(7)
+    scores, mass = rng.uniform(0, 0.1, (8, 8)), rng.uniform(0, 1, (8, 8))
+    top = [(0, 1), (2, 3), (4, 5), (6, 7), (7, 0)]
+    for i, h in enumerate(top):
+        scores[h], mass[h] = 0.9 - 0.1 * i, 0.8 - 0.05 * i
+    for h in [(1, 1), (3, 3), (5, 5), (1, 6), (3, 0), (5, 2)]:
+        scores[h] = 0.3
+    return scores, mass
+
+
+def test_score_matched_low_draws_low_scoring_heads_of_the_top_k_attention_mass():
+    from retrieval_heads.experiments.conditions import score_matched_heads
+
+    scores, mass = _matched_map()
+    order = rank_heads(scores)
+    top = set(order[:5])
+    conds = build_conditions(scores, (0, 5), range(8), pool="score-matched-low", mass=mass)
+    draws = [c.heads for c in conds if c.kind == "random"]
+    assert conds == build_conditions(scores, (0, 5), range(8), pool="score-matched-low", mass=mass)  # seeded
+    assert draws[3] == score_matched_heads(
+        [h for h in order[5:] if scores[h] <= 0.1], order, mass, 5, 3
+    )  # the rule, seed by seed
+    assert len(set(draws)) > 1  # the seeds draw different heads
+    uniform = [c.heads for c in build_conditions(scores, (0, 5), range(8)) if c.kind == "random"]
+    for r in draws:
+        assert len(set(r)) == 5 and not set(r) & top and all(scores[h] <= 0.1 for h in r)
+
+    def gap(heads: tuple) -> float:  # how far a draw's needle masses are from the top K's
+        return float(np.abs(np.sort([mass[h] for h in heads]) - np.sort([mass[h] for h in top])).mean())
+
+    assert max(map(gap, draws)) < 0.05 < min(map(gap, uniform))  # about 0.02 vs 0.08 to 0.4
+
+
+def test_score_matched_low_needs_the_needle_mass_map():
+    from retrieval_heads.experiments.conditions import matching_mass
+    from retrieval_heads.results import DetectionResult
+
+    scores, mass = _matched_map()
+    message = r"^random pool 'score-matched-low' matches heads on their needle_mass attention score, which"
+    with pytest.raises(ConfigError, match=message):
+        build_conditions(scores, (0, 5), (0,), pool="score-matched-low")
+    with pytest.raises(ConfigError, match=message):
+        matching_mass(scores, "score-matched-low")  # a bare score map, as a score file loads
+    summary = DetectionResult.from_aggregate("m", scores, (scores > 0).astype(float), 3)
+    with pytest.raises(ConfigError, match="give a detection run folder or choose another --random-pool"):
+        matching_mass(summary, "score-matched-low")
+    assert matching_mass(scores, "score-matched-low", draws=False) is None  # no draw, nothing to match
+    assert matching_mass(scores, "non-retrieval") is None
+    with_mass = DetectionResult(
+        "m", scores[None], extra={"needle_mass": np.stack([mass - 0.1, mass + 0.1])}, score_name="copy"
+    )
+    np.testing.assert_allclose(matching_mass(with_mass, "score-matched-low"), mass)  # the mean map
+    assert build_conditions(scores, (0, 5), (), pool="score-matched-low")[-1].id == "top-k5"  # no draw

@@ -125,6 +125,26 @@ def test_prefix_store_prefills_each_shared_token_once():
     assert store.prefilled <= 0.4 * sum(starts)
 
 
+def test_two_prefix_slots_reuse_as_much_as_four_in_grid_order_and_hold_less():
+    from retrieval_heads.engines.prefix import PrefixStore
+
+    lm = tiny_model("llama", attn_implementation="sdpa")
+    ss = samples(lm.tokenizer, lengths=(60, 120, 180))  # grid order: needle by needle
+    eng = FastEngine(lm)
+    held, prefilled = {}, {}
+    for slots in (2, 4):
+        store = PrefixStore(
+            lm.model, lambda full: eng.new_cache(full=full), [s.prompt_ids for s in ss], min_reuse=8, max_slots=slots
+        )
+        held[slots] = 0
+        for i in range(len(ss)):
+            store.cache_for(i)
+            held[slots] = max(held[slots], sum(len(slot.ids) for slot in store.slots))
+        prefilled[slots] = store.prefilled
+    assert prefilled[2] == prefilled[4] and held[2] < held[4]
+    assert FastEngine(lm).prefix_slots == 2
+
+
 def test_common_prefix_and_targets():
     assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
     assert common_prefix([1, 2], [1, 2, 3]) == 2

@@ -223,3 +223,28 @@ def test_kv_ranking_defaults_to_needle_mass_when_the_source_holds_it():
     assert result.score_name == "needle_mass" and note is None
     np.testing.assert_allclose(result.scores, other)
     assert kv_score(rich, "copy")[0].score_name == "copy"
+
+
+def test_kv_eval_headkv_takes_its_counts_from_the_retrieval_ranking(tmp_path, haystack_file):
+    import math
+
+    assert "headkv" not in KVEvalConfig().policies  # asked for by name: the default runs stay as they were
+    lm = tiny_model("llama", attn_implementation="sdpa")
+    cfg = KVEvalConfig(
+        budgets=(0.3,),
+        policies=("sink_window", "headkv"),
+        grid=Grid((150,), (20.0,), NEEDLES),
+        window=8,
+        max_new_tokens=2,
+        chat=False,
+        haystack=str(haystack_file),
+        memory_probe=False,
+    )
+    res = kv_eval(lm, SCORES, cfg, out=tmp_path / "run", show_progress=False)
+    rows = {r["condition"]: r for r in res.rows()}
+    assert set(rows) == {"full", "sink_window-b0.3", "headkv-b0.3"}
+    assert 0.28 <= rows["headkv-b0.3"]["kv_share"] <= 0.3 + 0.02  # positions cost a little
+    cond = next(c for c in res.config["conditions"] if c["id"] == "headkv-b0.3")
+    c = next(r["context_tokens"] for r in res.records if r.get("condition") == "headkv-b0.3")
+    assert cond["policy"] == "headkv" and cond["tokens"] == math.floor(0.3 * 4 * c + 1e-9)
+    assert cond["head_tokens"][1] > cond["head_tokens"][0]  # KV heads of different scores, different counts

@@ -1,6 +1,7 @@
 """`RetrievalHeadsPress` inside kvpress on tiny models: its text-generation pipeline, the keys it
 masks, agreement with kvpress's own `DuoAttentionPress` for the same heads, the true-KV-budget knob,
-Gemma3's sliding layers, score sources (run file, DuoAttention pattern) and bad input.
+Gemma3's sliding layers, score sources (run file, DuoAttention pattern) and bad input; `HeadKVPress`:
+the count each KV head keeps.
 
 kvpress 0.5.5 supports transformers < 5.3 (CI runs this file in the venv with the oldest
 transformers); elsewhere the press tests skip. That importing our package never imports kvpress is
@@ -234,3 +235,48 @@ def test_benchmark_shared_prefill_equals_kvpress_pipeline(kvp, llama):
             )
         assert shared[name] == (text, kv_peers.cache_bytes(cache), press.compression_ratio), name
     assert shared["snapkv"][1] < shared["adakv"][1]  # token eviction frees bytes, AdaKV's masking does not
+
+
+def test_headkv_press_keeps_the_policys_count_per_head(kvp, llama):
+    """Each KV head keeps the count `HeadKVPolicy` gives it for the context (sink and window among
+    them); compression 0 is no press at all."""
+    from retrieval_heads.integrations.kvpress import HeadKVPress
+    from retrieval_heads.kvcache import HeadKVPolicy
+
+    pipe = _pipe(llama)
+    k_len = len(pipe.preprocess(CONTEXT, [QUESTION], "", 10**9)["context_ids"][0])
+    press = HeadKVPress(scores=KV_SCORES, compression_ratio=0.6, sink_size=2, recent_size=8, window_size=8)
+    assert isinstance(press, kvp.BasePress)
+    assert pipe(CONTEXT, question=QUESTION, press=press, max_new_tokens=5)["answer"]
+    policy = HeadKVPolicy.for_budget(llama.spec, 0.4, k_len, sink=2, window=8, ranking=KV_SCORES)
+    assert press.budgets.tolist() == [list(row) for row in policy.budgets]
+    for layer, hidden in enumerate(_masked(llama)):
+        for h in range(2):
+            gone = {t for head, t in hidden if head == h}
+            assert k_len - len(gone) == policy.budgets[layer][h]
+            assert not gone & {0, 1, *range(k_len - 8, k_len)}  # the sink and the window stay
+    assert policy.budgets[0][0] > policy.budgets[0][1]  # the better-scored head keeps more
+    plain = pipe(CONTEXT, question=QUESTION, max_new_tokens=6)["answer"]
+    none = HeadKVPress(scores=KV_SCORES, compression_ratio=0.0)
+    assert pipe(CONTEXT, question=QUESTION, press=none, max_new_tokens=6)["answer"] == plain
+    assert all(m is None for m in _masked(llama))
+
+
+def test_headkv_press_skips_gemma3_sliding_layers_and_refuses_bad_input(kvp):
+    from retrieval_heads.integrations.kvpress import HeadKVPress
+
+    lm = tiny_model("gemma3", attn_implementation="sdpa")
+    press = HeadKVPress(scores=np.array([[0.0], [0.0], [0.3]]), compression_ratio=0.5, sink_size=2, recent_size=4)
+    assert _pipe(lm)(CONTEXT, question=QUESTION, press=press, max_new_tokens=3)["answer"] is not None
+    masked = _masked(lm)
+    assert masked[0] is None and masked[1] is None and masked[2]
+    for kwargs, match in (
+        ({}, "needs scores="),
+        ({"scores": KV_SCORES, "compression_ratio": 1.0}, "compression_ratio"),
+        ({"scores": KV_SCORES, "window_size": 0}, "window_size"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            HeadKVPress(**kwargs)
+    eager = tiny_model("llama", attn_implementation="eager")
+    with pytest.raises(ConfigError, match="not eager"):
+        _pipe(eager)(CONTEXT, question=QUESTION, press=HeadKVPress(scores=KV_SCORES, compression_ratio=0.5))

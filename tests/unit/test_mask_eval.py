@@ -23,6 +23,7 @@ NEEDLES = (
     Needle("the password is lantern fig seventy .", "what is the password ?", "lantern fig seventy", "pw"),
 )
 SCORES = np.array([[0.9, 0.0, 0.2, 0.05], [0.0, 0.6, 0.0, 0.3]])  # tiny llama: 2 layers x 4 heads
+PNG = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +155,7 @@ def _scores_file(tmp_path, arr):
         (["--random-pool", "nearby"], "unknown random pool 'nearby'"),
         (["--random-seeds", "-1"], "--random-seeds must be >= 0"),
         (["--k", "5", "--random-pool", "outside-top"], "cannot draw 5 random heads outside the top 5 of 8"),
+        (["--random-pool", "score-matched-low"], "'score-matched-low' matches heads on their needle_mass attention"),
     ],
 )
 def test_cli_bad_input(cli, tiny_llama_dir, needles_file, haystack_file, tmp_path, args, match):
@@ -181,6 +183,7 @@ def test_cli_bad_input(cli, tiny_llama_dir, needles_file, haystack_file, tmp_pat
     assert code != 0
     lines = [l for l in err.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and match in lines[0], err
+    assert not (tmp_path / "run").exists()  # nothing half-written
 
 
 def test_cli_shape_mismatch(cli, tiny_llama_dir, needles_file, haystack_file, tmp_path):
@@ -243,9 +246,35 @@ def test_cli_runs(cli, tiny_llama_dir, needles_file, haystack_file, tmp_path):
     )
     assert code == 0, err
     assert "| K |" in out and (tmp_path / "run" / "mask_eval.png").exists()
+    assert (tmp_path / "run" / "null_distribution.png").read_bytes().startswith(PNG)
     assert "(pool 'layer-matched')" in out and "| K | top-K effect (NIAH score) |" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["config"]["random_pool"] == "layer-matched" and summary["null_distribution"][0]["n_draws"] == 2
+
+
+def test_a_sweep_without_k0_places_the_top_k_in_the_same_null(lm, cfg, tmp_path):
+    """`--mask-k 2` (no unmasked run): the effects are the NIAH scores themselves, with the
+    percentile and p-value of the same run with K = 0; the null figure of its 3 draws is drawn.
+    The draws come from the score-matched-low pool (the needle_mass map of a detection result)."""
+    from retrieval_heads.plots.mask import plot_null_distribution
+    from retrieval_heads.results import DetectionResult
+
+    mass = np.array([[0.9, 0.1, 0.5, 0.2], [0.3, 0.8, 0.6, 0.4]])
+    det = DetectionResult("m", SCORES[None], extra={"needle_mass": mass[None]})
+    matched = replace(cfg, random_seeds=(0, 1, 2), random_pool="score-matched-low")
+    with_base = mask_eval(lm, det, replace(matched, ks=(0, 2)), show_progress=False)
+    alone = mask_eval(lm, det, replace(matched, ks=(2,)), show_progress=False)
+    assert alone.config["random_pool"] == "score-matched-low"
+    assert alone.table().splitlines()[0].endswith("(pool 'score-matched-low')")
+    (b,), (t,) = with_base.null(), alone.null()
+    base = with_base.curves()["top_score"][0]  # K = 0: the unmasked mean NIAH score
+    assert t["effect"] == "metric" and "effect" not in b and t["n_draws"] == b["n_draws"] == 3
+    assert (t["n_as_harmful"], t["percentile"], t["p_value"]) == (b["n_as_harmful"], b["percentile"], b["p_value"])
+    assert t["top_effect"] - base == pytest.approx(b["top_effect"])
+    assert np.subtract(t["draw_effects"], base) == pytest.approx(b["draw_effects"])
+    assert "null distribution: effect = metric of the masked run; no unmasked run in this sweep" in alone.table()
+    paths = plot_null_distribution(alone, tmp_path / "null_distribution")
+    assert paths[0].name == "null_distribution.png" and paths[0].read_bytes().startswith(PNG)
 
 
 def test_execution_order_and_partial_curves(cfg):

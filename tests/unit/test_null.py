@@ -33,8 +33,8 @@ def test_null_test_counts_draws_at_least_as_harmful():
     assert null_table([("2", null_test(-0.4, []))], "points") == []  # no draw: no table
 
 
-def _task_result(draws: dict[str, dict[str, float]]) -> TaskEvalResult:
-    conds = conditions.build_conditions(SCORES, (0, 2), range(len(draws) - 2))
+def _task_result(draws: dict[str, dict[str, float]], ks: tuple[int, ...] = (0, 2)) -> TaskEvalResult:
+    conds = conditions.build_conditions(SCORES, ks, range(len(draws) - len(ks)))
     recs = [
         {"condition": c, "doc_id": d, "scores": {"acc": float(v)}, "answers": ["a"], "generated_text": "a"}
         for c, per in draws.items()
@@ -46,17 +46,19 @@ def _task_result(draws: dict[str, dict[str, float]]) -> TaskEvalResult:
     return TaskEvalResult.from_run(config, recs)
 
 
+DOCS = ("d1", "d2", "d3", "d4")
+ACC = {
+    "base": dict.fromkeys(DOCS, 1.0),
+    "top-k2": {"d1": 0, "d2": 0, "d3": 1, "d4": 1},  # effect -0.5
+    "random-k2-s0": {"d1": 1, "d2": 1, "d3": 1, "d4": 1},  # 0
+    "random-k2-s1": {"d1": 0, "d2": 0, "d3": 0, "d4": 1},  # -0.75: more harmful
+    "random-k2-s2": {"d1": 0, "d2": 1, "d3": 1, "d4": 1},  # -0.25
+    "random-k2-s3": {"d1": 1, "d2": 0, "d3": 0, "d4": 1},  # -0.5: a tie, as harmful
+}
+
+
 def test_task_eval_null_on_four_draws_with_known_effects():
-    docs = ("d1", "d2", "d3", "d4")
-    acc = {
-        "base": dict.fromkeys(docs, 1.0),
-        "top-k2": {"d1": 0, "d2": 0, "d3": 1, "d4": 1},  # effect -0.5
-        "random-k2-s0": {"d1": 1, "d2": 1, "d3": 1, "d4": 1},  # 0
-        "random-k2-s1": {"d1": 0, "d2": 0, "d3": 0, "d4": 1},  # -0.75: more harmful
-        "random-k2-s2": {"d1": 0, "d2": 1, "d3": 1, "d4": 1},  # -0.25
-        "random-k2-s3": {"d1": 1, "d2": 0, "d3": 0, "d4": 1},  # -0.5: a tie, as harmful
-    }
-    res = _task_result(acc)
+    res = _task_result(ACC)
     t = res.null()["acc"]
     assert t["k"] == 2 and t["top_effect"] == pytest.approx(-0.5)
     assert t["draw_effects"] == pytest.approx([0.0, -0.75, -0.25, -0.5])
@@ -102,3 +104,40 @@ def test_mask_eval_null_per_k_in_summary_and_table():
     # a draw cut short (a run stopped early) is left out of the null, as of the curves
     (t,) = MaskEvalResult("x", conds, recs[:-1], {}).null()
     assert t["n_draws"] == 3 and t["n_as_harmful"] == 1
+
+
+def test_without_the_unmasked_run_the_effects_are_the_metrics_with_the_same_percentile_and_p():
+    with_base = _task_result(ACC)
+    no_base = _task_result({c: v for c, v in ACC.items() if c != "base"}, ks=(2,))
+    t, b = no_base.null()["acc"], with_base.null()["acc"]
+    assert t["effect"] == "metric" and "effect" not in b  # runs with K = 0 save what they always did
+    assert t["top_effect"] == pytest.approx(0.5) and t["draw_effects"] == pytest.approx([1.0, 0.25, 0.75, 0.5])
+    assert (t["n_draws"], t["n_as_harmful"], t["percentile"], t["p_value"]) == (
+        b["n_draws"], b["n_as_harmful"], b["percentile"], b["p_value"]
+    )  # fmt: skip
+    table = no_base.table()
+    assert "null distribution: effect = metric of the masked run; no unmasked run in this sweep;" in table
+    assert "| 2, acc | +50.0 | +62.5 [+25.0, +100.0] | 4 | 2 | 50% | 0.600 |" in table
+    assert "null distribution: effect = masked minus no mask;" in with_base.table()
+
+
+def test_a_saved_null_reads_back_as_computed():
+    from retrieval_heads.experiments.null import null_rows
+    from retrieval_heads.runs import strict_json
+
+    res = _task_result({c: v for c, v in ACC.items() if c != "top-k2"})  # no top-K record: NaN, saved as null
+    saved = json.loads(json.dumps(strict_json(res.to_dict())))["null_distribution"]
+    assert saved["acc"]["top_effect"] is None
+    ((label, t),) = null_rows(saved)
+    assert label == "2, acc" and np.isnan(t["top_effect"]) and np.isnan(t["p_value"])
+    assert null_table(null_rows(saved), "points", scale=100) == null_table(null_rows(res.null()), "points", scale=100)
+
+
+def test_null_figure_is_written_with_draws_and_not_without(tmp_path):
+    from retrieval_heads.plots.mask import plot_null_distribution
+
+    paths = plot_null_distribution(_task_result(ACC), tmp_path / "null")
+    assert [p.name for p in paths] == ["null.png", "null.svg"]
+    assert paths[0].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    no_draw = _task_result({"base": {"d1": 1.0}, "top-k2": {"d1": 0.0}})
+    assert plot_null_distribution(no_draw, tmp_path / "none") == [] and not list(tmp_path.glob("none*"))

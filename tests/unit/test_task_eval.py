@@ -263,6 +263,7 @@ def test_cli_runs_and_plots(cli, tiny_llama_dir, tmp_path):
     code, stdout, err = cli(*args)
     assert code == 0, err
     assert "| no mask | 2 |" in stdout and "top-1 retrieval heads" in stdout and "run folder" in stdout
+    assert (out / "null_distribution.png").read_bytes().startswith(b"\x89PNG") and "null distribution" in stdout
     code2, stdout2, _ = cli(*args)  # resumes: same table
     assert code2 == 0 and stdout2 == stdout
     code, stdout, err = cli("task-plot", out, out, "--out", tmp_path / "fig")

@@ -397,7 +397,8 @@ def test_real_data_packages(name, package):
 
 # ----------------------------------------------------------------------------------- registry
 def test_registry_holds_the_builtin_tasks_and_registers_new_ones(monkeypatch):
-    assert task_names() == ["arith-chain", "extractive-qa", "gsm8k", "hotpotqa", "mmlu", "niah"]
+    ruler = ["ruler_niah_multikey", "ruler_niah_multiquery", "ruler_niah_multivalue", "ruler_niah_single", "ruler_qa"]
+    assert task_names() == ["arith-chain", "extractive-qa", "gsm8k", "hotpotqa", "mmlu", "niah", *ruler, "ruler_vt"]
     monkeypatch.setattr("retrieval_heads.tasks.registry.TASKS", dict(TASKS))
     from retrieval_heads.tasks import registry
 

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from ..results import RETRIEVAL_THRESHOLD
-from .options import ScoreName, Threshold
+from .options import SCORE_NAMES, Threshold, choices
 
 Figures = Annotated[bool, typer.Option("--figures/--no-figures", help="write PNG and SVG figures")]
 
@@ -121,15 +121,31 @@ def compare(
     runs: Annotated[list[Path], typer.Argument(help="two or more run folders or score files of one shape")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the matrices and figures")] = Path("analysis"),
     figures: Figures = True,
-    score: ScoreName = "copy",
+    score: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--score",
+            metavar=choices(SCORE_NAMES),
+            help="score(s) whose top heads and maps are compared; repeat for several [default: copy]",
+        ),
+    ] = None,
     k: Annotated[
         int | None,
         typer.Option("--k", help="top heads per run whose overlap and Jaccard index are reported [default: 10]"),
     ] = None,
+    by_length: Annotated[
+        bool,
+        typer.Option(
+            "--by-length",
+            help="compare the first run cut to its lengths <= L, for each of its lengths L, with the last run "
+            "(how short may the grid be?)",
+        ),
+    ] = False,
 ) -> None:
     """Spearman and Pearson correlation of the score maps (paper Fig. 6); for each pair of runs the
     overlap and Jaccard index of their top-K heads and the Pearson r of one score, with 95 % bootstrap
     intervals (do a short and a long context grid find the same heads?)."""
+    import pandas as pd
     from rich.console import Console
     from rich.table import Table
 
@@ -144,7 +160,14 @@ def compare(
     A.check_same_shape(results)
     if k is None:  # 10, or every head of a model with fewer
         k = min(10, results[0].shape[0] * results[0].shape[1])
-    agree = G.agreement_table(results, score, k)  # checks --score and --k before anything is written
+    scores = list(dict.fromkeys(score or ["copy"]))
+    agree = G.agreement_table(results, scores, k)  # checks --score and --k before anything is written
+    costed, cuts = results, []
+    if by_length:  # the first run's shorter grids against the last run
+        cuts = G.length_prefixes(results[0])[:-1]
+        extra = [G.run_agreement(c, results[-1], name, k) for name in scores for c in cuts]
+        agree = pd.concat([agree, *extra], ignore_index=True)
+        costed = [*cuts, *results]
     console = Console()
     written = []
     saved = {}
@@ -174,8 +197,14 @@ def compare(
     saved["pairs"] = json.loads(pairs.to_json(orient="records"))
     atomic_write_text(out / "correlation.json", json.dumps(saved, indent=1))
     written.append(out / "correlation.json")
-    _print_agreement(console, agree, score, k)
+    for name in scores:
+        _print_agreement(console, agree[agree["score"] == name], name, k)
     written += _write_frame(agree, out / "agreement")
+    # what each grid cost beside what it found: "is the short grid enough?" is a trade-off
+    atomic_write_text(
+        out / "agreement_runs.json", json.dumps([{**G.run_cost(r), "cut": r in cuts} for r in costed], indent=1)
+    )
+    written.append(out / "agreement_runs.json")
     typer.echo(f"wrote {len(written)} files to {out}")
     note = G.interval_note(results)
     if note:

@@ -33,6 +33,7 @@ from .options import (
 )
 
 POLICY_NAMES = ("sink_window", "retrieval", "random", "needle_attention", "gain", "snapkv")  # kv_eval.POLICIES
+CHOICES = (*POLICY_NAMES, "headkv")  # headkv when asked for: the default stays as it was
 
 
 @with_model_options
@@ -44,7 +45,7 @@ def kv_eval_cmd(
         str, typer.Option(help="KV-byte budgets as shares of the full cache, comma list")
     ] = "0.14,0.25,0.5",
     policies: Annotated[
-        str, typer.Option(metavar=f"<{','.join(POLICY_NAMES)}>", help="cache policies, comma list")
+        str, typer.Option(metavar=f"<{','.join(CHOICES)}>", help="cache policies, comma list")
     ] = ",".join(POLICY_NAMES),
     model: ScoresModel = None,
     length: Annotated[int, typer.Option(help="document length in tokens")] = 4096,

@@ -17,6 +17,7 @@ from .options import (
     ScoresModel,
     comma_ints,
     mask_condition_args,
+    null_figure,
     open_scored_model,
     optional_figure,
     parse_depths,
@@ -53,6 +54,7 @@ def mask_eval_cmd(
 ) -> None:
     """Causal test: needle retrieval with the top-K retrieval heads masked vs K random heads."""
     from ..detection import Grid
+    from ..experiments.conditions import matching_mass
     from ..experiments.task_eval import TaskEvalConfig, mask_eval
     from ..needles import EVALUATION_NEEDLES, load_needles
 
@@ -71,7 +73,9 @@ def mask_eval_cmd(
         chat=chat,
         watch=watch,
     )
-    result, lm = open_scored_model(scores, model, score, model_options)
+    result, lm = open_scored_model(
+        scores, model, score, model_options, check=lambda d: matching_mass(d, cfg.random_pool, bool(cfg.random_seeds))
+    )
     run = run_args(lm, run_options, f"-mask-{conditions['method']}", scores, score)
     res = mask_eval(lm, result, cfg, **run)
     out = run["out"]
@@ -79,6 +83,7 @@ def mask_eval_cmd(
         from ..plots.mask import plot_mask_eval
 
         plot_mask_eval(res, out / "mask_eval")
+        null_figure(res, out)
     typer.echo(res.table())
     for ex in res.examples(per_kind=1):
         typer.echo(

@@ -41,7 +41,7 @@ def choices(names: tuple[str, ...] | list[str]) -> str:
 # them against the modules that define them.
 SCORE_NAMES = ("copy", "topk_mass", "needle_mass", "distant_mass", "query_focus")
 MASK_PHASES = ("all", "decode")
-RANDOM_POOLS = ("non-retrieval", "outside-top", "layer-matched")
+RANDOM_POOLS = ("non-retrieval", "outside-top", "layer-matched", "score-matched-low")
 MASK_METHODS = ("uniform", "zero", "mean")  # masking.METHODS
 RANDOM_SEED_COUNT = 2  # len(experiments.conditions.RANDOM_SEEDS): the random draws of every command
 
@@ -127,8 +127,11 @@ RandomPool = Annotated[
     typer.Option(
         metavar=choices(RANDOM_POOLS),
         help="where random-K heads come from: non-retrieval (heads with score <= 0.1 outside the top K, "
-        "the paper's control), outside-top (every head outside the top K: the earlier default) or "
-        "layer-matched (heads outside the top K in its layers, as many per layer as the top K has)",
+        "the paper's control), outside-top (every head outside the top K: the earlier default), "
+        "layer-matched (heads outside the top K in its layers, as many per layer as the top K has) or "
+        "score-matched-low (heads with score <= 0.1 outside the top K, one per top-K head, in ranking order, "
+        "drawn among the 3 not yet chosen whose needle_mass attention is nearest to that head's; needs a "
+        "detection run folder or summary, which hold needle_mass)",
     ),
 ]
 RandomSeeds = Annotated[
@@ -297,11 +300,19 @@ def load_scores(scores: Path, model: str | None, score: str = "copy") -> tuple[D
 
 
 def open_scored_model(
-    scores: Path, model: str | None, score: str, model_options: dict[str, Any] | None, *, attn: str = "sdpa"
+    scores: Path,
+    model: str | None,
+    score: str,
+    model_options: dict[str, Any] | None,
+    *,
+    attn: str = "sdpa",
+    check: Callable[[DetectionResult], object] | None = None,
 ) -> tuple[DetectionResult, LoadedModel]:
     """`load_scores`, then the model it names, loaded with the command's shared model options:
-    a bad score source fails before the model loads."""
+    a bad score source (or one that `check` refuses) fails before the model loads."""
     result, name = load_scores(scores, model, score)
+    if check is not None:
+        check(result)
     return result, open_model(name, attn_implementation=attn, **(model_options or {}))
 
 
@@ -326,6 +337,15 @@ def optional_figure() -> Iterator[None]:
         yield
     except ImportError as e:
         logger.warning("no plot: %s", e)
+
+
+def null_figure(result: Any, out: Path) -> None:
+    """Draw a masking run's null figure (`plots.mask.plot_null_distribution`) into its folder, or
+    say on stderr why there is none (no finished random draw)."""
+    from ..plots.mask import NULL_STEM, plot_null_distribution
+
+    if not plot_null_distribution(result, out / NULL_STEM):
+        typer.echo(f"note: no finished random draw, so no {NULL_STEM}.png", err=True)
 
 
 # ------------------------------------------------------------------ parsing

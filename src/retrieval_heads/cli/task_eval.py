@@ -16,6 +16,7 @@ from .options import (
     ScoresModel,
     choices,
     mask_condition_args,
+    null_figure,
     open_scored_model,
     optional_figure,
     run_args,
@@ -25,7 +26,11 @@ from .options import (
 )
 
 PLOT_STEM = "task_eval"  # the figure of a task-eval run folder: task_eval.png/.svg
-TASK_NAMES = ("arith-chain", "extractive-qa", "gsm8k", "hotpotqa", "mmlu", "niah")  # tasks.registry (built in)
+TASK_NAMES = (  # tasks.registry (built in)
+    *("arith-chain", "extractive-qa", "gsm8k", "hotpotqa", "mmlu", "niah"),
+    *("ruler_niah_multikey", "ruler_niah_multiquery", "ruler_niah_multivalue", "ruler_niah_single"),
+    *("ruler_qa", "ruler_vt"),
+)
 PROMPT_STYLES = ("answer-only", "cot")  # tasks.base.PROMPT_STYLES
 
 
@@ -65,6 +70,7 @@ def task_eval_cmd(
 ) -> None:
     """Task accuracy with no mask, the top-K retrieval heads masked and K random heads masked."""
     from ..errors import ConfigError
+    from ..experiments.conditions import matching_mass
     from ..experiments.task_eval import TaskEvalConfig, task_eval
     from ..tasks.registry import parse_task_args
 
@@ -85,7 +91,9 @@ def task_eval_cmd(
     )
     if "path" in args and not Path(args["path"]).exists():
         raise ConfigError(f"data {args['path']} does not exist")
-    det, lm = open_scored_model(scores, model, score, model_options)
+    det, lm = open_scored_model(
+        scores, model, score, model_options, check=lambda d: matching_mass(d, cfg.random_pool, bool(cfg.random_seeds))
+    )
     run = run_args(lm, run_options, f"-task-{task}-{prompt}-k{mask_k}", scores, score)
     res = task_eval(lm, det, cfg, **run, n_boot=n_boot)
     out = run["out"]
@@ -93,6 +101,7 @@ def task_eval_cmd(
         from ..plots.task import plot_task_eval
 
         plot_task_eval([res], out / PLOT_STEM)
+        null_figure(res, out)
     typer.echo(f"{lm.spec.name} {task} ({prompt}), K={mask_k}:")
     typer.echo(res.table())
     for ex in res.examples(2):

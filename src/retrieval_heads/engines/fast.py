@@ -52,6 +52,7 @@ class FastEngine:
         *,
         prefix_reuse: bool = True,
         min_reuse: int = 64,
+        prefix_slots: int = 2,
         batch_size: int | None = None,
         span: str = "answer",
     ) -> None:
@@ -59,6 +60,7 @@ class FastEngine:
         self.span = span
         self.prefix_reuse = prefix_reuse
         self.min_reuse = min_reuse
+        self.prefix_slots = prefix_slots  # prefixes kept by the prefix store (`prefix.PrefixStore`)
         self.batch_size = auto_batch_size(self.device) if batch_size is None else batch_size
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
@@ -325,6 +327,7 @@ class FastEngine:
             lambda full: self.new_cache(full=full),
             [s.prompt_ids for s in samples],
             min_reuse=self.min_reuse,
+            max_slots=self.prefix_slots,
         )
         # prompt tokens that went through a forward (store prefills + each sample's own rest)
         self.prefill_stats = {"prompt_tokens": sum(len(s.prompt_ids) for s in samples), "prefilled": 0}

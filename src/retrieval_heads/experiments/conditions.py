@@ -4,9 +4,19 @@ without replacement with `numpy.random.default_rng([seed, K])` from a pool outsi
 (the authors meant to exclude the top heads and never did; their draw was unseeded). Pools
 (`RANDOM_POOLS`): "non-retrieval" (default, as in the paper: heads scoring <= 0.1, never a
 retrieval head ranked just below K), "outside-top" (every other head, scored or not; the pool
-of runs made before `random_pool` existed) or "layer-matched" (per layer of the top K, as many
+of runs made before `random_pool` existed), "layer-matched" (per layer of the top K, as many
 heads of that layer outside the top K as the top K has there, scored or not: the same depth
-profile, so a draw cannot owe its harm to hitting other layers than the top K).
+profile, so a draw cannot owe its harm to hitting other layers than the top K) or
+"score-matched-low" (non-retrieval heads matched to the top K's attention: a draw cannot owe its
+smaller harm to masking heads that barely attend to the needle).
+
+score-matched-low, the rule (`score_matched_heads`): for each top-K head in ranking order, one
+head is drawn uniformly (the same seeded generator) from the `MATCH_NEAREST` not yet chosen
+non-retrieval heads whose needle attention mass (`needle_mass`, the mean attention a head puts on
+the needle; `scoring.attention_scores`) is nearest to that top-K head's; heads tied at the edge of
+that set all count. Drawing among a few nearest rather than taking the nearest keeps the seeds'
+draws apart: the nearest alone would give every seed the same heads. The mass comes from the
+detection result (a run folder or its summary; a bare score file has none: `matching_mass`).
 
     conditions = build_conditions(scores, ks=(0, 20), random_seeds=(0, 1))
 
@@ -25,12 +35,16 @@ from ..errors import ConfigError, check_choice
 from ..heads import Head, random_heads, rank_heads
 from ..results import RETRIEVAL_THRESHOLD, DetectionResult
 
-RandomPool = Literal["non-retrieval", "outside-top", "layer-matched"]
+RandomPool = Literal["non-retrieval", "outside-top", "layer-matched", "score-matched-low"]
+MASS_SCORE = "needle_mass"  # the attention score that score-matched-low matches on
+MATCH_NEAREST = 3  # score-matched-low draws each head among this many nearest in attention mass
 # Where random-K heads are drawn from (always outside the top-K set): name -> how tables say it.
 RANDOM_POOLS: dict[str, str] = {
     "non-retrieval": f"heads with score <= {RETRIEVAL_THRESHOLD:g} outside the top K",
     "outside-top": "every head outside the top K",
     "layer-matched": "heads outside the top K in the top K's layers, as many per layer as the top K has",
+    "score-matched-low": f"heads with score <= {RETRIEVAL_THRESHOLD:g} outside the top K, each drawn among the "
+    f"{MATCH_NEAREST} nearest to one top-K head in needle attention mass",
 }
 DEFAULT_RANDOM_POOL = "non-retrieval"
 LEGACY_RANDOM_POOL = "outside-top"  # runs saved before the config recorded `random_pool`
@@ -102,7 +116,7 @@ def tiebreak_map(scores: DetectionResult | np.ndarray) -> np.ndarray | None:
 
 def random_pool(scores: np.ndarray, order: Sequence[Head], k: int, pool: str) -> list[Head]:
     """The heads random-K draws from, in ranking order: outside the top K, and for "non-retrieval"
-    scoring <= 0.1 (unscored NaN heads are left out)."""
+    and "score-matched-low" scoring <= 0.1 (unscored NaN heads are left out)."""
     check_random_pool(pool)
     rest = list(order[k:])
     if pool == "outside-top":
@@ -132,11 +146,58 @@ def layer_matched_heads(order: Sequence[Head], k: int, seed: int) -> tuple[Head,
     return tuple(sorted(out))
 
 
-def draw_random(scores: np.ndarray, order: Sequence[Head], k: int, pool: str, seed: int) -> tuple[Head, ...]:
-    """One random-K draw of `pool` (seeded by (seed, K)): per layer for "layer-matched", else
-    uniformly from `random_pool` (`heads.random_heads`)."""
+NO_MASS = (
+    f"random pool 'score-matched-low' matches heads on their {MASS_SCORE} attention score, which these scores "
+    "do not hold (a score file or shipped map keeps one score); give a detection run folder or choose another "
+    "--random-pool"
+)
+MASS_TIE = 1e-12  # masses this close are equally near
+
+
+def matching_mass(scores: DetectionResult | np.ndarray, pool: str, draws: bool = True) -> np.ndarray | None:
+    """The attention-mass map `build_conditions` needs as `mass`: for "score-matched-low" with
+    random draws, the `needle_mass` map of the detection result (one ConfigError when it has none);
+    None for every other pool."""
+    if pool != "score-matched-low" or not draws:
+        return None
+    if isinstance(scores, DetectionResult) and MASS_SCORE in scores.score_names():
+        return np.asarray(scores.with_score(MASS_SCORE).scores, dtype=float)
+    raise ConfigError(NO_MASS)
+
+
+def score_matched_heads(
+    pool: Sequence[Head], order: Sequence[Head], mass: np.ndarray, k: int, seed: int
+) -> tuple[Head, ...]:
+    """K heads of `pool`, one per top-K head of `order` (in ranking order): drawn uniformly with one
+    `numpy.random.default_rng([seed, k])` among the `MATCH_NEAREST` not yet chosen pool heads whose
+    `mass` is nearest to that top-K head's (all heads tied at the edge count; an unknown NaN mass is
+    farthest); sorted. The same (pool, order, mass, k, seed) gives the same heads."""
+    left = list(pool)
+    if k > len(left):
+        raise ConfigError(f"cannot draw {k} random heads from a pool of {len(left)}")
+    rng = np.random.default_rng([seed, k])
+    out: list[Head] = []
+    for head in order[:k]:
+        d = np.abs(np.array([mass[h] for h in left], dtype=float) - mass[head])
+        d = np.where(np.isnan(d), np.inf, d)
+        edge = np.sort(d)[min(MATCH_NEAREST, len(d)) - 1]
+        near = np.flatnonzero(d <= edge + MASS_TIE)
+        out.append(left.pop(int(near[rng.integers(len(near))])))
+    return tuple(sorted(out))
+
+
+def draw_random(
+    scores: np.ndarray, order: Sequence[Head], k: int, pool: str, seed: int, mass: np.ndarray | None = None
+) -> tuple[Head, ...]:
+    """One random-K draw of `pool` (seeded by (seed, K)): per layer for "layer-matched", matched in
+    attention `mass` for "score-matched-low" (`score_matched_heads`), else uniformly from
+    `random_pool` (`heads.random_heads`)."""
     if pool == "layer-matched":
         return layer_matched_heads(order, k, seed)
+    if pool == "score-matched-low":
+        if mass is None:
+            raise ConfigError(NO_MASS)
+        return score_matched_heads(random_pool(scores, order, k, pool), order, mass, k, seed)
     return random_heads(random_pool(scores, order, k, pool), k, seed)
 
 
@@ -148,19 +209,23 @@ def build_conditions(
     *,
     pool: str = DEFAULT_RANDOM_POOL,
     tiebreak: np.ndarray | None = None,
+    mass: np.ndarray | None = None,
 ) -> list[Condition]:
     """Validate K values against the head count and build the conditions, base first.
 
     Top-K: the K best heads of `rank_heads(scores, tiebreak)` (ties by the second score).
     Random: per seed, K heads drawn from `random_pool(scores, order, K, pool)` (`draw_random`:
-    uniformly, or per layer for "layer-matched"). `watch`: per condition, the best-ranked heads
-    that are not masked (whose attention an experiment may follow)."""
+    uniformly, per layer for "layer-matched", matched in the attention `mass` map for
+    "score-matched-low": `matching_mass`). `watch`: per condition, the best-ranked heads that are
+    not masked (whose attention an experiment may follow)."""
     n = int(scores.size)
     order = rank_heads(scores, tiebreak)
     out: list[Condition] = []
     check_random_pool(pool)
     if np.isnan(scores).all():
         raise ConfigError("the score file scores no head (no kept detection sample); run a larger detection")
+    if random_seeds and pool == "score-matched-low" and (mass is None or np.shape(mass) != scores.shape):
+        raise ConfigError(NO_MASS)
     for k in sorted(set(ks)):
         if k < 0:
             raise ConfigError(f"K must be >= 0, got {k}")
@@ -190,7 +255,7 @@ def build_conditions(
         top = tuple(sorted(order[:k]))
         out.append(Condition("top", k, None, top, watched(top)))
         for s in random_seeds:
-            r = draw_random(scores, order, k, pool, s)
+            r = draw_random(scores, order, k, pool, s, mass)
             out.append(Condition("random", k, s, r, watched(r)))
     return out
 

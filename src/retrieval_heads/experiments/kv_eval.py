@@ -24,7 +24,7 @@ from ..decoding import StopFn, StopRule
 from ..detection import Grid
 from ..errors import ConfigError, check_choice
 from ..heads import kv_head_scores, random_kv_scores
-from ..kvcache import FullPolicy, HeadPolicy, KVPolicy, SinkWindowPolicy, SnapKVPolicy, full_cache_bytes
+from ..kvcache import FullPolicy, HeadKVPolicy, HeadPolicy, KVPolicy, SinkWindowPolicy, SnapKVPolicy, full_cache_bytes
 from ..kvcache.measure import MEASURED_RANKINGS, answers_on, measure_ranking, memory_probe, split_at, split_prompt
 from ..models import LoadedModel
 from ..needles import DETECTION_NEEDLES, EVALUATION_NEEDLES, Needle, Sample
@@ -39,12 +39,13 @@ from .kv_results import QA_TASK, KVEvalResult
 from .kv_results import TASK_TITLES as TASK_TITLES  # re-exported from its former home
 from .masked_task import count_tokens
 
-Policy = Literal["sink_window", "retrieval", "random", "needle_attention", "gain", "snapkv"]
-POLICIES: tuple[str, ...] = get_args(Policy)
+Policy = Literal["sink_window", "retrieval", "random", "needle_attention", "gain", "snapkv", "headkv"]
+POLICIES: tuple[str, ...] = get_args(Policy)  # headkv: token counts per KV head from the retrieval ranking
 RANKINGS = POLICIES[1:5]  # head policies: the best KV heads of their ranking are kept whole
 POLICY_TYPES: dict[str, type[KVPolicy]] = {
     "sink_window": SinkWindowPolicy,
     "snapkv": SnapKVPolicy,
+    "headkv": HeadKVPolicy,
     **dict.fromkeys(RANKINGS, HeadPolicy),
 }
 QA_STYLE = "answer-only"
@@ -56,7 +57,7 @@ class KVEvalConfig:
     `rank_needles` x `rank_depths` at that length: held-out samples for the measured rankings."""
 
     budgets: tuple[float, ...] = (0.14, 0.25, 0.5)
-    policies: tuple[Policy, ...] = get_args(Policy)
+    policies: tuple[Policy, ...] = get_args(Policy)[:6]  # headkv when asked for
     grid: Grid = field(default_factory=lambda: Grid((4096,), (10.0, 30.0, 50.0), EVALUATION_NEEDLES))
     rank_needles: tuple[Needle, ...] = DETECTION_NEEDLES
     rank_depths: tuple[float, ...] = (25.0,)
@@ -170,7 +171,7 @@ def kv_conditions(
             draws = (
                 [(s, random_kv_scores(lm.spec, s)) for s in cfg.random_seeds]
                 if p == "random"
-                else [(None, kv_rankings.get(p))]
+                else [(None, kv_rankings.get("retrieval" if p == "headkv" else p))]
             )
             for seed, ranking in draws:
                 policy = POLICY_TYPES[p].for_budget(

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..tasks.niah import ERROR_KINDS
 from .conditions import Condition, random_pool_line, random_pool_of
-from .null import null_table, null_test
+from .null import UNITS, null_rows, null_table, null_test
 from .stats import fmt_interval, paired_difference
 from .task_results import MaskingResult, by_doc, seed_mean
 
@@ -85,14 +85,17 @@ class MaskEvalResult(MaskingResult):
 
     def null(self) -> list[dict[str, Any]]:
         """Per K > 0: the top-K effect on the mean NIAH score (top-K minus K = 0) placed in the null
-        of the random draws' effects, each finished draw one sample (`null.null_test`)."""
-        base = self._means("base")[0]
+        of the random draws' effects, each finished draw one sample (`null.null_test`). Without K = 0
+        in the sweep the effects are the mean NIAH scores themselves (`effect: "metric"`)."""
+        unmasked = 0 in self.ks
+        base = self._means("base")[0] if unmasked else 0.0
         full = max((len(self._by(c.id)) for c in self.conditions), default=0)
         out = []
         for k in (k for k in self.ks if k > 0):
             draws = [c for c in self.conditions if c.kind == "random" and c.k == k and len(self._by(c.id)) == full]
             effects = [self._means(c.id)[0] - base for c in draws]
-            out.append({"k": k, **null_test(self._means(f"top-k{k}")[0] - base, effects)})
+            t = {"k": k, **null_test(self._means(f"top-k{k}")[0] - base, effects)}
+            out.append(t if unmasked else {**t, "effect": "metric"})
         return out
 
     def _means(self, cid: str) -> tuple[float, float]:
@@ -181,7 +184,8 @@ class MaskEvalResult(MaskingResult):
                 f"{cv['random_exact'][i]:.0%} [{cv['random_exact_min'][i]:.0%}, {cv['random_exact_max'][i]:.0%}] | "
                 f"{cv['random_draws'][i] or '-'} | {fmt_interval(paired.get(k))} |"
             )
-        null = null_table([(str(t["k"]), t) for t in self.null()], "NIAH score")
+        unit, scale, key = UNITS[self.kind]
+        null = null_table(null_rows(self.null()), unit, scale=scale, key=key)
         lines += ["", *null] if null else []
         lines += [
             "",

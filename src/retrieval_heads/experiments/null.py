@@ -13,6 +13,11 @@ mask has a negative effect and a drop = -effect). With N random draws:
   1 / (1 + N), so 20 draws can show p = 0.048 at best.
 
     null_test(-0.4, [-0.1, -0.5, 0.0, -0.2])  # percentile 0.25, p_value 0.4
+
+A sweep without K = 0 (`--mask-k 10`) has no unmasked run: its effects are then the conditions'
+metrics themselves (`effect: "metric"` in the saved result). The unknown unmasked metric is the
+same constant in the top-K effect and in every draw's, so it cancels in each comparison: the
+percentile and the p-value are those of the sweep with K = 0.
 """
 
 from __future__ import annotations
@@ -23,6 +28,24 @@ from typing import Any
 import numpy as np
 
 TIE = 1e-9  # effects are means of the same scores: equal drops must count as "at least as harmful"
+# What an effect is (the saved result's "effect"; a result without the key is a "delta"): the table's line.
+EFFECTS = {
+    "delta": "effect = masked minus no mask",
+    "metric": "effect = metric of the masked run; no unmasked run in this sweep",
+}
+# The experiments' units: kind -> (unit, scale from the saved metric, the label column).
+UNITS = {"task-eval": ("points", 100.0, "K, metric"), "mask-eval": ("NIAH score", 1.0, "K")}
+
+
+def null_rows(null: Any, metrics: int | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(label, `null_test` result) rows of a null distribution: mask-eval's list (one per K; label
+    "K") or task-eval's dict (one per metric; label "K, metric", the first `metrics` of them). A
+    null from summary.json reads as computed: its nulls (saved NaN) are NaN again."""
+    if isinstance(null, dict):
+        rows = [(f"{t['k']}, {m}", t) for m, t in list(null.items())[:metrics]]
+    else:
+        rows = [(str(t["k"]), t) for t in null]
+    return [(label, {k: float("nan") if v is None else v for k, v in t.items()}) for label, t in rows]
 
 
 def null_test(top_effect: float, draw_effects: Sequence[float]) -> dict[str, Any]:
@@ -56,8 +79,9 @@ def null_table(
     lines when no row has a draw."""
     if not any(t["n_draws"] for _, t in rows):
         return []
+    effect = EFFECTS.get(str(next((t.get("effect", "delta") for _, t in rows), "delta")), EFFECTS["delta"])
     lines = [
-        "null distribution: effect = masked minus no mask; percentile = share of random draws at least "
+        f"null distribution: {effect}; percentile = share of random draws at least "
         "as harmful as the top K; p-value = (1 + that count) / (1 + draws)",
         "",
         f"| {key} | top-K effect ({unit}) | random draws' effects ({unit}): mean [min, max] | draws | "

@@ -52,6 +52,7 @@ from .conditions import (
     RANDOM_SEEDS,
     RandomPool,
     build_conditions,
+    matching_mass,
     score_map,
     tiebreak_map,
 )
@@ -199,8 +200,15 @@ def _run(kind: str, lm: LoadedModel, scores: DetectionResult | np.ndarray, confi
     scores_source, out = kw.pop("scores_source", ""), kw.get("out")
     s, task = score_map(scores), config.build_task()
     _validate(lm, s, config, task)
+    mass = matching_mass(scores, config.random_pool, bool(config.random_seeds))
     conditions = build_conditions(
-        s, config.ks, config.random_seeds, config.watch, pool=config.random_pool, tiebreak=tiebreak_map(scores)
+        s,
+        config.ks,
+        config.random_seeds,
+        config.watch,
+        pool=config.random_pool,
+        tiebreak=tiebreak_map(scores),
+        mass=mass,
     )
     mask = kind == MASK_EVAL
     task.prepare(lm.tokenizer, config.chat)

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..runner import ExperimentResult
 from .conditions import Condition, random_pool_line, random_pool_of
-from .null import null_table, null_test
+from .null import UNITS, null_rows, null_table, null_test
 from .stats import bootstrap_ci, fmt_interval, named, paired_difference
 
 Value = Callable[[dict[str, Any]], float]  # a record's value of one metric
@@ -114,17 +114,21 @@ class TaskEvalResult(MaskingResult):
 
     def null(self) -> dict[str, dict[str, Any]]:
         """Per metric: the top-K effect (mean over docs of top-K minus no mask, the row's delta)
-        placed in the null of the random draws' effects, each seed one sample (`null.null_test`)."""
+        placed in the null of the random draws' effects, each seed one sample (`null.null_test`).
+        Without an unmasked condition the effects are the metrics themselves (`effect: "metric"`)."""
         k = max((c.k for c in self.conditions), default=0)
+        unmasked = any(c.kind == "base" for c in self.conditions)
         out = {}
         for m in self.metrics:
             base = self._series("base", m)
 
             def effect(cid: str, m: str = m, base: dict[str, float] = base) -> float:
-                diffs = [v - base[d] for d, v in self._series(cid, m).items() if d in base]
+                cur = self._series(cid, m)
+                diffs = [v - base[d] for d, v in cur.items() if d in base] if unmasked else list(cur.values())
                 return float(np.mean(diffs)) if diffs else float("nan")
 
-            out[m] = {"k": k, **null_test(effect(f"top-k{k}"), [effect(c.id) for c in self._draws(k)])}
+            t = {"k": k, **null_test(effect(f"top-k{k}"), [effect(c.id) for c in self._draws(k)])}
+            out[m] = t if unmasked else {**t, "effect": "metric"}
         return out
 
     def table(self) -> str:
@@ -154,7 +158,8 @@ class TaskEvalResult(MaskingResult):
                 )
                 cells.append(fmt_interval(v, "minus_random", scale=100))
             lines.append(f"| {r['label']} | {r['n']} | " + " | ".join(cells) + " |")
-        null = null_table([(f"{t['k']}, {m}", t) for m, t in self.null().items()], "points", scale=100, key="K, metric")
+        unit, scale, key = UNITS[self.kind]
+        null = null_table(null_rows(self.null()), unit, scale=scale, key=key)
         return "\n".join([*lines, "", *null] if null else lines)
 
     def examples(self, n: int = 3) -> list[dict[str, Any]]:

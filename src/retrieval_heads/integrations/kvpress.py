@@ -1,4 +1,5 @@
-"""Our KV-head rankings as a kvpress press (issue 16): `RetrievalHeadsPress`.
+"""Our KV-head rankings as kvpress presses: `RetrievalHeadsPress` (whole heads) and `HeadKVPress`
+(a token count per KV head).
 
 kvpress (NVIDIA, PyPI `kvpress`) compresses the KV cache of a Hugging Face model during the
 prefill through "presses" (forward hooks on the attention layers). Its `DuoAttentionPress` splits
@@ -35,6 +36,15 @@ add an entry and pass `head_compression_ratio` as for DuoAttention:
     PRESS_REGISTRY["retrieval_heads"] = RetrievalHeadsPress(scores="/path/to/run", score="needle_mass")
     python evaluate.py --press_name retrieval_heads --head_compression_ratio 0.5 ...
 
+`HeadKVPress` is HeadKV (Fu et al. 2024) with our scores: `compression_ratio` (the share of the
+global layers' KV pairs to remove) is split over the KV heads as `kvcache.HeadKVPolicy` splits a
+byte budget (every head keeps `sink_size` first and `recent_size` last tokens, the rest of the budget
+is shared in proportion to the scores, a head at most the whole context); inside each head the
+tokens kept are those kvpress's `SnapKVPress` scores highest. Like kvpress's `AdaKVPress` it masks
+what it evicts.
+
+    press = HeadKVPress(scores="runs/smollm2-135m", score="needle_mass", compression_ratio=0.75)
+
 This module imports kvpress; nothing else in the package imports this module.
 """
 
@@ -52,12 +62,12 @@ import torch
 from ..errors import ConfigError, DataError
 from ..heads import kv_head_scores, top_mask
 from ..kvcache.export import PATTERN_TSV, kv_score, read_duo_pattern
-from ..kvcache.policies import HeadPolicy
+from ..kvcache.policies import HeadKVPolicy, HeadPolicy
 from ..models import ModelSpec, spec_from_config
 from ..results import DetectionResult, require_kept
 
 try:
-    from kvpress import DuoAttentionPress
+    from kvpress import BasePress, DuoAttentionPress, SnapKVPress
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
         f"retrieval_heads.integrations.kvpress needs kvpress: pip install 'retrieval-heads[kvpress]' ({e})"
@@ -104,6 +114,31 @@ def load_kv_ranking(source: ScoreSource, spec: ModelSpec, score: str | None = No
     return kv_head_scores(result.ranking_scores(), spec)
 
 
+def ranked_spec(
+    model: Any, scores: ScoreSource, score: str | None, spec: ModelSpec | None, ranking: np.ndarray | None
+) -> tuple[ModelSpec, np.ndarray]:
+    """`model`'s spec and the KV-head ranking of `scores` for it (`ranking` reused while the shape is
+    the same as `spec`'s)."""
+    new = spec_from_config(model.config, type(model).__name__)
+    if not any(w is None for w in new.sliding_window):
+        raise ConfigError(f"{new.name}: every layer uses a sliding window; nothing for the press to compress")
+    if ranking is None or spec is None or (spec.n_layers, spec.n_kv_heads) != (new.n_layers, new.n_kv_heads):
+        ranking = load_kv_ranking(scores, new, score)
+    return new, ranking
+
+
+def layer_to_compress(press: str, spec: ModelSpec | None, ready: bool, module: Any) -> int | None:
+    """The index of `module`'s layer, or None for a sliding-window layer (left as it is, as kvpress
+    does for Gemma3); refuses a press not set up for its model, and eager attention."""
+    if spec is None or not ready:
+        raise ConfigError(f"{press} used before post_init_from_model (use it as `with press(model):`)")
+    if module.config._attn_implementation == "eager":
+        # kvpress masks keys in the attention functions it patches; eager attention is not one of them
+        raise ConfigError(f"{press} needs sdpa or flash attention, not eager")
+    layer = int(module.layer_idx)
+    return layer if spec.sliding_window[layer] is None else None
+
+
 @dataclass
 class RetrievalHeadsPress(DuoAttentionPress):
     """DuoAttention-style press with our KV-head ranking: the best-ranked KV heads of the global
@@ -143,14 +178,9 @@ class RetrievalHeadsPress(DuoAttentionPress):
         """Load and rank the scores for `model` (once per model shape), then choose the streaming
         heads for `head_compression_ratio` (`kv_compression_ratio`: at the prefill)."""
         self._check()  # kvpress's evaluation sets head_compression_ratio after construction
-        spec = spec_from_config(model.config, type(model).__name__)
-        if not any(w is None for w in spec.sliding_window):
-            raise ConfigError(f"{spec.name}: every layer uses a sliding window; nothing for the press to compress")
-        if self.spec is None or (self.spec.n_layers, self.spec.n_kv_heads) != (spec.n_layers, spec.n_kv_heads):
-            assert self.scores is not None  # _check
-            self.kv_ranking = load_kv_ranking(self.scores, spec, self.score)
-        self.spec = spec
-        n_global = self._global_spec().n_layers * spec.n_kv_heads
+        assert self.scores is not None  # _check
+        self.spec, self.kv_ranking = ranked_spec(model, self.scores, self.score, self.spec, self.kv_ranking)
+        n_global = self._global_spec().n_layers * self.spec.n_kv_heads
         self._set_streaming(int(round(n_global * self.head_compression_ratio)), model.device)  # noqa: RUF046
 
     def compress(
@@ -162,14 +192,11 @@ class RetrievalHeadsPress(DuoAttentionPress):
         attentions: Any,
         kwargs: dict[str, Any],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.spec is None or self.streaming_mask is None:
-            raise ConfigError("RetrievalHeadsPress used before post_init_from_model (use it as `with press(model):`)")
-        if module.config._attn_implementation == "eager":
-            # kvpress masks keys in the attention functions it patches; eager attention is not one of them
-            raise ConfigError("RetrievalHeadsPress needs sdpa or flash attention, not eager")
-        layer, k_len = int(module.layer_idx), int(keys.shape[2])
-        if self.spec.sliding_window[layer] is not None:
-            return keys, values  # local layers stay as they are (kvpress does the same for Gemma3)
+        layer = layer_to_compress("RetrievalHeadsPress", self.spec, self.streaming_mask is not None, module)
+        if layer is None:
+            return keys, values
+        assert self.spec is not None and self.streaming_mask is not None  # layer_to_compress
+        k_len = int(keys.shape[2])
         if self.kv_compression_ratio is not None and layer == self._first_global():
             budget = 1.0 - self.kv_compression_ratio
             n_whole = HeadPolicy.n_whole_for(self._global_spec(), budget, k_len, self.sink_size, self.recent_size)
@@ -212,3 +239,83 @@ class RetrievalHeadsPress(DuoAttentionPress):
         self.n_streaming = int(n_streaming)
         dev = device if device is not None else (None if self.streaming_mask is None else self.streaming_mask.device)
         self.streaming_mask = torch.as_tensor(~whole, dtype=torch.bool, device=dev)
+
+
+@dataclass
+class HeadKVPress(BasePress):
+    """HeadKV with our KV-head scores: a token count per KV head of the global layers, in proportion
+    to its score (`kvcache.HeadKVPolicy`), the tokens inside a head chosen by kvpress's SnapKV score.
+
+    scores, score: as for `RetrievalHeadsPress`; compression_ratio: share of the global layers' KV
+    pairs to remove; sink_size, recent_size: what every head keeps (the shared base); window_size,
+    kernel_size: SnapKV's observation window and pooling (`SnapKVPress`).
+    """
+
+    scores: ScoreSource | None = field(default=None, compare=False)
+    score: str | None = None
+    compression_ratio: float = 0.0
+    sink_size: int = 4
+    recent_size: int = 60
+    window_size: int = 32
+    kernel_size: int = 5
+    kv_ranking: np.ndarray | None = field(init=False, default=None, repr=False, compare=False)
+    spec: ModelSpec | None = field(init=False, default=None, repr=False, compare=False)
+    budgets: np.ndarray | None = field(init=False, default=None, repr=False, compare=False)  # [layers, KV heads]
+    base: tuple[int, int] = field(init=False, default=(0, 0), repr=False, compare=False)  # sink, recent kept
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def _check(self) -> None:
+        if self.scores is None:
+            raise ConfigError("HeadKVPress needs scores= (a run folder, score file, pattern or array)")
+        if not 0 <= self.compression_ratio < 1:
+            raise ConfigError(f"compression_ratio must lie within [0, 1), got {self.compression_ratio}")
+        if self.sink_size < 0 or self.recent_size < 0 or self.window_size < 1:
+            raise ConfigError(
+                f"sink_size and recent_size must be >= 0 and window_size >= 1, got "
+                f"{self.sink_size}, {self.recent_size}, {self.window_size}"
+            )
+
+    def post_init_from_model(self, model: Any) -> None:
+        """Load and rank the scores for `model` (once per model shape)."""
+        self._check()  # kvpress's evaluation sets compression_ratio after construction
+        assert self.scores is not None  # _check
+        self.spec, self.kv_ranking = ranked_spec(model, self.scores, self.score, self.spec, self.kv_ranking)
+
+    def compress(
+        self,
+        module: Any,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: Any,
+        kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = layer_to_compress("HeadKVPress", self.spec, self.kv_ranking is not None, module)
+        if layer is None or self.compression_ratio == 0:
+            return keys, values
+        assert self.spec is not None  # layer_to_compress
+        k_len = int(keys.shape[2])
+        if self.budgets is None or layer == next(i for i, w in enumerate(self.spec.sliding_window) if w is None):
+            policy = HeadKVPolicy.for_budget(
+                self.spec,
+                1.0 - self.compression_ratio,
+                k_len,
+                sink=self.sink_size,
+                window=self.recent_size,
+                ranking=self.kv_ranking,
+            )  # once per prefill, at its first global layer
+            self.budgets, self.base = np.asarray(policy.budgets), (policy.sink, policy.window)
+        counts = torch.as_tensor(self.budgets[layer], device=keys.device)
+        w = min(self.window_size, hidden_states.shape[1] - 1)
+        if w < 1 or bool((counts >= k_len).all()):
+            return keys, values
+        snap = SnapKVPress(window_size=w, kernel_size=self.kernel_size)
+        scores = snap.score(module, hidden_states, keys, values, attentions, kwargs)  # [B, KV heads, k_len]
+        scores[..., : self.base[0]] = float("inf")  # the shared base first
+        scores[..., k_len - self.base[1] :] = float("inf")
+        order = scores.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(k_len, device=keys.device).expand_as(order))
+        module.masked_key_indices = torch.nonzero(rank >= counts[None, :, None], as_tuple=True)  # kvpress's patch
+        return keys, values

@@ -4,10 +4,12 @@ Sparsity in the head dimension instead of the token dimension. Per layer and KV 
 keeps either every token ("whole" heads, chosen by a ranking such as the retrieval score) or
 only what an eviction keeps for the other ("cut") heads: the first `sink` tokens (attention sink)
 plus the `window` most recent ones (`SinkWindowEviction`), or the tokens SnapKV selects after the
-prefill (`SnapKVEviction`). The cache really holds fewer bytes: each layer stores its whole heads
-as one tensor `[B, n_whole, T, D]` and its cut heads as `[B, n_part, T_part, D]` with their
-absolute positions; nothing is padded or masked in storage. `HeadSparseCache.nbytes()` is the
-sum of `numel * element_size` over the tensors the cache holds.
+prefill (`SnapKVEviction`), or a count of its own per head (`HeadKVEviction`; evictions in
+`evictions`). The cache really holds fewer bytes: each layer stores its whole heads as one tensor
+`[B, n_whole, T, D]` and its cut heads as `[B, n_part, T_part, D]` with their absolute positions,
+one such group per count of kept tokens (`CutGroup`; one group unless the counts differ);
+nothing is padded or masked in storage. `HeadSparseCache.nbytes()` is the sum of
+`numel * element_size` over the tensors the cache holds.
 
     cache = HeadSparseCache(whole, SinkWindowEviction(sink=4, window=60))
     with cache.attached(lm.model, lm.spec):
@@ -17,7 +19,7 @@ sum of `numel * element_size` over the tensors the cache holds.
 Attention over heads of different lengths cannot be one SDPA call, so `attached()` registers a
 small attention function (`AttentionInterface`, name `retrieval_heads_head_sparse`) and sets it
 on the model for the duration of the `with` block only. That function runs SDPA once for the
-whole heads and once for the cut ones, each with an exact mask built from absolute positions.
+whole heads and once per group of cut heads, each with an exact mask built from absolute positions.
 
 Prefill: by default the first forward (the prompt) uses full attention for every head and the
 cache is compressed right after it ("compress after prefill", as kvpress, SnapKV and HeadKV do).
@@ -36,11 +38,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import enum
-import math
-from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -49,16 +48,28 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ..compat import cache_layer
 from ..errors import ConfigError
 from ..models import ModelSpec, attention_implementation, spec_from_config
+from .evictions import Eviction, Keep, SinkWindowEviction, query_heads
 
 ATTN_NAME = "retrieval_heads_head_sparse"
 
 _ACTIVE: contextvars.ContextVar[HeadSparseCache | None] = contextvars.ContextVar("rh_kv_cache", default=None)
 
 
-def query_heads(kv_heads: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The query heads that read `kv_heads`, grouped by KV head: `ModelSpec.query_heads_of` as
-    one index tensor (HF `repeat_kv` order: query head h reads KV head h // group_size)."""
-    return (kv_heads[:, None] * group_size + torch.arange(group_size, device=kv_heads.device)[None, :]).flatten()
+class CutGroup(NamedTuple):
+    """Cut KV heads that hold the same number of tokens: keys/values `[B, n, T_g, D]`, absolute
+    positions `[n, T_g]` (int32)."""
+
+    heads: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    pos: torch.Tensor
+
+    def extend(self, key_states: torch.Tensor, value_states: torch.Tensor, qpos: torch.Tensor) -> CutGroup:
+        """The group with the new tokens `[B, n_kv, q, D]` at positions `qpos` appended."""
+        new_pos = qpos.to(torch.int32).expand(len(self.heads), -1)
+        keys = torch.cat([self.keys, key_states[:, self.heads]], dim=-2)
+        values = torch.cat([self.values, value_states[:, self.heads]], dim=-2)
+        return CutGroup(self.heads, keys, values, torch.cat([self.pos, new_pos], dim=-1))
 
 
 class Step(enum.Enum):
@@ -66,84 +77,6 @@ class Step(enum.Enum):
 
     DENSE = "dense"  # first forward over the prompt: full attention for every head, then evict
     SPARSE = "sparse"  # whole heads over all tokens, cut heads over what their eviction kept
-
-
-# ----------------------------------------------------------------------------------- evictions
-class Eviction(ABC):
-    """How a layer's cut heads drop tokens. The layer asks `keep` after each attention step and
-    `visible` for the mask of the current queries; evictions are stateless and shared by layers."""
-
-    needs_dense_prefill: ClassVar[bool] = False
-
-    @abstractmethod
-    def keep(self, layer: HeadSparseLayer, query: torch.Tensor | None, after_prefill: bool) -> torch.Tensor | None:
-        """Sorted indices `[n_part, k]` of the stored tokens each cut head keeps, or None (keep
-        all). `query`: the prefill's (observation) queries `[B, Hq, q, D]` when known."""
-
-    def visible(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor | None:
-        """bool, broadcast of `qpos` `[1, q, 1]` and `kpos` `[n_part, 1, T]`: which stored tokens a
-        query may read besides causality; None = all of them."""
-        return None
-
-
-@dataclass(frozen=True)
-class SinkWindowEviction(Eviction):
-    """StreamingLLM: keep the first `sink` tokens and the `window` most recent ones."""
-
-    sink: int = 4
-    window: int = 64
-
-    def __post_init__(self) -> None:
-        if self.sink < 0 or self.window < 1:
-            raise ConfigError(f"sink must be >= 0 and window >= 1, got sink={self.sink} window={self.window}")
-
-    def keep(self, layer: HeadSparseLayer, query: torch.Tensor | None, after_prefill: bool) -> torch.Tensor | None:
-        assert layer.pkeys is not None and layer.ppos is not None  # the layer evicts only after update()
-        if layer.pkeys.shape[-2] <= self.sink + self.window:
-            return None
-        pos = layer.ppos[0]  # every cut head holds the same positions
-        idx = torch.nonzero((pos < self.sink) | (pos >= layer.seen - self.window)).flatten()
-        return idx.expand(len(layer.part_idx), -1).contiguous()
-
-    def visible(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
-        return (kpos < self.sink) | (kpos >= qpos - self.window)
-
-
-@dataclass(frozen=True)
-class SnapKVEviction(Eviction):
-    """SnapKV: once, after the prefill, keep per head `budget` tokens: the last `obs_window`
-    prompt tokens plus those the observation queries attend to most (max-pooled over `kernel`,
-    summed over the window and the head's query heads). Later tokens are appended."""
-
-    budget: int = 256
-    obs_window: int = 32
-    kernel: int = 7
-    needs_dense_prefill: ClassVar[bool] = True  # it ranks tokens by the prefill's attention
-
-    def __post_init__(self) -> None:
-        if self.budget < 1:
-            raise ConfigError(f"snapkv needs a token budget >= 1, got {self.budget}")
-
-    def keep(self, layer: HeadSparseLayer, query: torch.Tensor | None, after_prefill: bool) -> torch.Tensor | None:
-        assert layer.pkeys is not None  # the layer evicts only after update()
-        t = layer.pkeys.shape[-2]
-        if not after_prefill or query is None or t <= self.budget:
-            return None
-        b, hq, _, d = query.shape
-        group = hq // layer.n_kv
-        w = min(self.obs_window, t, self.budget)
-        q_obs = query[:, query_heads(layer.part_idx, group), -w:]  # [B, n_part*group, w, D]
-        k = layer.pkeys.repeat_interleave(group, dim=1)  # [B, n_part*group, T, D]
-        logits = q_obs @ k.transpose(-1, -2) / math.sqrt(d)
-        causal = torch.arange(t - w, t, device=query.device)[:, None] >= torch.arange(t, device=query.device)[None, :]
-        logits = logits.masked_fill(~causal, float("-inf"))
-        attn = logits.softmax(-1)[..., : t - w].sum(-2)  # [B, n_part*group, T - w]
-        attn = attn.view(b, len(layer.part_idx), group, t - w).sum((0, 2))  # [n_part, T - w]
-        if self.kernel > 1:
-            attn = torch.nn.functional.max_pool1d(attn[:, None], self.kernel, stride=1, padding=self.kernel // 2)[:, 0]
-        top = attn.topk(self.budget - w, dim=-1).indices
-        recent = torch.arange(t - w, t, device=query.device).expand(len(layer.part_idx), -1)
-        return torch.cat([top, recent], dim=-1).sort(dim=-1).values
 
 
 # ----------------------------------------------------------------------------------- cache
@@ -164,14 +97,17 @@ class HeadSparseLayer(CacheLayerMixin):
         dense_prefill: bool = True,
         record_obs: int = 0,
         window: int | None = None,
+        index: int = 0,
     ) -> None:
         super().__init__()
+        self.index = index  # the layer's index in the model (per-layer evictions read it)
         self.window = window  # a sliding-window layer: every head keeps its last window - 1 tokens
         if window is not None:
             whole, eviction = [False] * len(whole), SinkWindowEviction(sink=0, window=window - 1)
         w = torch.as_tensor(list(whole), dtype=torch.bool)
         self.whole_idx = torch.nonzero(w).flatten()  # KV heads kept whole
-        self.part_idx = torch.nonzero(~w).flatten()  # KV heads cut by the eviction
+        self.part_idx = torch.nonzero(~w).flatten()  # KV heads cut by the eviction (the first group's)
+        self.cut_idx = self.part_idx  # every cut head, restored by reset()
         self.n_kv = len(w)
         self.eviction = eviction
         self.dense_prefill = dense_prefill
@@ -181,6 +117,7 @@ class HeadSparseLayer(CacheLayerMixin):
         self.pkeys: torch.Tensor | None = None  # cut heads
         self.pvalues: torch.Tensor | None = None
         self.ppos: torch.Tensor | None = None  # [n_part, T_part] int32 absolute positions
+        self.extra: list[CutGroup] = []  # cut heads that keep another count of tokens (HeadKV)
         self.pending: Step | None = None  # set by update(), consumed by the attention function
         self.qpos: torch.Tensor | None = None  # [q] absolute positions of the current queries
         self.peak_bytes = 0
@@ -222,6 +159,7 @@ class HeadSparseLayer(CacheLayerMixin):
         self.pvalues = torch.cat([self.pvalues, value_states[:, self.part_idx]], dim=-2)
         new_pos = self.qpos.to(torch.int32).expand(len(self.part_idx), q)
         self.ppos = torch.cat([self.ppos, new_pos], dim=-1)
+        self.extra = [g.extend(key_states, value_states, self.qpos) for g in self.extra]
         self.seen += q
         self.peak_bytes = max(self.peak_bytes, self.nbytes())
         self.pending = Step.DENSE if dense else Step.SPARSE
@@ -240,6 +178,7 @@ class HeadSparseLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.pkeys = self.pvalues = self.ppos = None
+        self.part_idx, self.extra = self.cut_idx, []
         self.is_initialized, self.seen, self.pending, self.peak_bytes = False, 0, None, 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -248,7 +187,7 @@ class HeadSparseLayer(CacheLayerMixin):
     # -- bookkeeping
     def nbytes(self) -> int:
         """Bytes of the tensors this layer holds (keys, values, positions)."""
-        ts = (self.keys, self.values, self.pkeys, self.pvalues, self.ppos)
+        ts = (self.keys, self.values, self.pkeys, self.pvalues, self.ppos, *(t for g in self.extra for t in g[1:]))
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     def tokens_per_head(self) -> list[int]:
@@ -258,31 +197,57 @@ class HeadSparseLayer(CacheLayerMixin):
             out[i] = 0 if self.keys is None else self.keys.shape[-2]
         for i in self.part_idx.tolist():
             out[i] = 0 if self.pkeys is None else self.pkeys.shape[-2]
+        for g in self.extra:
+            for i in g.heads.tolist():
+                out[i] = g.keys.shape[-2]
         return out
 
-    def keep_tokens(self, idx: torch.Tensor) -> None:
-        """Keep only the cut heads' stored tokens `idx` `[n_part, k]` (per-head indices, sorted)."""
+    def groups(self) -> list[CutGroup]:
+        """The cut heads in groups of equal length: the first one (`pkeys`, `pvalues`, `ppos`),
+        then `extra`."""
         assert self.pkeys is not None and self.pvalues is not None and self.ppos is not None  # filled by update()
-        gather = idx[None, :, :, None]
-        self.pkeys = self.pkeys.gather(2, gather.expand(self.pkeys.shape[0], -1, -1, self.pkeys.shape[-1])).contiguous()
-        self.pvalues = self.pvalues.gather(
-            2, gather.expand(self.pvalues.shape[0], -1, -1, self.pvalues.shape[-1])
-        ).contiguous()
-        self.ppos = self.ppos.gather(1, idx).contiguous()
+        return [CutGroup(self.part_idx, self.pkeys, self.pvalues, self.ppos), *self.extra]
+
+    def keep_tokens(self, idx: Keep) -> None:
+        """Keep only the cut heads' stored tokens `idx`: `[n_part, k]` (per-head indices, sorted), or
+        one index tensor per cut head when the counts differ; heads of one count form a group."""
+        if idx is None:
+            return
+        if isinstance(idx, torch.Tensor):
+            self.part_idx, self.pkeys, self.pvalues, self.ppos = self.cut_group(slice(None), idx)
+            return
+        by_count: dict[int, list[int]] = {}
+        for j, ix in enumerate(idx):
+            by_count.setdefault(len(ix), []).append(j)
+        groups = [
+            self.cut_group(torch.tensor(js, device=self.part_idx.device), torch.stack([idx[j] for j in js]))
+            for js in by_count.values()
+        ]
+        (self.part_idx, self.pkeys, self.pvalues, self.ppos), *self.extra = groups
+
+    def cut_group(self, sel: torch.Tensor | slice, idx: torch.Tensor) -> CutGroup:
+        """The cut heads `sel` of the first group with only their stored tokens `idx` `[n, k]`."""
+        assert self.pkeys is not None and self.pvalues is not None and self.ppos is not None  # filled by update()
+        k, v, gather = self.pkeys[:, sel], self.pvalues[:, sel], idx[None, :, :, None]
+        return CutGroup(
+            self.part_idx[sel],
+            k.gather(2, gather.expand(k.shape[0], -1, -1, k.shape[-1])).contiguous(),
+            v.gather(2, gather.expand(v.shape[0], -1, -1, v.shape[-1])).contiguous(),
+            self.ppos[sel].gather(1, idx).contiguous(),
+        )
 
     def evict(self, query: torch.Tensor | None = None, *, after_prefill: bool = False) -> None:
         """After attention: drop what the eviction no longer keeps of the cut heads."""
-        if len(self.part_idx) == 0 or self.pkeys is None:
-            return
-        idx = self.eviction.keep(self, query, after_prefill)
-        if idx is not None:
-            self.keep_tokens(idx)
+        if len(self.part_idx) == 0 or self.pkeys is None or self.extra:
+            return  # groups come from a one-time eviction after the prefill (HeadKV); nothing more to drop
+        self.keep_tokens(self.eviction.keep(self, query, after_prefill))
 
-    def part_mask(self) -> torch.Tensor:
-        """bool `[n_part, q, T_part]`: which stored tokens each current query of each cut head sees."""
+    def part_mask(self, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """bool `[n_part, q, T_part]`: which stored tokens each current query of each cut head sees
+        (`pos`: the positions of a group, by default the first)."""
         assert self.qpos is not None and self.ppos is not None  # set by update() before attention
         qp = self.qpos[None, :, None]  # [1, q, 1]
-        kp = self.ppos[:, None, :].to(qp.dtype)  # [n_part, 1, T]
+        kp = (self.ppos if pos is None else pos)[:, None, :].to(qp.dtype)  # [n_part, 1, T]
         vis = kp <= qp
         extra = self.eviction.visible(qp, kp)
         return vis if extra is None else vis & extra
@@ -347,10 +312,10 @@ def head_sparse_attention(
         if q > 1:  # bottom-right aligned causal mask: query i sees keys up to its own position
             mask = torch.arange(t, device=query.device)[None, :] <= layer.qpos[:, None]
         out[:, qi] = _sdpa(query[:, qi], layer.keys, layer.values, mask, scaling)
-    if len(layer.part_idx):
-        qi = query_heads(layer.part_idx, group)
-        mask = layer.part_mask().repeat_interleave(group, dim=0)[None]  # [1, n_part*group, q, T]
-        out[:, qi] = _sdpa(query[:, qi], layer.pkeys, layer.pvalues, mask, scaling)
+    for heads, k, v, pos in layer.groups() if len(layer.part_idx) else ():
+        qi = query_heads(heads, group)
+        mask = layer.part_mask(pos).repeat_interleave(group, dim=0)[None]  # [1, n*group, q, T]
+        out[:, qi] = _sdpa(query[:, qi], k, v, mask, scaling)
     layer.evict()
     return out.transpose(1, 2).contiguous(), None
 
@@ -364,7 +329,7 @@ class HeadSparseCache(Cache):
     def __init__(
         self,
         whole: np.ndarray,
-        eviction: Eviction = SinkWindowEviction(),
+        eviction: Eviction = SinkWindowEviction(),  # noqa: B008  (a frozen dataclass)
         *,
         dense_prefill: bool = True,
         record_obs: int = 0,
@@ -373,7 +338,9 @@ class HeadSparseCache(Cache):
         """windows: per layer its sliding window or None (global); default all global. Sliding
         layers ignore their row of `whole` and keep their last window - 1 tokens."""
         if not isinstance(eviction, Eviction):
-            raise ConfigError(f"unknown eviction {eviction!r}; use SinkWindowEviction or SnapKVEviction")
+            raise ConfigError(
+                f"unknown eviction {eviction!r}; use SinkWindowEviction, SnapKVEviction or HeadKVEviction"
+            )
         if eviction.needs_dense_prefill and not dense_prefill:
             raise ConfigError(f"{type(eviction).__name__} needs a dense prefill")
         self.whole = np.asarray(whole, dtype=bool)
@@ -383,8 +350,8 @@ class HeadSparseCache(Cache):
             raise ConfigError(f"windows must give each of the {len(self.whole)} layers None or a window >= 2")
         super().__init__(
             layers=[
-                HeadSparseLayer(row, eviction, dense_prefill=dense_prefill, record_obs=record_obs, window=w)
-                for row, w in zip(self.whole, self.windows, strict=True)
+                HeadSparseLayer(row, eviction, dense_prefill=dense_prefill, record_obs=record_obs, window=w, index=i)
+                for i, (row, w) in enumerate(zip(self.whole, self.windows, strict=True))
             ]
         )
 

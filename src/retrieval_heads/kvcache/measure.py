@@ -21,7 +21,8 @@ from ..errors import ConfigError
 from ..heads import kv_head_scores
 from ..models import LoadedModel
 from ..needles import QUESTION_TEMPLATE, Needle, Sample
-from .cache import HeadSparseCache, SinkWindowEviction
+from .cache import HeadSparseCache
+from .evictions import SinkWindowEviction
 from .policies import KVPolicy
 
 

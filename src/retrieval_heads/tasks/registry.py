@@ -1,7 +1,7 @@
 """Tasks by name: the built-in tasks and any registered with `register_task`.
 
     task = get_task("extractive-qa", context_tokens=2000)
-    task_names()  # ['arith-chain', 'extractive-qa', 'gsm8k', 'hotpotqa', 'mmlu', 'niah']
+    task_names()  # ['arith-chain', 'extractive-qa', 'gsm8k', 'hotpotqa', 'mmlu', 'niah', 'ruler_niah_multikey', ...]
 
     @register_task("my-task")
     class MyTask(Task): ...
@@ -20,6 +20,7 @@ from .base import Task
 from .niah import NIAH
 from .qa import ExtractiveQA, HotpotQA
 from .reasoning import GSM8K, MMLU, ArithChain
+from .ruler import RulerNIAHMultiKey, RulerNIAHMultiQuery, RulerNIAHMultiValue, RulerNIAHSingle, RulerQA, RulerVT
 
 TASKS: dict[str, type[Task]] = {}
 TYPE_NAMES = {int: "an integer", float: "a number", str: "text"}
@@ -38,7 +39,8 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
     return deco
 
 
-for _builtin in (NIAH, ExtractiveQA, HotpotQA, GSM8K, MMLU, ArithChain):
+RULER = (RulerNIAHSingle, RulerNIAHMultiKey, RulerNIAHMultiValue, RulerNIAHMultiQuery, RulerVT, RulerQA)
+for _builtin in (NIAH, ExtractiveQA, HotpotQA, GSM8K, MMLU, ArithChain, *RULER):
     register_task(_builtin.name)(_builtin)
 
 
