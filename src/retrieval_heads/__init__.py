@@ -10,7 +10,8 @@ Public API (no side effects at import; torch and transformers load lazily, on fi
 
 Study and use the heads: `mask_eval`, `task_eval` (masking experiments), `kv_eval` and
 `HeadSparseCache` (head-level KV cache), `attribute` (which passage an answer copies from),
-`RetrievalHeadsPress` (a kvpress press; needs the `kvpress` package).
+`HeadKVPolicy` (per-KV-head budgets from the scores), `RetrievalHeadsPress` and `HeadKVPress`
+(kvpress presses; need the `kvpress` package).
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ _LAZY = {
     "kv_eval": "experiments.kv_eval",
     "KVEvalConfig": "experiments.kv_eval",
     "HeadSparseCache": "kvcache",
+    "HeadKVPolicy": "kvcache",
     "attribute": "attribution",
     "RetrievalHeadsPress": "integrations.kvpress",  # optional: needs kvpress
+    "HeadKVPress": "integrations.kvpress",  # optional: needs kvpress
     "RetrievalHeadsError": "errors",
 }
 
@@ -64,5 +67,5 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
 
-_OPTIONAL = {"RetrievalHeadsPress"}  # needs an extra: left out of `import *`
+_OPTIONAL = {"RetrievalHeadsPress", "HeadKVPress"}  # needs an extra: left out of `import *`
 __all__ = sorted(set(_LAZY) - _OPTIONAL)

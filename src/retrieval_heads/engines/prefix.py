@@ -64,9 +64,8 @@ class PrefixStore:
     needle, which start with the needle), hence `max_slots` prefixes, least recently used evicted.
     Each slot holds full-layer keys and values up to a prompt's length, so the slots bound the
     store's memory: in grid order (needle by needle) two slots, the haystack family and the
-    current needle's, reuse as much as four (SmolLM2 grids of 500-3,000 and 4,000-8,000 tokens:
-    the same prefilled tokens, at most 1.7 instead of 3.1 longest prompts of keys held); an
-    interleaved order (`detect --until-stable`) visits the needles in turn and gains from four.
+    current needle's, reuse as much as four while holding fewer keys; an interleaved order
+    (`detect --until-stable`) visits the needles in turn and gains from four.
     """
 
     def __init__(
