@@ -101,54 +101,6 @@ def vm_hwm_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(args: argparse.Namespace) -> None:
-    """Fresh process: one contender at one length; prints its peak RSS (VmHWM, MiB) as JSON."""
-    import torch
-
-    from retrieval_heads.engines import FastEngine
-    from retrieval_heads.models import load_model
-    from retrieval_heads.needles import DETECTION_NEEDLES, load_haystack, make_sample
-
-    torch.set_num_threads(args.threads)
-    lm = load_model(args.model, attn_implementation="sdpa")
-    s = make_sample(lm.tokenizer, load_haystack(), DETECTION_NEEDLES[0], args.rss_length, 50.0)
-    base = vm_hwm_mib()
-    t0 = time.perf_counter()
-    if args.child == "plain":
-        plain_generate(lm, s, 1)
-    else:
-        FastEngine(lm).run(s, max_new_tokens=args.rss_new_tokens, stop=NEVER)
-    print(
-        json.dumps(
-            {
-                "before": base,
-                "peak": vm_hwm_mib(),
-                "seconds": time.perf_counter() - t0,
-                "tokens": len(s.prompt_ids),
-            }
-        )
-    )
-
-
-def run_child(args: argparse.Namespace, which: str) -> dict[str, float]:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        which,
-        "--model",
-        args.model,
-        "--threads",
-        str(args.threads),
-        "--rss-length",
-        str(args.rss_length),
-        "--rss-new-tokens",
-        str(args.rss_new_tokens),
-    ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 CONTENDERS = ("plain", "fast", "reference")
 # glibc's dynamic mmap threshold lets freed large tensors stay in the heap, so the peak RSS of two
 # identical runs differed by up to 250 MiB (SmolLM2, 8K tokens); with a fixed threshold a peak is
@@ -267,16 +219,11 @@ def main() -> None:
     p.add_argument("--grid-needles", type=int, default=2)
     p.add_argument("--phases", default="lengths,grid,batch", help="which parts to run: lengths, grid, batch")
     p.add_argument("--batch-size", type=int, default=4, help="batch phase: samples per batch")
-    p.add_argument("--rss-length", type=int, default=0, help="also measure peak RSS at this length in child processes")
-    p.add_argument("--rss-new-tokens", type=int, default=5)
     p.add_argument("--reference-max", type=int, default=4000, help="lengths phase: reference engine up to here")
     p.add_argument("--reps", type=int, default=2, help="lengths phase: runs per contender and length (best kept)")
     p.add_argument("--json", default="", help="lengths phase: also write the rows and slopes to this JSON file")
-    p.add_argument("--child", choices=["plain", "fast"], help=argparse.SUPPRESS)
     p.add_argument("--lengths-child", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.child:
-        return child(args)
     if args.lengths_child:
         return lengths_child(args)
 
@@ -291,22 +238,21 @@ def main() -> None:
     depths = [float(x) for x in args.grid_depths.split(",")]
     n = args.new_tokens
     rss = PeakRSS()
-    lm = load_model(args.model, attn_implementation="sdpa")
-    hay = load_haystack()
     print(
         f"# detect_speed  {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  "
         f"{platform.processor() or platform.machine()}"
         f"  cpus={os.cpu_count()} threads={torch.get_num_threads()}  model={args.model}  new_tokens={n}"
     )
-    sample = lambda L, d=50.0, k=0: make_sample(lm.tokenizer, hay, DETECTION_NEEDLES[k], L, d)  # noqa: E731
-    fast = FastEngine(lm, prefix_reuse=False)
-    warm = sample(200)
-    plain_generate(lm, warm, 2), fast.run(warm, max_new_tokens=2, stop=NEVER)
-
     rows: list[dict[str, Any]] = []
     phases = set(args.phases.split(","))
-    if "lengths" in phases:
+    if "lengths" in phases:  # its contenders load the model in their own processes
         rows = lengths_phase(args, lengths)
+    if phases & {"grid", "batch"}:
+        lm = load_model(args.model, attn_implementation="sdpa")
+        hay = load_haystack()
+        sample = lambda L, d=50.0, k=0: make_sample(lm.tokenizer, hay, DETECTION_NEEDLES[k], L, d)  # noqa: E731
+        warm = sample(200)
+        plain_generate(lm, warm, 2), FastEngine(lm, prefix_reuse=False).run(warm, max_new_tokens=2, stop=NEVER)
 
     # The grid: plain generate of every sample vs fast engine with prefix reuse, same samples.
     tg_plain = tg_fast = 0.0
@@ -394,14 +340,6 @@ def main() -> None:
             f"(reuse alone can reach >= {bound:.2f})"
         )
         print(f"  grid with reuse + batched decode / plain generate grid: {verdict(tg_fastb / tg_plain, 0.7)}")
-    if args.rss_length:
-        plain = run_child(args, "plain")
-        fastc = run_child(args, "fast")
-        print(
-            f"  peak RSS at {plain['tokens']} tokens: plain SDPA prefill {plain['peak']:.0f} MiB, "
-            f"fast engine ({args.rss_new_tokens} tokens) {fastc['peak']:.0f} MiB; "
-            f"ratio {verdict(fastc['peak'] / plain['peak'], 1.2)}"
-        )
     print(f"\n  process peak RSS (ru_maxrss): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

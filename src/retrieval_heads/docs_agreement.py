@@ -18,7 +18,8 @@ from typing import Any
 
 from .docs_sources import COMMAND, fmt_number, when, where_ran
 from .errors import DataError
-from .userfiles import MAX_SUMMARY, read_text
+from .scorefile import read_json
+from .userfiles import MAX_SUMMARY
 
 AGREEMENT_FILE = "agreement.json"
 RUNS_FILE = "agreement_runs.json"
@@ -26,15 +27,13 @@ LABELS = {"copy": "copy (retrieval score)"}
 
 
 def _read(folder: Path, name: str, where: str) -> Any:
-    import json
-
     path = folder / name
     if not path.is_file():
         raise DataError(f"{where}: {path} not found (write it with `retrieval-heads compare A B --out {folder}`)")
     try:
-        return json.loads(read_text(path, MAX_SUMMARY))
-    except ValueError as e:
-        raise DataError(f"{where}: {path} is not valid JSON ({e})") from None
+        return read_json(path, MAX_SUMMARY)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
 
 
 def _interval(row: dict[str, Any], digits: int) -> str:

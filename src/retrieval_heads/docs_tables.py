@@ -61,7 +61,7 @@ from .docs_sources import (
 )
 from .errors import ConfigError, DataError
 from .experiments.conditions import random_pool_line
-from .experiments.null import UNITS, null_rows, null_table
+from .experiments.null import UNITS, null_lines
 from .experiments.stats import fmt_interval
 from .results import RETRIEVAL_THRESHOLD, DetectionResult
 from .runs import CONFIG_FILE, SUMMARY_FILE, TABLE_FILE, is_run_config, read_config
@@ -263,9 +263,8 @@ def null_distribution_table(sources: list[str], options: dict[str, str], root: P
     kind = experiment_kind(run.config) or "detection"
     if kind not in UNITS:
         raise DataError(f"{where}: {sources[0]} is a {kind} run, not a {' or '.join(UNITS)} run")
-    unit, scale, key = UNITS[kind]
     try:
-        lines = null_table(null_rows(run.summary.get("null_distribution") or []), unit, scale=scale, key=key)
+        lines = null_lines(kind, run.summary.get("null_distribution") or [])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DataError(f"{where}: {run.folder / SUMMARY_FILE}: malformed null_distribution ({e})") from None
     if not lines:
@@ -387,14 +386,20 @@ def _write_bytes(data: bytes, fh: IO[bytes]) -> None:
     fh.write(data)
 
 
+def _snapshot_dest(src: Path, dest_dir: Path) -> Path:
+    """`dest_dir/<src's name>/`, refused when it is `src` itself."""
+    dest = dest_dir / src.resolve().name
+    if dest.resolve() == src.resolve():
+        raise ConfigError(f"{src} is already a snapshot in {dest_dir}")
+    return dest
+
+
 def _snapshot_comparison(src: Path, dest_dir: Path) -> Path:
     """`snapshot` of a `compare` folder: agreement.json and agreement_runs.json, nothing else."""
     files = (AGREEMENT_FILE, RUNS_FILE)
     if not (src / RUNS_FILE).is_file():
         raise DataError(f"{src}: no {RUNS_FILE} (written by `retrieval-heads compare` since 0.2)")
-    dest = dest_dir / src.resolve().name
-    if dest.resolve() == src.resolve():
-        raise ConfigError(f"{src} is already a snapshot in {dest_dir}")
+    dest = _snapshot_dest(src, dest_dir)
     if dest.exists() and any(p.name not in files for p in dest.iterdir()):
         raise ConfigError(f"{dest} holds files that no snapshot of a comparison wrote; give another snapshot folder")
     texts = {f: read_text(src / f, MAX_SUMMARY) for f in files}
@@ -419,9 +424,7 @@ def snapshot(run: str | Path, dest_dir: str | Path = SNAPSHOT_DIR) -> Path:
         raise DataError(f"{src}: no {SUMMARY_FILE} (an unfinished run?)")
     if experiment_kind(config) and not (src / TABLE_FILE).is_file():
         raise DataError(f"{src}: no {TABLE_FILE} (an unfinished run?)")
-    dest = Path(dest_dir) / src.resolve().name
-    if dest.resolve() == src.resolve():
-        raise ConfigError(f"{src} is already a snapshot in {dest_dir}")
+    dest = _snapshot_dest(src, Path(dest_dir))
     if any((dest / f).exists() for f in SNAPSHOT_FILES) and not is_run_config(read_json_or_none(dest / CONFIG_FILE)):
         raise ConfigError(f"{dest} holds files that no snapshot wrote; give another snapshot folder")
     texts = {f: read_text(src / f, MAX_SUMMARY) for f in SNAPSHOT_FILES if (src / f).is_file()}

@@ -162,12 +162,10 @@ def compare(
         k = min(10, results[0].shape[0] * results[0].shape[1])
     scores = list(dict.fromkeys(score or ["copy"]))
     agree = G.agreement_table(results, scores, k)  # checks --score and --k before anything is written
-    costed, cuts = results, []
-    if by_length:  # the first run's shorter grids against the last run
-        cuts = G.length_prefixes(results[0])[:-1]
+    cuts = G.length_prefixes(results[0])[:-1] if by_length else []  # the first run's shorter grids
+    if cuts:
         extra = [G.run_agreement(c, results[-1], name, k) for name in scores for c in cuts]
         agree = pd.concat([agree, *extra], ignore_index=True)
-        costed = [*cuts, *results]
     console = Console()
     written = []
     saved = {}
@@ -201,9 +199,8 @@ def compare(
         _print_agreement(console, agree[agree["score"] == name], name, k)
     written += _write_frame(agree, out / "agreement")
     # what each grid cost beside what it found: "is the short grid enough?" is a trade-off
-    atomic_write_text(
-        out / "agreement_runs.json", json.dumps([{**G.run_cost(r), "cut": r in cuts} for r in costed], indent=1)
-    )
+    costs = [{**G.run_cost(c), "cut": True} for c in cuts] + [{**G.run_cost(r), "cut": False} for r in results]
+    atomic_write_text(out / "agreement_runs.json", json.dumps(costs, indent=1))
     written.append(out / "agreement_runs.json")
     typer.echo(f"wrote {len(written)} files to {out}")
     note = G.interval_note(results)

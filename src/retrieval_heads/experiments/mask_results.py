@@ -11,7 +11,7 @@ import numpy as np
 
 from ..tasks.niah import ERROR_KINDS
 from .conditions import Condition, random_pool_line, random_pool_of
-from .null import UNITS, null_rows, null_table, null_test
+from .null import null_lines, null_test
 from .stats import fmt_interval, paired_difference
 from .task_results import MaskingResult, by_doc, seed_mean
 
@@ -184,8 +184,7 @@ class MaskEvalResult(MaskingResult):
                 f"{cv['random_exact'][i]:.0%} [{cv['random_exact_min'][i]:.0%}, {cv['random_exact_max'][i]:.0%}] | "
                 f"{cv['random_draws'][i] or '-'} | {fmt_interval(paired.get(k))} |"
             )
-        unit, scale, key = UNITS[self.kind]
-        null = null_table(null_rows(self.null()), unit, scale=scale, key=key)
+        null = null_lines(self.kind, self.null())
         lines += ["", *null] if null else []
         lines += [
             "",

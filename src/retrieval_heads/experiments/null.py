@@ -96,3 +96,10 @@ def null_table(
         p = "-" if np.isnan(t["p_value"]) else f"{t['p_value']:.3f}"
         lines.append(f"| {label} | {top} | {spread} | {t['n_draws']} | {t['n_as_harmful']} | {pct} | {p} |")
     return lines
+
+
+def null_lines(kind: str, null: Any) -> list[str]:
+    """`null_table` of a mask-eval or task-eval run's null distribution (`kind` picks its unit and
+    label column, `UNITS`; `null` as computed or as saved in summary.json). No lines without a draw."""
+    unit, scale, key = UNITS[kind]
+    return null_table(null_rows(null), unit, scale=scale, key=key)

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..runner import ExperimentResult
 from .conditions import Condition, random_pool_line, random_pool_of
-from .null import UNITS, null_rows, null_table, null_test
+from .null import null_lines, null_test
 from .stats import bootstrap_ci, fmt_interval, named, paired_difference
 
 Value = Callable[[dict[str, Any]], float]  # a record's value of one metric
@@ -158,8 +158,7 @@ class TaskEvalResult(MaskingResult):
                 )
                 cells.append(fmt_interval(v, "minus_random", scale=100))
             lines.append(f"| {r['label']} | {r['n']} | " + " | ".join(cells) + " |")
-        unit, scale, key = UNITS[self.kind]
-        null = null_table(null_rows(self.null()), unit, scale=scale, key=key)
+        null = null_lines(self.kind, self.null())
         return "\n".join([*lines, "", *null] if null else lines)
 
     def examples(self, n: int = 3) -> list[dict[str, Any]]:
