@@ -138,6 +138,18 @@ def decode_positions(n: int, device: Any, *, attentions: bool = True) -> Callabl
     return kwargs
 
 
+def prefill_prefix(model: Any, input_ids: Any) -> Any:
+    """The KV cache of the prompt but its last token (None for a one-token prompt): the prefill of
+    `greedy_with_attentions`, with the model's current attention implementation. The caller holds
+    `torch.no_grad()`."""
+    _, attr = cache_io(model)
+    return (
+        getattr(model(input_ids=input_ids[:, :-1], use_cache=True, logits_to_keep=1), attr)
+        if input_ids.shape[1] > 1
+        else None
+    )
+
+
 def greedy_with_attentions(
     model: Any,
     input_ids: Any,
@@ -147,12 +159,15 @@ def greedy_with_attentions(
     on_step: Callable[[int, Any], None],
     attentions: bool = True,
     forced: Sequence[int] | None = None,
+    prefix_cache: Any = None,
 ) -> list[int]:
     """`greedy` with every layer's attention weights in each step's output (`out.attentions`), the
     paper-faithful way: the prompt but its last token is prefilled once with the model's current
     attention implementation, then each step feeds one query at its explicit position with eager
     attention (SDPA returns no weights). With `attentions=False` the same loop runs on the model's
-    own attention without weights (a run that watches no head); `forced` as in `greedy`. The caller
+    own attention without weights (a run that watches no head); `forced` as in `greedy`;
+    `prefix_cache`: the cache of `prefill_prefix(model, input_ids)`, computed once to serve several
+    decodes (it is extended in place: pass each decode its own copy). The caller
     holds `torch.no_grad()`; a caller that wants the prefill eager too (the reference engine) holds
     `models.attention_implementation(model, "eager")` around the call.
 
@@ -161,8 +176,7 @@ def greedy_with_attentions(
                                          on_step=lambda t, out: rows.append(out.attentions))
     """
     n = input_ids.shape[1]
-    _, attr = cache_io(model)
-    cache = getattr(model(input_ids=input_ids[:, :-1], use_cache=True, logits_to_keep=1), attr) if n > 1 else None
+    cache = prefill_prefix(model, input_ids) if prefix_cache is None else prefix_cache
     with attention_implementation(model, "eager") if attentions else contextlib.nullcontext():
         generated, _ = greedy(
             model,

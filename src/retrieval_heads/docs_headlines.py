@@ -67,14 +67,24 @@ def _sparsity_rows(run: SavedRun, result: DetectionResult, refs: list[DetectionR
     ]
 
 
+def _null_clause(null: dict[str, Any] | None, pool: str) -> str:
+    """ "; N of M <pool> draws as harmful (p = ...)" for a null with draws, else nothing."""
+    if not null or not null.get("n_draws"):
+        return ""
+    return f"; {null['n_as_harmful']} of {null['n_draws']} {pool} draws as harmful (p = {null['p_value']:.2f})"
+
+
 def _mask_row(run: SavedRun) -> Row:
     s = run.summary
     c = s["curves"]
     i = c["k"].index(MASK_K)
+    pool = s.get("random_pool", "")
     answer = (
         f"top {MASK_K} masked: needle retrieval {c['top_score'][0]:.1f} → {c['top_score'][i]:.1f}; "
-        f"{MASK_K} random {s.get('random_pool', '')} heads: {c['random_score'][i]:.1f}"
+        f"{MASK_K} random {pool} heads: {c['random_score'][i]:.1f}"
     )
+    null = next((t for t in s.get("null_distribution") or [] if t["k"] == MASK_K), None)
+    answer += _null_clause(null, pool)
     return "Do they matter?", answer.replace("  ", " "), "[Causal test](docs/mask_eval.md)"
 
 
@@ -85,6 +95,8 @@ def _task_row(run: SavedRun) -> Row:
         f"{t.task} {t.metric.upper()} {base:.1f} → {top:.1f} with the top {t.k} masked, "
         f"{rand:.1f} with {t.k} random heads"
     )
+    null = (run.summary.get("null_distribution") or {}).get(t.metric)
+    answer += _null_clause(null, str(run.summary.get("random_pool", "")))
     return "Beyond needles?", answer, "[Downstream tasks](docs/task_eval.md)"
 
 

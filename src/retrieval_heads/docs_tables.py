@@ -21,6 +21,8 @@ to the current directory, the repository root) or `ref:<name>` (a shipped refere
     task-summary  task-eval runs: no mask, top-K and random-K masked, top minus random
     null          one mask-eval or task-eval run: the top-K effect in the null of its random draws
                   (per K and metric: draws' effects, how many as harmful, percentile, p-value), its pool
+    nulls         mask-eval and task-eval runs: one row per run, K and metric with the top-K effect, the
+                  draws' effects, the p-value and whether it lies beyond the null (`docs_nulls`)
     kv-eval, mask-eval, task-eval, grounding-eval, passage-rank   one experiment run: its table.md
     finetune-eval one or several finetune-eval runs: their table.md rows under one header
     headlines     the README's questions, one row per run (see `retrieval_heads.docs_headlines`)
@@ -47,6 +49,7 @@ import numpy as np
 from .analysis import SPARSITY_BINS, correlation_pairs, head_label, sparsity_table
 from .docs_agreement import AGREEMENT_FILE, RUNS_FILE, agreement_rows
 from .docs_headlines import headlines_table
+from .docs_nulls import nulls_table
 from .docs_sources import (
     COMMAND,
     SavedRun,
@@ -299,6 +302,7 @@ KINDS: dict[str, tuple[Callable[[list[str], dict[str, str], Path, str], tuple[st
     "task-eval": (experiment_table("task-eval"), (), False),
     "task-summary": (task_summary_table, (), True),
     "null": (null_distribution_table, (), False),
+    "nulls": (nulls_table, (), True),
     "grounding-eval": (experiment_table("grounding-eval"), (), False),
     "passage-rank": (experiment_table("passage-rank"), (), False),
     "finetune-eval": (finetune_rows, (), True),

@@ -125,3 +125,17 @@ def test_a_summary_without_the_numbers_is_a_data_error(repo):
     (root / sources[3] / "summary.json").write_text(json.dumps({"curves": {"k": [0, 5]}}))  # no K = 10
     with pytest.raises(DataError, match="lacks what the headline row reads"):
         D.generate(f"headlines {sources[0]} {sources[3]}", root)
+
+
+def test_rows_name_the_null_when_the_run_has_one(repo):
+    root, sources = repo
+    null = {"n_draws": 20, "n_as_harmful": 3, "p_value": 4 / 21}
+    for i, key, value in ((3, "null_distribution", [{"k": 10, **null}]), (4, "null_distribution", {"f1": null})):
+        path = root / sources[i] / "summary.json"
+        summary = json.loads(path.read_text())
+        summary[key], summary["random_pool"] = value, "layer-matched"
+        path.write_text(json.dumps(summary))
+    text = D.generate(f"headlines {sources[0]} {sources[3]} {sources[4]}", root)
+    rows = [l for l in text.split("\n") if l.startswith("| ")]
+    assert "10 random layer-matched heads: 75.5; 3 of 20 layer-matched draws as harmful (p = 0.19) |" in rows[3]
+    assert "25.0 with 2 random heads; 3 of 20 layer-matched draws as harmful (p = 0.19) |" in rows[4]

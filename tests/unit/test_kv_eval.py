@@ -248,3 +248,10 @@ def test_kv_eval_headkv_takes_its_counts_from_the_retrieval_ranking(tmp_path, ha
     c = next(r["context_tokens"] for r in res.records if r.get("condition") == "headkv-b0.3")
     assert cond["policy"] == "headkv" and cond["tokens"] == math.floor(0.3 * 4 * c + 1e-9)
     assert cond["head_tokens"][1] > cond["head_tokens"][0]  # KV heads of different scores, different counts
+
+
+def test_every_policy_has_a_line_style_and_a_label_in_the_figure():
+    from retrieval_heads.experiments.kv_eval import POLICIES
+    from retrieval_heads.plots.kv import LABELS, STYLE
+
+    assert set(STYLE) == set(LABELS) == set(POLICIES)  # a policy without a style would be left out of the figure

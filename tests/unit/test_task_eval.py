@@ -295,3 +295,40 @@ def test_cli_loads_the_model_with_the_shared_options(cli, tmp_path, monkeypatch,
     code, _, err = cli("task-eval", "--task", "arith-chain", "--scores", _scores(tmp_path), "--model", "m", *args)
     assert code == 2 and "stop here" in err
     assert seen == {"name": "m", "attn_implementation": "sdpa", **want}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # gemma3: sliding-window layers in the shared prefill
+def test_decode_phase_shares_one_prefill_per_prompt_with_the_same_answers(data, monkeypatch, arch):
+    """Under phase "decode" the prefill is unmasked, so one per prompt serves every condition:
+    the answers, scores and watched argmaxes equal a prefill per condition, with fewer prefills."""
+    model = tiny_model(arch, attn_implementation="sdpa", seed=2)  # a seed whose conditions answer differently
+    scores = SCORES if arch == "llama" else np.arange(12.0).reshape(3, 4) / 12
+    cfg = TaskEvalConfig(
+        task="extractive-qa",
+        ks=(0, 2),
+        random_seeds=(0, 1),
+        limit=2,
+        task_args={"path": str(data / "squad.json"), "context_tokens": 100},
+        chat=False,
+        phase="decode",
+        method="zero",
+    )
+    prefills = []
+    real_prefill = masked_task.prefill_prefix
+    monkeypatch.setattr(masked_task, "prefill_prefix", lambda m, ids: prefills.append(1) or real_prefill(m, ids))
+    shared = task_eval(model, scores, cfg, show_progress=False)
+    assert len(prefills) == 2  # one per document, for 4 conditions
+    real_run = masked_task.run_masked
+    monkeypatch.setattr(masked_task, "run_masked", lambda *a, **k: real_run(*a, **k, share_prefill=False))
+    monkeypatch.setattr("retrieval_heads.experiments.task_eval.run_masked", masked_task.run_masked)
+    alone = task_eval(model, scores, cfg, show_progress=False)
+    assert len(prefills) == 2  # the per-condition path prefills inside generate
+
+    def key(r):
+        return {k: v for k, v in r.items() if k != "seconds"}
+
+    assert sorted(map(key, shared.records), key=lambda r: r["id"]) == sorted(
+        map(key, alone.records), key=lambda r: r["id"]
+    )
+    assert shared.table() == alone.table()
+    assert len({r["generated_text"] for r in shared.records}) > 1  # the conditions answer differently

@@ -11,6 +11,7 @@ decode step, so the decode-phase masks and the watched heads' attention cover ev
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..decoding import StopFn, greedy_with_attentions
+from ..decoding import StopFn, greedy_with_attentions, prefill_prefix
 from ..errors import ConfigError
 from ..heads import Head
 from ..masking import Method, Phase, mask_heads
@@ -34,13 +35,19 @@ def count_tokens(lm: LoadedModel) -> Callable[[str], int]:
 
 
 def generate(
-    lm: LoadedModel, prompt_ids: Sequence[int], max_new_tokens: int, stop: StopFn, watch: Sequence[Head] = ()
+    lm: LoadedModel,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    stop: StopFn,
+    watch: Sequence[Head] = (),
+    prefix: Any = None,
 ) -> tuple[list[int], np.ndarray]:
     """Greedy generation: prefill prompt[:-1], then the last prompt token is the first decode step.
 
     Returns the generated ids and the watched heads' argmax key positions `[steps, len(watch)]`
     (absolute positions). With watched heads, decode steps run with eager attention (weights
-    needed); the prefill keeps the model's implementation (SDPA is ~2x faster on CPU).
+    needed); the prefill keeps the model's implementation (SDPA is ~2x faster on CPU). `prefix`:
+    the prefill already done (`decoding.prefill_prefix`); it is copied, not extended.
     """
     import torch
 
@@ -58,7 +65,13 @@ def generate(
 
     with torch.no_grad():
         generated = greedy_with_attentions(
-            lm.model, ids, max_new_tokens=max_new_tokens, stop=stop, on_step=on_step, attentions=bool(watch)
+            lm.model,
+            ids,
+            max_new_tokens=max_new_tokens,
+            stop=stop,
+            on_step=on_step,
+            attentions=bool(watch),
+            prefix_cache=None if prefix is None else copy.deepcopy(prefix),
         )
     return generated, (np.stack(steps) if steps else np.zeros((0, len(watch)), np.int64))
 
@@ -102,10 +115,11 @@ def prompts(lm: LoadedModel, task: Task, docs: Sequence[Doc], style: str, chat: 
     return out
 
 
-def answer(lm: LoadedModel, task: Task, style: str, condition: Condition, prompt: Prompt) -> Answer:
-    """Greedy answer to one prompt (the condition's masks already active), extracted and scored."""
+def answer(lm: LoadedModel, task: Task, style: str, condition: Condition, prompt: Prompt, prefix: Any = None) -> Answer:
+    """Greedy answer to one prompt (the condition's masks already active), extracted and scored;
+    `prefix` as in `generate`."""
     stop = task.stop_rule(lm.tokenizer, prompt.request)
-    gen, argmax = generate(lm, prompt.ids, prompt.request.max_new_tokens, stop, condition.watch)
+    gen, argmax = generate(lm, prompt.ids, prompt.request.max_new_tokens, stop, condition.watch, prefix)
     text = stop.cut(lm.tokenizer.decode(gen, skip_special_tokens=True))
     pred = task.extract_answer(text, prompt.doc, style)
     return Answer(condition, prompt, gen, text, argmax, pred, task.score(prompt.doc, pred))
@@ -123,24 +137,53 @@ def run_masked(
     phase: Phase,
     means: Any = None,
     record: Callable[[Answer], dict[str, Any]],
+    share_prefill: bool = True,
 ) -> None:
-    """Every (condition, prompt), conditions in `execution_order`, each with its heads masked
-    (`masking.mask_heads`). A record is `{"id": "<condition>/<doc>", condition, kind, k, seed,
-    **record(answer), seconds}`; finished records are reused, not generated again (`Run.item`)."""
-    for cond in execution_order(conditions):
+    """Every (condition, prompt), each with the condition's heads masked (`masking.mask_heads`). A
+    record is `{"id": "<condition>/<doc>", condition, kind, k, seed, **record(answer), seconds}`;
+    finished records are reused, not generated again (`Run.item`).
+
+    Phase "all": conditions in `execution_order`, every prompt under each. Phase "decode": the
+    prefill (the prompt but its last token) runs unmasked, so it is the same under every condition;
+    with `share_prefill` it is done once per prompt and each condition decodes from a copy of it
+    (prompt by prompt, conditions in `execution_order`): the same tokens as a prefill per
+    condition, and a run stopped early holds every condition of its first prompts.
+    """
+    order = execution_order(conditions)
+
+    def compute(cond: Condition, p: Prompt, prefix: Any = None, spent: float = 0.0) -> dict[str, Any]:
+        t0 = time.perf_counter() - spent  # a shared prefill counts in the record that made it
+        fields = record(answer(lm, task, style, cond, p, prefix))
+        return {
+            "condition": cond.id,
+            "kind": cond.kind,
+            "k": cond.k,
+            "seed": cond.seed,
+            **fields,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+
+    if phase == "decode" and share_prefill:
+        import torch
+
+        device = next(lm.model.parameters()).device
+        for p in items:
+            prefix: Any = None
+            for cond in order:
+                rid = f"{cond.id}/{p.doc.id}"
+                if run.is_done(rid):
+                    run.reuse(rid)
+                    continue
+                spent = 0.0
+                if prefix is None:
+                    t0 = time.perf_counter()
+                    with torch.no_grad():
+                        prefix = prefill_prefix(lm.model, torch.tensor([list(p.ids)], device=device))
+                    spent = time.perf_counter() - t0
+                with mask_heads(lm.model, cond.heads, method, phase=phase, means=means):
+                    run.emit({"id": rid, **compute(cond, p, prefix, spent)})
+        return
+    for cond in order:
         with mask_heads(lm.model, cond.heads, method, phase=phase, means=means):
             for p in items:
-
-                def compute(cond: Condition = cond, p: Prompt = p) -> dict[str, Any]:
-                    t0 = time.perf_counter()
-                    fields = record(answer(lm, task, style, cond, p))
-                    return {
-                        "condition": cond.id,
-                        "kind": cond.kind,
-                        "k": cond.k,
-                        "seed": cond.seed,
-                        **fields,
-                        "seconds": round(time.perf_counter() - t0, 3),
-                    }
-
-                run.item(f"{cond.id}/{p.doc.id}", compute)
+                run.item(f"{cond.id}/{p.doc.id}", lambda cond=cond, p=p: compute(cond, p))  # type: ignore[misc]

@@ -20,6 +20,16 @@ STYLE = {
     "random": ("tab:gray", "x--"),
     "sink_window": ("tab:blue", "s-"),
     "snapkv": ("tab:green", "v-"),
+    "headkv": ("tab:brown", "P-"),
+}
+LABELS = {
+    "retrieval": "retrieval heads whole + sink/window",
+    "random": "random heads whole (per seed)",
+    "sink_window": "sink + window, every head",
+    "snapkv": "SnapKV, every head",
+    "needle_attention": "needle-attention heads whole",
+    "gain": "measured-gain heads whole",
+    "headkv": "HeadKV: token budgets by retrieval score",
 }
 
 
@@ -34,15 +44,7 @@ def plot_kv_eval(result: KVEvalResult, stem: str | Path, *, title: str | None = 
         for policy in [p for p in STYLE if any(r["policy"] == p for r in rows)]:
             pts = sorted((100 * r["kv_share"], r["score"]) for r in rows if r["policy"] == policy)
             color, fmt = STYLE[policy]
-            label = {
-                "retrieval": "retrieval heads whole + sink/window",
-                "random": "random heads whole (per seed)",
-                "sink_window": "sink + window, every head",
-                "snapkv": "SnapKV, every head",
-                "needle_attention": "needle-attention heads whole",
-                "gain": "measured-gain heads whole",
-            }[policy]
-            ax.plot(*zip(*pts, strict=True), "x" if policy == "random" else fmt, color=color, label=label)
+            ax.plot(*zip(*pts, strict=True), "x" if policy == "random" else fmt, color=color, label=LABELS[policy])
         if full:
             ax.axhline(full[0]["score"], color="black", lw=1, ls=":", label="full cache")
             ax.axhline(0.9 * full[0]["score"], color="black", lw=0.6, ls="--", alpha=0.5, label="90 % of full")
