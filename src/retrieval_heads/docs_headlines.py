@@ -71,7 +71,7 @@ def _null_clause(null: dict[str, Any] | None, pool: str) -> str:
     """ "; N of M <pool> draws as harmful (p = ...)" for a null with draws, else nothing."""
     if not null or not null.get("n_draws"):
         return ""
-    return f"; {null['n_as_harmful']} of {null['n_draws']} {pool} draws as harmful (p = {null['p_value']:.2f})"
+    return f"; {null['n_as_harmful']} of {null['n_draws']} {pool} draws as harmful (p = {null['p_value']:.3f})"
 
 
 def _mask_row(run: SavedRun) -> Row:

@@ -137,5 +137,5 @@ def test_rows_name_the_null_when_the_run_has_one(repo):
         path.write_text(json.dumps(summary))
     text = D.generate(f"headlines {sources[0]} {sources[3]} {sources[4]}", root)
     rows = [l for l in text.split("\n") if l.startswith("| ")]
-    assert "10 random layer-matched heads: 75.5; 3 of 20 layer-matched draws as harmful (p = 0.19) |" in rows[3]
-    assert "25.0 with 2 random heads; 3 of 20 layer-matched draws as harmful (p = 0.19) |" in rows[4]
+    assert "10 random layer-matched heads: 75.5; 3 of 20 layer-matched draws as harmful (p = 0.190) |" in rows[3]
+    assert "25.0 with 2 random heads; 3 of 20 layer-matched draws as harmful (p = 0.190) |" in rows[4]
