@@ -1,4 +1,5 @@
-"""The `nulls` table of the docs: which masking effects lie beyond the null of random draws? One
+"""The `null` and `nulls` tables of the docs. `null`: one mask-eval or task-eval run's null table.
+`nulls`: which masking effects lie beyond the null of random draws? One
 row per (run, K, metric) over several mask-eval and task-eval runs, each read from the run's
 summary (`null_distribution`, as in its own `null` table), so the claims of the paper can be read
 across models and tasks at once:
@@ -21,7 +22,8 @@ import numpy as np
 
 from .docs_sources import SavedRun, experiment_kind, provenance, read_run
 from .errors import DataError
-from .experiments.null import UNITS, null_rows
+from .experiments.conditions import random_pool_line
+from .experiments.null import UNITS, null_cells, null_lines, null_rows
 from .runs import SUMMARY_FILE
 
 ALPHA = 0.05  # the verdict's level (a p-value of 1 / (1 + 20) = 0.048 passes)
@@ -62,7 +64,7 @@ def _rows(run: SavedRun, kind: str) -> list[str]:
             continue
         k, _, metric = label.partition(", ")
         base = _base(run, kind, metric)
-        d = np.asarray(t["draw_effects"], dtype=float) * scale
+        cell = null_cells(t, scale)
         p = t["p_value"]
         # a sweep without K = 0 compares the masked metrics themselves (null.EFFECTS)
         as_metric = " (metric, no K = 0)" if t.get("effect") == "metric" else ""
@@ -76,25 +78,47 @@ def _rows(run: SavedRun, kind: str) -> list[str]:
             k,
             metric or unit,
             "-" if np.isnan(base) else f"{base:.1f}",
-            f"{scale * t['top_effect']:+.1f}{as_metric}",
-            f"{d.mean():+.1f} [{d.min():+.1f}, {d.max():+.1f}]",
+            cell["top"] + as_metric,
+            cell["spread"],
             str(t["n_draws"]),
             str(t["n_as_harmful"]),
-            "-" if np.isnan(p) else f"{p:.3f}",
+            cell["p"],
             verdict,
         ]
         out.append("| " + " | ".join(cells) + " |")
     return out
 
 
+def _masking_run(source: str, root: Path, where: str) -> tuple[SavedRun, str]:
+    """The run `source` and its kind, which must be one with a null (mask-eval or task-eval)."""
+    run = read_run(source, root, where)
+    kind = experiment_kind(run.config) or "detection"
+    if kind not in UNITS:
+        raise DataError(f"{where}: {source} is a {kind} run, not a {' or '.join(UNITS)} run")
+    return run, kind
+
+
+def null_distribution_table(sources: list[str], options: dict[str, str], root: Path, where: str) -> tuple[str, str]:
+    """The `null` table: one run's null table (as under its table.md), under the line that names
+    the pool its random heads came from."""
+    run, kind = _masking_run(sources[0], root, where)
+    try:
+        lines = null_lines(kind, run.summary.get("null_distribution") or [])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"{where}: {run.folder / SUMMARY_FILE}: malformed null_distribution ({e})") from None
+    if not lines:
+        raise DataError(
+            f"{where}: {sources[0]} has no null distribution with a random draw (a run without random draws, "
+            "or one saved before the null existed)"
+        )
+    return "\n".join([random_pool_line(run.config), "", *lines]), provenance([run], [])
+
+
 def nulls_table(sources: list[str], options: dict[str, str], root: Path, where: str) -> tuple[str, str]:
     """The rows of every source's null distribution under one header (see the module docstring)."""
     runs, lines = [], []
     for source in sources:
-        run = read_run(source, root, where)
-        kind = experiment_kind(run.config) or "detection"
-        if kind not in UNITS:
-            raise DataError(f"{where}: {source} is a {kind} run, not a {' or '.join(UNITS)} run")
+        run, kind = _masking_run(source, root, where)
         try:
             rows = _rows(run, kind)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:

@@ -49,7 +49,7 @@ import numpy as np
 from .analysis import SPARSITY_BINS, correlation_pairs, head_label, sparsity_table
 from .docs_agreement import AGREEMENT_FILE, RUNS_FILE, agreement_rows
 from .docs_headlines import headlines_table
-from .docs_nulls import nulls_table
+from .docs_nulls import null_distribution_table, nulls_table
 from .docs_sources import (
     COMMAND,
     SavedRun,
@@ -63,8 +63,6 @@ from .docs_sources import (
     task_summary,
 )
 from .errors import ConfigError, DataError
-from .experiments.conditions import random_pool_line
-from .experiments.null import UNITS, null_lines
 from .experiments.stats import fmt_interval
 from .results import RETRIEVAL_THRESHOLD, DetectionResult
 from .runs import CONFIG_FILE, SUMMARY_FILE, TABLE_FILE, is_run_config, read_config
@@ -257,25 +255,6 @@ def task_summary_table(sources: list[str], options: dict[str, str], root: Path, 
         "|---|---:|---:|---:|---:|",
     ]
     return "\n".join(head + lines), provenance(runs, [])
-
-
-def null_distribution_table(sources: list[str], options: dict[str, str], root: Path, where: str) -> tuple[str, str]:
-    """The null table of a mask-eval or task-eval run's summary (as under its table.md), under the
-    line that names the pool its random heads came from."""
-    run = read_run(sources[0], root, where)
-    kind = experiment_kind(run.config) or "detection"
-    if kind not in UNITS:
-        raise DataError(f"{where}: {sources[0]} is a {kind} run, not a {' or '.join(UNITS)} run")
-    try:
-        lines = null_lines(kind, run.summary.get("null_distribution") or [])
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise DataError(f"{where}: {run.folder / SUMMARY_FILE}: malformed null_distribution ({e})") from None
-    if not lines:
-        raise DataError(
-            f"{where}: {sources[0]} has no null distribution with a random draw (a run without random draws, "
-            "or one saved before the null existed)"
-        )
-    return "\n".join([random_pool_line(run.config), "", *lines]), provenance([run], [])
 
 
 def finetune_rows(sources: list[str], options: dict[str, str], root: Path, where: str) -> tuple[str, str]:

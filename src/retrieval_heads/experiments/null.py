@@ -89,13 +89,24 @@ def null_table(
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, t in rows:
-        d = np.asarray(t["draw_effects"], dtype=float) * scale
-        top = "-" if np.isnan(t["top_effect"]) else f"{scale * t['top_effect']:+.1f}"
-        spread = f"{d.mean():+.1f} [{d.min():+.1f}, {d.max():+.1f}]" if d.size else "-"
-        pct = "-" if np.isnan(t["percentile"]) else f"{t['percentile']:.0%}"
-        p = "-" if np.isnan(t["p_value"]) else f"{t['p_value']:.3f}"
-        lines.append(f"| {label} | {top} | {spread} | {t['n_draws']} | {t['n_as_harmful']} | {pct} | {p} |")
+        c = null_cells(t, scale)
+        lines.append(
+            f"| {label} | {c['top']} | {c['spread']} | {t['n_draws']} | {t['n_as_harmful']} | {c['percentile']} | "
+            f"{c['p']} |"
+        )
     return lines
+
+
+def null_cells(t: dict[str, Any], scale: float = 1.0) -> dict[str, str]:
+    """A `null_test` result as table cells ("-" where a number is missing): the top-K effect and
+    the draws' effects (mean [min, max]) times `scale`, the percentile and the p-value."""
+    d = np.asarray(t["draw_effects"], dtype=float) * scale
+    return {
+        "top": "-" if np.isnan(t["top_effect"]) else f"{scale * t['top_effect']:+.1f}",
+        "spread": f"{d.mean():+.1f} [{d.min():+.1f}, {d.max():+.1f}]" if d.size else "-",
+        "percentile": "-" if np.isnan(t["percentile"]) else f"{t['percentile']:.0%}",
+        "p": "-" if np.isnan(t["p_value"]) else f"{t['p_value']:.3f}",
+    }
 
 
 def null_lines(kind: str, null: Any) -> list[str]:
