@@ -191,12 +191,14 @@ def press_answers(
     from kvpress import KVPressTextGenerationPipeline
     from transformers import DynamicCache
 
+    from retrieval_heads.compat import cache_kwargs
+
     base = lm.model.model
     layers = [layer.self_attn for layer in base.layers]
     saved: dict[int, tuple[Any, Any, dict[str, Any]]] = {}
 
     def record(module: Any, _args: Any, kwargs: dict[str, Any], output: Any) -> None:
-        rest = {k: v for k, v in kwargs.items() if k != "past_key_values"}
+        rest = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache")}
         saved[module.layer_idx] = (kwargs["hidden_states"], output[1], rest)
 
     pipe = KVPressTextGenerationPipeline(model=lm.model, tokenizer=lm.tokenizer, device=lm.model.device)
@@ -206,7 +208,7 @@ def press_answers(
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
-            base(input_ids=context, past_key_values=dense)
+            base(input_ids=context, **cache_kwargs(base, dense))
     finally:
         for h in hooks:
             h.remove()
@@ -219,7 +221,7 @@ def press_answers(
             with torch.inference_mode():
                 if own_hook(press):
                     with press(lm.model):
-                        base(input_ids=context, past_key_values=cache)
+                        base(input_ids=context, **cache_kwargs(base, cache))
                     prefill = time.perf_counter() - t0
                 else:
                     press.post_init_from_model(lm.model)  # what `press(model)` does before hooking

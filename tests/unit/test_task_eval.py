@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from retrieval_heads.detection import Grid
 from retrieval_heads.errors import ConfigError
 from retrieval_heads.experiments import conditions, masked_task
 from retrieval_heads.experiments.task_eval import TaskEvalConfig, TaskEvalResult, bootstrap_ci, task_eval
@@ -186,7 +187,7 @@ def test_each_condition_masks_its_heads(lm, monkeypatch):
         ({"phase": "prefill"}, "unknown mask phase 'prefill'; choose from all, decode"),
         ({"random_pool": "all"}, "unknown random pool 'all'; choose from non-retrieval, outside-top"),
         ({"task": "nope"}, "unknown task 'nope'"),
-        ({"method": "mean"}, "niah task only"),
+        ({"grid": Grid(lengths=(100,), depths=(50.0,))}, "grid applies to the niah task only"),
         ({"task": "niah", "style": "cot"}, "task 'niah' has no prompt style 'cot'"),
         ({"task_args": {"steps": 99}}, "steps must be within 1..10"),
     ],
@@ -332,3 +333,41 @@ def test_decode_phase_shares_one_prefill_per_prompt_with_the_same_answers(data, 
     )
     assert shared.table() == alone.table()
     assert len({r["generated_text"] for r in shared.records}) > 1  # the conditions answer differently
+
+
+def test_mean_ablation_on_a_task_uses_the_haystack_means(lm, data, monkeypatch):
+    """method "mean" on a task other than niah: each masked head's output becomes its mean over the
+    first 512 tokens of the default haystack (recorded in the config), not zero."""
+    import torch
+
+    from retrieval_heads import masking
+    from retrieval_heads.experiments import task_eval as te
+    from retrieval_heads.needles import load_haystack
+
+    seen = {}
+    real_means = te.head_means
+
+    def spy(model, ids):
+        seen["ids"] = ids
+        return real_means(model, ids)
+
+    monkeypatch.setattr(te, "head_means", spy)
+    edits = []
+    real_edit = masking._edit_heads
+    monkeypatch.setattr(masking, "_edit_heads", lambda *a: edits.append(a[-1]) or real_edit(*a))
+    cfg = TaskEvalConfig(
+        task="extractive-qa",
+        ks=(0, 2),
+        random_seeds=(0,),
+        limit=1,
+        task_args={"path": str(data / "squad.json"), "context_tokens": 100},
+        chat=False,
+        method="mean",
+    )
+    res = task_eval(lm, SCORES, cfg, show_progress=False)
+    want = lm.tokenizer(load_haystack(None)[:20000], add_special_tokens=False)["input_ids"][:512]
+    assert seen["ids"].tolist() == [want]
+    assert res.config["mean_reference"] == f"first {len(want)} tokens of the default haystack essays"
+    assert edits and all(v is not None for v in edits)  # mean values replace the heads, never zeros
+    means = real_means(lm.model, torch.tensor([want]))
+    assert any(torch.equal(v, means[l]) for v in edits for l in range(means.shape[0]))

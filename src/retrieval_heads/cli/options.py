@@ -148,7 +148,7 @@ MaskMethod = Annotated[
     typer.Option(
         metavar=choices(MASK_METHODS),
         help="how a head is masked: uniform (query zeroed: uniform attention, the authors'), zero (output "
-        "zeroed), mean (mean output over the haystack; niah only)",
+        "zeroed), mean (each head's mean output over the first 512 tokens of the haystack: mean ablation)",
     ),
 ]
 Sink = Annotated[int, typer.Option(min=0, help="attention-sink tokens kept by cut heads")]

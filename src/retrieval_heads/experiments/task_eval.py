@@ -41,7 +41,7 @@ from ..detection import Grid
 from ..errors import ConfigError, check_choice
 from ..masking import METHODS, PHASES, Method, Phase, head_means
 from ..models import LoadedModel
-from ..needles import Sample
+from ..needles import Sample, load_haystack
 from ..results import DetectionResult
 from ..runner import Run, check_bootstrap, check_scores, run_header
 from ..tasks.base import PROMPT_STYLES, PromptStyle, Task
@@ -65,6 +65,7 @@ __all__ = ["MaskEvalResult", "TaskEvalConfig", "TaskEvalResult", "bootstrap_ci",
 
 TASK_EVAL, MASK_EVAL = "task-eval", "mask-eval"  # the two forms of the experiment (its saved kind)
 MASK_KS = (0, 5, 10, 20, 50, 100)  # mask-eval's default K sweep
+MEAN_TOKENS = 512  # method "mean": each head's mean output over this many haystack tokens
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,8 @@ class TaskEvalConfig:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
         if min(self.random_seeds, default=0) < 0 or self.watch < 0 or self.sink_tokens < 0:
             raise ConfigError("random seeds, watch and sink_tokens must be >= 0")
-        if self.task != "niah" and (self.grid is not None or self.method == "mean"):
-            raise ConfigError("a grid and the masking method 'mean' apply to the niah task only")
+        if self.task != "niah" and self.grid is not None:
+            raise ConfigError("a grid applies to the niah task only")
         self.build_task().check_style(self.style)  # the task's own arguments and styles
 
     def build_task(self) -> Task:
@@ -226,11 +227,14 @@ def _run(kind: str, lm: LoadedModel, scores: DetectionResult | np.ndarray, confi
     )
     header.update({} if mask else {"doc_ids": [d.id for d in docs]}, conditions=[c.to_dict() for c in conditions])
     means = None
-    if config.method == "mean" and isinstance(task, NIAH):  # per-head mean outputs over the start of the haystack
+    if config.method == "mean":  # per-head mean outputs over the start of the haystack: text no task asks about
         import torch
 
-        ref = lm.tokenizer(task.haystack[:20000], add_special_tokens=False)["input_ids"][:512]
-        means = head_means(lm.model, torch.tensor([ref]))
+        text = task.haystack if isinstance(task, NIAH) else load_haystack(None)
+        ref = lm.tokenizer(text[:20000], add_special_tokens=False)["input_ids"][:MEAN_TOKENS]
+        means = head_means(lm.model, torch.tensor([ref], device=next(lm.model.parameters()).device))
+        if not hay:  # niah's header names its haystack already
+            header["mean_reference"] = f"first {len(ref)} tokens of the default haystack essays"
     items = prompts(lm, task, docs, config.style, config.chat)
     desc = f"mask-eval {lm.spec.name}" if mask else f"{kind} {task.name} {config.style}"
     with Run(header, total=len(conditions) * len(docs), desc=desc, unit="sample" if mask else "doc", **kw) as run:
