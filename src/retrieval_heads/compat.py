@@ -30,10 +30,14 @@ _CACHE_IO: dict[type, tuple[str, str]] = {}
 def cache_io(model: Any) -> tuple[str, str]:
     """(forward keyword, output attribute) of the KV cache for `model`: ("cache", "cache") on
     releases that renamed `past_key_values` to `cache`, else ("past_key_values", "past_key_values").
-    Read from the forward signature once per model class (decode loops call this every step)."""
-    cls = type(model)
+    Read from the forward signature once per model class (decode loops call this every step); a
+    peft model's forward takes `**kwargs` and hands them to the model it wraps, so that model's
+    signature decides."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    cls = type(base)
     if cls not in _CACHE_IO:
-        params = inspect.signature(model.forward).parameters
+        params = inspect.signature(base.forward).parameters
         _CACHE_IO[cls] = ("cache", "cache") if "cache" in params else ("past_key_values", "past_key_values")
     return _CACHE_IO[cls]
 

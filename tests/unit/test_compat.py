@@ -4,6 +4,7 @@ CI runs this file on the current release and on `compat.OLDEST` (next to kvpress
 from __future__ import annotations
 
 import importlib.metadata
+import warnings
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,23 @@ def test_cache_io_follows_the_forward_signature():
     assert compat.cache_io(type("New", (_Forward,), {})(new)) == ("cache", "cache")
     assert compat.cache_io(type("Old", (_Forward,), {})(old)) == ("past_key_values", "past_key_values")
     assert cache_io is compat.cache_io  # decoding re-exports it
+
+
+def test_cache_io_of_a_peft_model_follows_the_model_it_wraps():
+    """A peft model's forward takes **kwargs: the wrapped model's signature names the cache."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    lm = tiny_model("llama")
+    peft_model = get_peft_model(lm.model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert compat.cache_io(peft_model) == compat.cache_io(lm.model)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    cache = DynamicCache()
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = peft_model(input_ids=ids, **compat.cache_kwargs(peft_model, cache), use_cache=True)
+    assert compat.output_cache(peft_model, out) is cache
+    assert not [w for w in caught if "past_key_values" in str(w.message)]  # no deprecated name on the way
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
