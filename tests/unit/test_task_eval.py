@@ -29,6 +29,19 @@ def data(tmp_path_factory):
     return d
 
 
+def _qa(data, **overrides):
+    """A task-eval config of extractive QA on the two-question SQuAD file: none, top 2, one random."""
+    base = {
+        "task": "extractive-qa",
+        "ks": (0, 2),
+        "random_seeds": (0,),
+        "limit": 2,
+        "task_args": {"path": str(data / "squad.json"), "context_tokens": 100},
+        "chat": False,
+    }
+    return TaskEvalConfig(**{**base, **overrides})
+
+
 # ----------------------------------------------------------------------------------- bootstrap
 def test_bootstrap_ci():
     m, lo, hi = bootstrap_ci([1.0] * 10)
@@ -97,15 +110,7 @@ def test_top_minus_random_is_paired_by_doc_and_the_pool_is_named():
 # ----------------------------------------------------------------------------------- end to end
 def test_task_eval_end_to_end_and_resume(lm, data, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    cfg = TaskEvalConfig(
-        task="extractive-qa",
-        style="answer-only",
-        ks=(0, 2),
-        random_seeds=(0,),
-        limit=2,
-        task_args={"path": str(data / "squad.json"), "context_tokens": 100},
-        chat=False,
-    )
+    cfg = _qa(data, style="answer-only")
     res = task_eval(lm, SCORES, cfg, out=out, show_progress=False)
     assert len(res.records) == 3 * 2  # (none, top, random) x docs
     for name in ("config.json", "records.jsonl", "summary.json", "table.md"):  # the CLI draws task_eval.png/.svg
@@ -304,16 +309,7 @@ def test_decode_phase_shares_one_prefill_per_prompt_with_the_same_answers(data, 
     the answers, scores and watched argmaxes equal a prefill per condition, with fewer prefills."""
     model = tiny_model(arch, attn_implementation="sdpa", seed=2)  # a seed whose conditions answer differently
     scores = SCORES if arch == "llama" else np.arange(12.0).reshape(3, 4) / 12
-    cfg = TaskEvalConfig(
-        task="extractive-qa",
-        ks=(0, 2),
-        random_seeds=(0, 1),
-        limit=2,
-        task_args={"path": str(data / "squad.json"), "context_tokens": 100},
-        chat=False,
-        phase="decode",
-        method="zero",
-    )
+    cfg = _qa(data, random_seeds=(0, 1), phase="decode", method="zero")
     prefills = []
     real_prefill = masked_task.prefill_prefix
     monkeypatch.setattr(masked_task, "prefill_prefix", lambda m, ids: prefills.append(1) or real_prefill(m, ids))
@@ -355,15 +351,7 @@ def test_mean_ablation_on_a_task_uses_the_haystack_means(lm, data, monkeypatch):
     edits = []
     real_edit = masking._edit_heads
     monkeypatch.setattr(masking, "_edit_heads", lambda *a: edits.append(a[-1]) or real_edit(*a))
-    cfg = TaskEvalConfig(
-        task="extractive-qa",
-        ks=(0, 2),
-        random_seeds=(0,),
-        limit=1,
-        task_args={"path": str(data / "squad.json"), "context_tokens": 100},
-        chat=False,
-        method="mean",
-    )
+    cfg = _qa(data, limit=1, method="mean")
     res = task_eval(lm, SCORES, cfg, show_progress=False)
     want = lm.tokenizer(load_haystack(None)[:20000], add_special_tokens=False)["input_ids"][:512]
     assert seen["ids"].tolist() == [want]
