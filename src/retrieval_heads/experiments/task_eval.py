@@ -232,7 +232,7 @@ def _run(kind: str, lm: LoadedModel, scores: DetectionResult | np.ndarray, confi
 
         text = task.haystack if isinstance(task, NIAH) else load_haystack(None)
         ref = lm.tokenizer(text[:20000], add_special_tokens=False)["input_ids"][:MEAN_TOKENS]
-        means = head_means(lm.model, torch.tensor([ref], device=next(lm.model.parameters()).device))
+        means = head_means(lm.model, torch.tensor([ref]))  # head_means moves the ids to the model's device
         if not hay:  # niah's header names its haystack already
             header["mean_reference"] = f"first {len(ref)} tokens of the default haystack essays"
     items = prompts(lm, task, docs, config.style, config.chat)
