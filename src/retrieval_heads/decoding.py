@@ -191,6 +191,158 @@ def greedy_with_attentions(
     return generated
 
 
+def greedy_rows(
+    model: Any,
+    input_ids: Any,
+    *,
+    rows: int,
+    prefix_cache: Any,
+    max_new_tokens: int,
+    stops: Sequence[StopFn],
+    on_select: Callable[[Any], None] | None = None,
+) -> list[list[int]]:
+    """`greedy_with_attentions` without weights for `rows` copies of one prompt at once: each row
+    decodes from its own copy of `prefix_cache` (`prefill_prefix(model, input_ids)`, left
+    untouched), feeding the last prompt token as its first step, and leaves the batch when its
+    stop rule `stops[row]` fires; `on_select(indices)` hears which batch rows stay (the per-row
+    head masks of `masking.mask_rows` follow it). Returns each row's generated ids.
+
+    Rows differ only through hooks (masks); one forward serves them all, so the weights are read
+    once per step for every row: on a CPU 21 rows decode ~6x faster than one after the other. The
+    prefix is copied into preallocated buffers (no concatenation per step) and the steps use SDPA
+    where the model has it. The caller holds `torch.no_grad()`.
+    """
+    import torch
+
+    if len(stops) != rows:
+        raise ValueError(f"{rows} rows need {rows} stop rules, got {len(stops)}")
+    kw, attr = cache_io(model)
+    device = input_ids.device
+    n = input_ids.shape[1]
+    cache = _row_cache(prefix_cache, rows, capacity=n - 1 + max_new_tokens)
+    active = list(range(rows))
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    cur = input_ids[:, -1:].expand(rows, 1)
+    with _fast_attention(model):
+        for t in range(max_new_tokens):
+            pos = n - 1 + t
+            out = model(
+                input_ids=cur,
+                **{kw: cache},
+                use_cache=True,
+                logits_to_keep=1,
+                cache_position=torch.tensor([pos], device=device),
+                position_ids=torch.full((len(active), 1), pos, device=device),
+            )
+            cache = getattr(out, attr)
+            tokens = out.logits[:, -1].argmax(-1).tolist()
+            keep = []
+            for i, (r, token) in enumerate(zip(active, tokens, strict=True)):
+                generated[r].append(token)
+                if not stops[r](generated[r]):
+                    keep.append(i)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                idx = torch.tensor(keep, device=device)
+                cache.batch_select_indices(idx)
+                if on_select is not None:
+                    on_select(idx)
+                active = [active[i] for i in keep]
+            cur = torch.tensor([[tokens[i]] for i in keep], device=device)
+    return generated
+
+
+@contextlib.contextmanager
+def _fast_attention(model: Any) -> Any:
+    """SDPA inside the block where the model runs eager attention and supports SDPA (the decode
+    rows need no weights); otherwise the model's own implementation."""
+    if model.config._attn_implementation != "eager" or not getattr(model, "_supports_sdpa", False):
+        yield
+        return
+    with attention_implementation(model, "sdpa"):
+        yield
+
+
+def _row_cache(prefix: Any, rows: int, capacity: int) -> Any:
+    """A copy of `prefix` with `rows` batch rows. Full-attention layers get buffers of `capacity`
+    positions that each step writes into (a plain `DynamicLayer` concatenates its whole cache every
+    step, which dominates a wide batch's step); other layers (sliding windows) are repeated."""
+    import copy
+
+    cache = copy.deepcopy(prefix)
+    layer_cls = _reserved_layer()
+    layers = getattr(cache, "layers", None)
+    if layer_cls is None or layers is None:
+        cache.batch_repeat_interleave(rows)
+        return cache
+    from transformers.cache_utils import DynamicLayer
+
+    for i, layer in enumerate(layers):
+        if type(layer) is DynamicLayer and layer.get_seq_length() > 0:
+            layers[i] = layer_cls(layer.keys, layer.values, rows, capacity)
+        else:
+            layer.batch_repeat_interleave(rows)
+    return cache
+
+
+_RESERVED: list[Any] = []
+
+
+def _reserved_layer() -> Any:
+    """The `DynamicLayer` whose keys and values are views of preallocated buffers (built once)."""
+    if not _RESERVED:
+        try:
+            from transformers.cache_utils import DynamicLayer
+        except ImportError:  # a release without cache layers: the cache is repeated as it is
+            _RESERVED.append(None)
+            return None
+
+        class ReservedLayer(DynamicLayer):  # type: ignore[misc]
+            def __init__(self, keys: Any, values: Any, rows: int, capacity: int) -> None:
+                super().__init__()
+                b, h, n, _ = keys.shape
+                self.kbuf = keys.new_empty(b * rows, h, max(capacity, n), keys.shape[-1])
+                self.vbuf = values.new_empty(b * rows, h, max(capacity, n), values.shape[-1])
+                self.kbuf[:, :, :n] = keys.repeat_interleave(rows, dim=0)
+                self.vbuf[:, :, :n] = values.repeat_interleave(rows, dim=0)
+                self.length, self.device, self.is_initialized = n, keys.device, True
+                self._view()
+
+            def _view(self) -> None:
+                self.keys, self.values = self.kbuf[:, :, : self.length], self.vbuf[:, :, : self.length]
+
+            def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+                s = key_states.shape[-2]
+                if self.length + s > self.kbuf.shape[2]:  # past the reservation: grow like a DynamicLayer
+                    self.kbuf = _cat(self.kbuf[:, :, : self.length], key_states)
+                    self.vbuf = _cat(self.vbuf[:, :, : self.length], value_states)
+                else:
+                    self.kbuf[:, :, self.length : self.length + s] = key_states
+                    self.vbuf[:, :, self.length : self.length + s] = value_states
+                self.length += s
+                self._view()
+                return self.keys, self.values
+
+            def batch_select_indices(self, indices: Any) -> None:
+                self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
+                self._view()
+
+            def crop(self, tokens_to_remove: int) -> None:
+                if tokens_to_remove < 0:
+                    self.length = max(0, self.length + tokens_to_remove)
+                    self._view()
+
+        _RESERVED.append(ReservedLayer)
+    return _RESERVED[0]
+
+
+def _cat(a: Any, b: Any) -> Any:
+    import torch
+
+    return torch.cat([a, b], dim=-2)
+
+
 @dataclass(frozen=True)
 class AttentionRows:
     """The eager attention rows of the queries `[start, end)` of a prompt, and the KV cache after

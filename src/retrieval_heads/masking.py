@@ -28,7 +28,7 @@ projection (``zero``, ``mean``) of each attention module with masked heads. Supp
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -201,6 +201,81 @@ def mask_heads(
 
                 handles.append(p.o_proj.register_forward_pre_hook(o_hook))
         yield chosen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class RowMasks:
+    """The live handle of `mask_rows`: which of the block's rows are still in the batch."""
+
+    def __init__(self, n_rows: int, device: torch.device) -> None:
+        self.rows = torch.arange(n_rows, device=device)
+
+    def select(self, indices: torch.Tensor) -> None:
+        """Keep the batch rows `indices` (positions in the current batch), as the KV cache does
+        (`Cache.batch_select_indices`) when finished rows leave the batch."""
+        self.rows = self.rows[indices.to(self.rows.device)]
+
+
+@contextlib.contextmanager
+def mask_rows(
+    model: nn.Module,
+    rows: Sequence[Iterable[Head]],
+    method: Method = "uniform",
+    *,
+    phase: Phase = "all",
+    means: torch.Tensor | None = None,
+) -> Iterator[RowMasks]:
+    """`mask_heads` with its own heads per batch row: row b of every forward masks `rows[b]`.
+
+    Each row is edited exactly as `mask_heads` edits a batch of one (`torch.where` writes the same
+    zeros or mean outputs), so a batch of conditions decodes what each condition decodes alone.
+    Yields a `RowMasks`; call its `select` when rows leave the batch.
+    """
+    check_choice("masking method", method, METHODS)
+    check_choice("mask phase", phase, PHASES)
+    parts = attention_parts(model)
+    n_heads = parts[0].n_heads
+    chosen = [validate_heads(r, len(parts), n_heads) for r in rows]
+    if method == "mean" and (means is None or tuple(means.shape[:2]) != (len(parts), n_heads)):
+        raise ConfigError(f"method 'mean' needs per-head mean outputs [{len(parts)}, {n_heads}, head_dim] (head_means)")
+    device = next(model.parameters()).device
+    live = RowMasks(len(chosen), device)
+    layers = sorted({l for r in chosen for l, _ in r})
+    handles: list[Any] = []
+
+    def edit(x: torch.Tensor, offset: int, p: AttentionParts, on: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        width = p.n_heads * p.head_dim
+        block = x[..., offset : offset + width].unflatten(-1, (p.n_heads, p.head_dim))  # [B, S, H, D]
+        x = x.clone()
+        rows = on[live.rows][:, None, :, None]  # [B, 1, H, 1]: the heads each row masks
+        x[..., offset : offset + width] = torch.where(rows, value.to(x.dtype), block).flatten(-2)
+        return x
+
+    try:
+        for l in layers:
+            p = parts[l]
+            on = torch.zeros(len(chosen), n_heads, dtype=torch.bool, device=device)  # [row, head]: masked
+            for b, r in enumerate(chosen):
+                on[b, [h for layer, h in r if layer == l]] = True
+            if method == "uniform":
+
+                def q_hook(_m: nn.Module, args: tuple[Any, ...], out: torch.Tensor, p=p, on=on) -> torch.Tensor | None:
+                    zero = out.new_zeros(())
+                    return edit(out, p.q_offset, p, on, zero) if _active(phase, out.shape[1]) else None
+
+                handles.append(p.q_proj.register_forward_hook(q_hook))
+            else:
+                value = torch.zeros(()) if method == "zero" else means[l]  # type: ignore[index]
+                value = value.to(device)[None, None] if value.dim() else value.to(device)  # [1, 1, H, D] or scalar
+
+                def o_hook(_m: nn.Module, args: tuple[Any, ...], p=p, on=on, value=value) -> tuple[Any, ...] | None:
+                    x = args[0]  # [B, S, H*D]
+                    return (edit(x, 0, p, on, value), *args[1:]) if _active(phase, x.shape[1]) else None
+
+                handles.append(p.o_proj.register_forward_pre_hook(o_hook))
+        yield live
     finally:
         for handle in handles:
             handle.remove()

@@ -186,10 +186,13 @@ def logits_argmax(tree: ast.Module) -> list[tuple[int, str | None]]:
 
 
 def test_one_greedy_decode_loop():
-    """The greedy token choice lives in `decoding.greedy` (batch 1); the only other one is the fast
-    engine's batched decode (`FastEngine.run_batch`: left-padded rows that stop one by one)."""
+    """The greedy token choice lives in `decoding.greedy` (batch 1); the only other ones are the
+    batched decodes that need no attention weights: the fast engine's (`FastEngine.run_batch`:
+    left-padded prompts whose rows stop one by one) and `decoding.greedy_rows` (copies of one
+    prompt, each row with its own head masks, stopping one by one)."""
     where = {(rel, func) for rel, tree in modules().items() for _, func in logits_argmax(tree)}
-    assert where == {("decoding.py", "greedy"), ("engines/fast.py", "run_batch")}, where
+    want = {("decoding.py", "greedy"), ("decoding.py", "greedy_rows"), ("engines/fast.py", "run_batch")}
+    assert where == want, where
 
 
 def test_attention_implementation_switched_only_in_models():

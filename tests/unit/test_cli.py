@@ -311,7 +311,13 @@ def test_option_groups_follow_the_commands_own_options_and_arrive_as_dicts():
         "threads": 2,
     }
     assert seen["run"] == {"out": Path("o"), "overwrite": False, "progress": False}
-    assert seen["mask"] == {"random_seeds": 3, "random_pool": "non-retrieval", "method": "uniform", "mask_phase": "all"}
+    assert seen["mask"] == {
+        "random_seeds": 3,
+        "random_pool": "non-retrieval",
+        "method": "uniform",
+        "mask_phase": "all",
+        "batch_size": None,
+    }
     res = CliRunner().invoke(app, ["--random-draws", "4", "--random-pool", "layer-matched"])  # the alias
     assert res.exit_code == 0, res.output
     assert seen["mask"]["random_seeds"] == 4 and seen["mask"]["random_pool"] == "layer-matched"
@@ -331,12 +337,15 @@ def test_run_args_and_mask_condition_args(tmp_path):
         "scores_source": f"{tmp_path / 's.json'} [score: needle_mass]",
     }
     assert O.mask_condition_args(
-        {"random_seeds": 2, "random_pool": "outside-top", "method": "zero", "mask_phase": "decode"}
+        {"random_seeds": 2, "random_pool": "outside-top", "method": "zero", "mask_phase": "decode", "batch_size": 4}
     ) == {
         "random_seeds": (0, 1),
         "random_pool": "outside-top",
         "method": "zero",
         "phase": "decode",
+        "batch_size": 4,
     }
+    with pytest.raises(ConfigError, match="--batch-size must be >= 1, got 0"):
+        O.mask_condition_args({"batch_size": 0})
     with pytest.raises(ConfigError, match="--random-seeds must be >= 0"):
         O.mask_condition_args({"random_seeds": -1})

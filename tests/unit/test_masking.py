@@ -191,3 +191,44 @@ def test_bad_input(models, heads, method, match):
     with pytest.raises(ConfigError, match=match):
         with mask_heads(lm.model, heads, method):
             pass
+
+
+ROWS = ([], [(0, 1)], [(1, 2), (0, 0)], [(0, 1), (1, 1), (1, 3)])  # a row of nothing, one head, several
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("method", ["uniform", "zero", "mean"])
+def test_each_row_of_a_batch_is_masked_as_it_is_alone(models, arch, method):
+    """mask_rows: row b of a batch sees exactly what a batch of one sees under mask_heads(rows[b]),
+    also after rows leave the batch (`select`)."""
+    from retrieval_heads.masking import mask_rows
+
+    lm = models(arch, "sdpa")
+    ids = _ids(lm)
+    means = head_means(lm.model, _ids(lm, seed=5)) if method == "mean" else None
+    alone = []
+    for heads in ROWS:
+        with mask_heads(lm.model, heads, method, means=means):
+            alone.append(head_outputs(lm.model, ids)[0])
+    batch = ids.expand(len(ROWS), -1)
+    with mask_rows(lm.model, ROWS, method, means=means) as live:
+        together = head_outputs(lm.model, batch)[0]
+        live.select(torch.tensor([3, 1]))
+        kept = head_outputs(lm.model, batch[:2])[0]
+    for b in range(len(ROWS)):
+        for l, got in enumerate(together):
+            torch.testing.assert_close(got[b], alone[b][l][0], rtol=0, atol=1e-5)
+    for i, b in enumerate([3, 1]):
+        for l, got in enumerate(kept):
+            torch.testing.assert_close(got[i], alone[b][l][0], rtol=0, atol=1e-5)
+    assert not torch.allclose(alone[0][1][0], alone[2][1][0])  # the rows are masked differently
+
+
+def test_mask_rows_refuses_bad_heads_and_missing_means(models):
+    from retrieval_heads.masking import mask_rows
+
+    lm = models("llama", "eager")
+    with pytest.raises(ConfigError, match="outside"), mask_rows(lm.model, [[], [(9, 0)]]):
+        pass
+    with pytest.raises(ConfigError, match="per-head mean outputs"), mask_rows(lm.model, [[(0, 0)]], "mean"):
+        pass

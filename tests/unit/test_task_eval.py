@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -158,7 +159,13 @@ def test_each_condition_masks_its_heads(lm, monkeypatch):
         seen.append((tuple(sorted(heads)), method, kw["phase"]))
         return real(model, heads, method, **kw)
 
+    def rows_recorder(model, rows, method, **kw):
+        seen.extend((tuple(sorted(heads)), method, kw["phase"]) for heads in rows)
+        return real_rows(model, rows, method, **kw)
+
+    real_rows = masked_task.mask_rows
     monkeypatch.setattr(masked_task, "mask_heads", recorder)
+    monkeypatch.setattr(masked_task, "mask_rows", rows_recorder)
     cfg = TaskEvalConfig(
         task="arith-chain",
         style="answer-only",
@@ -168,9 +175,13 @@ def test_each_condition_masks_its_heads(lm, monkeypatch):
         chat=False,
         method="zero",
         phase="decode",
+        batch_size=1,
     )
     res = task_eval(lm, SCORES, cfg, show_progress=False)
     conds = {c.id: c for c in res.conditions}
+    assert [s[0] for s in seen] == [(), ((0, 0), (1, 1)), conds["random-k2-s3"].heads]
+    seen.clear()  # the same conditions as the rows of one batch
+    assert task_eval(lm, SCORES, replace(cfg, batch_size=None), show_progress=False).conditions == res.conditions
     assert [s[0] for s in seen] == [(), ((0, 0), (1, 1)), conds["random-k2-s3"].heads]
     assert not set(conds["random-k2-s3"].heads) & {(0, 0), (1, 1)}  # random heads outside the top set
     assert {s[1:] for s in seen} == {("zero", "decode")}
@@ -235,6 +246,7 @@ def _scores(tmp_path, arr=SCORES):
         (["--task", "gsm8k", "--data", "/no/such/file.jsonl"], "does not exist"),
         (["--task", "arith-chain", "--method", "blur"], "unknown masking method"),
         (["--task", "arith-chain", "--random-pool", "all"], "unknown random pool 'all'"),
+        (["--task", "arith-chain", "--batch-size", "0"], "--batch-size"),
     ],
 )
 def test_cli_bad_input(cli, tiny_llama_dir, tmp_path, args, match):
@@ -359,3 +371,35 @@ def test_mean_ablation_on_a_task_uses_the_haystack_means(lm, data, monkeypatch):
     assert edits and all(v is not None for v in edits)  # mean values replace the heads, never zeros
     means = real_means(lm.model, torch.tensor([want]))
     assert any(torch.equal(v, means[l]) for v in edits for l in range(means.shape[0]))
+
+
+@pytest.mark.parametrize("method", ["uniform", "zero", "mean"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_batched_conditions_give_the_records_of_one_at_a_time(data, monkeypatch, arch, method):
+    """phase "decode": the conditions of a prompt decode as rows of one batch (default), in batches
+    of 3, or one after the other (batch_size=1): the same records, the batch size recorded."""
+    from retrieval_heads import decoding
+
+    model = tiny_model(arch, attn_implementation="eager", seed=2)
+    scores = SCORES if arch == "llama" else np.arange(12.0).reshape(3, 4) / 12
+    widths = []
+    real_rows = decoding.greedy_rows
+    monkeypatch.setattr(masked_task, "greedy_rows", lambda *a, **k: widths.append(k["rows"]) or real_rows(*a, **k))
+    runs = {
+        b: task_eval(
+            model,
+            scores,
+            _qa(data, random_seeds=(0, 1, 2), phase="decode", method=method, batch_size=b),
+            show_progress=False,
+        )
+        for b in (None, 3, 1)
+    }
+    assert widths == [5, 5, 3, 2, 3, 2]  # 5 conditions x 2 documents; batch size 1 never batches
+    assert [runs[b].config["batch_size"] for b in (None, 3, 1)] == [5, 3, 1]
+
+    def key(r):
+        return {k: v for k, v in r.items() if k != "seconds"}
+
+    for b in (None, 3):
+        assert list(map(key, runs[b].records)) == list(map(key, runs[1].records))
+    assert len({r["generated_text"] for r in runs[1].records}) > 1  # the conditions answer differently

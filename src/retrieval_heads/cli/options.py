@@ -219,11 +219,20 @@ RUN_OPTIONS: tuple[SharedOption, ...] = (
     ("overwrite", Overwrite, False),
     ("progress", Progress, True),
 )
+ConditionBatch = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size",
+        help="with --mask-phase decode: conditions decoded together as one batch per prompt (default: all; "
+        "1: one after the other)",
+    ),
+]
 MASK_OPTIONS: tuple[SharedOption, ...] = (
     ("random_seeds", RandomSeeds, RANDOM_SEED_COUNT),
     ("random_pool", RandomPool, "non-retrieval"),
     ("method", MaskMethod, "uniform"),
     ("mask_phase", MaskPhase, "all"),
+    ("batch_size", ConditionBatch, None),
 )
 
 
@@ -282,11 +291,14 @@ def mask_condition_args(mask_options: dict[str, Any] | None) -> dict[str, Any]:
     """The masking options as `TaskEvalConfig` arguments; --random-seeds checked here, the rest by the config."""
     chosen = {name: default for name, _, default in MASK_OPTIONS} | (mask_options or {})
     check_random_seeds(chosen["random_seeds"])
+    if chosen["batch_size"] is not None and chosen["batch_size"] < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {chosen['batch_size']}")
     return {
         "random_seeds": tuple(range(chosen["random_seeds"])),
         "random_pool": chosen["random_pool"],
         "method": chosen["method"],
         "phase": chosen["mask_phase"],
+        "batch_size": chosen["batch_size"],
     }
 
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from ..decoding import StopFn, greedy_with_attentions, prefill_prefix
+from ..decoding import StopFn, greedy_rows, greedy_with_attentions, prefill_prefix
 from ..errors import ConfigError
 from ..heads import Head
-from ..masking import Method, Phase, mask_heads
+from ..masking import Method, Phase, mask_heads, mask_rows
 from ..models import LoadedModel
 from ..runner import Run
 from ..tasks.base import Doc, Request, Task
@@ -120,9 +120,49 @@ def answer(lm: LoadedModel, task: Task, style: str, condition: Condition, prompt
     `prefix` as in `generate`."""
     stop = task.stop_rule(lm.tokenizer, prompt.request)
     gen, argmax = generate(lm, prompt.ids, prompt.request.max_new_tokens, stop, condition.watch, prefix)
+    return _scored(lm, task, style, condition, prompt, gen, argmax)
+
+
+def _scored(
+    lm: LoadedModel, task: Task, style: str, condition: Condition, prompt: Prompt, gen: list[int], argmax: np.ndarray
+) -> Answer:
+    """The generated ids as an Answer: cut at the stop string, extracted and scored."""
+    stop = task.stop_rule(lm.tokenizer, prompt.request)
     text = stop.cut(lm.tokenizer.decode(gen, skip_special_tokens=True))
     pred = task.extract_answer(text, prompt.doc, style)
     return Answer(condition, prompt, gen, text, argmax, pred, task.score(prompt.doc, pred))
+
+
+def answer_rows(
+    lm: LoadedModel,
+    task: Task,
+    style: str,
+    conditions: Sequence[Condition],
+    prompt: Prompt,
+    prefix: Any,
+    *,
+    method: Method,
+    means: Any = None,
+) -> list[Answer]:
+    """`answer` under each of `conditions` (decode-phase masks, no watched heads) in one batch:
+    row b decodes with condition b's heads masked (`masking.mask_rows`), every row from a copy of
+    `prefix` (`decoding.prefill_prefix` of the prompt). The caller holds `torch.no_grad()`."""
+    import torch
+
+    device = next(lm.model.parameters()).device
+    stops = [task.stop_rule(lm.tokenizer, prompt.request) for _ in conditions]
+    with mask_rows(lm.model, [c.heads for c in conditions], method, phase="decode", means=means) as live:
+        gens = greedy_rows(
+            lm.model,
+            torch.tensor([list(prompt.ids)], device=device),
+            rows=len(conditions),
+            prefix_cache=prefix,
+            max_new_tokens=prompt.request.max_new_tokens,
+            stops=stops,
+            on_select=live.select,
+        )
+    none = np.zeros((0, 0), np.int64)  # no watched heads
+    return [_scored(lm, task, style, c, prompt, g, none) for c, g in zip(conditions, gens, strict=True)]
 
 
 def run_masked(
@@ -138,6 +178,7 @@ def run_masked(
     means: Any = None,
     record: Callable[[Answer], dict[str, Any]],
     share_prefill: bool = True,
+    batch_size: int | None = None,
 ) -> None:
     """Every (condition, prompt), each with the condition's heads masked (`masking.mask_heads`). A
     record is `{"id": "<condition>/<doc>", condition, kind, k, seed, **record(answer), seconds}`;
@@ -147,7 +188,10 @@ def run_masked(
     prefill (the prompt but its last token) runs unmasked, so it is the same under every condition;
     with `share_prefill` it is done once per prompt and each condition decodes from a copy of it
     (prompt by prompt, conditions in `execution_order`): the same tokens as a prefill per
-    condition, and a run stopped early holds every condition of its first prompts.
+    condition, and a run stopped early holds every condition of its first prompts. There, when no
+    condition watches heads, up to `batch_size` conditions (None: all of them) decode together as
+    the rows of one batch (`answer_rows`); `batch_size=1` decodes them one after the other. A
+    batched record's `seconds` is its share of its batch and of the prompt's prefill.
     """
     order = execution_order(conditions)
 
@@ -163,6 +207,12 @@ def run_masked(
             "seconds": round(time.perf_counter() - t0, 3),
         }
 
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    rows = batch_size or len(order)
+    if phase == "decode" and share_prefill and rows > 1 and not any(c.watch for c in order):
+        _run_rows(lm, task, style, items, order, run, method=method, means=means, record=record, rows=rows)
+        return
     if phase == "decode" and share_prefill:
         import torch
 
@@ -187,3 +237,56 @@ def run_masked(
         with mask_heads(lm.model, cond.heads, method, phase=phase, means=means):
             for p in items:
                 run.item(f"{cond.id}/{p.doc.id}", lambda cond=cond, p=p: compute(cond, p))  # type: ignore[misc]
+
+
+def _run_rows(
+    lm: LoadedModel,
+    task: Task,
+    style: str,
+    items: Sequence[Prompt],
+    order: Sequence[Condition],
+    run: Run,
+    *,
+    method: Method,
+    means: Any,
+    record: Callable[[Answer], dict[str, Any]],
+    rows: int,
+) -> None:
+    """`run_masked`'s decode phase in batches of `rows` conditions per prompt; records are emitted
+    in `execution_order`, a batch's once it is decoded."""
+    import torch
+
+    device = next(lm.model.parameters()).device
+    for p in items:
+        todo = []
+        for cond in order:
+            rid = f"{cond.id}/{p.doc.id}"
+            if run.is_done(rid):
+                run.reuse(rid)
+            else:
+                todo.append(cond)
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            prefix = prefill_prefix(lm.model, torch.tensor([list(p.ids)], device=device))
+        spent = time.perf_counter() - t0  # the prefill, shared by the prompt's batches
+        for start in range(0, len(todo), rows):
+            batch = todo[start : start + rows]
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                answers = answer_rows(lm, task, style, batch, p, prefix, method=method, means=means)
+            seconds = (time.perf_counter() - t0 + spent) / len(batch)
+            spent = 0.0
+            for cond, a in zip(batch, answers, strict=True):
+                run.emit(
+                    {
+                        "id": f"{cond.id}/{p.doc.id}",
+                        "condition": cond.id,
+                        "kind": cond.kind,
+                        "k": cond.k,
+                        "seed": cond.seed,
+                        **record(a),
+                        "seconds": round(seconds, 3),
+                    }
+                )

@@ -88,6 +88,7 @@ class TaskEvalConfig:
     chat: bool = True
     watch: int = 0
     sink_tokens: int = 4
+    batch_size: int | None = None  # phase "decode": conditions decoded together per prompt (None: all)
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, task_names())
@@ -99,6 +100,8 @@ class TaskEvalConfig:
             raise ConfigError("no K values")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
         if min(self.random_seeds, default=0) < 0 or self.watch < 0 or self.sink_tokens < 0:
             raise ConfigError("random seeds, watch and sink_tokens must be >= 0")
         if self.task != "niah" and self.grid is not None:
@@ -226,6 +229,8 @@ def _run(kind: str, lm: LoadedModel, scores: DetectionResult | np.ndarray, confi
         **hay,
     )
     header.update({} if mask else {"doc_ids": [d.id for d in docs]}, conditions=[c.to_dict() for c in conditions])
+    if config.phase == "decode" and not config.watch:  # recorded; not semantic (the rows decode as one alone)
+        header["batch_size"] = config.batch_size or len(conditions)
     means = None
     if config.method == "mean":  # per-head mean outputs over the start of the haystack: text no task asks about
         import torch
@@ -248,6 +253,7 @@ def _run(kind: str, lm: LoadedModel, scores: DetectionResult | np.ndarray, confi
             method=config.method,
             phase=config.phase,
             means=means,
+            batch_size=config.batch_size,
             record=(lambda a: niah_record(a, config.sink_tokens)) if mask else (lambda a: task_record(a, config.style)),
         )
     result = (MaskEvalResult if mask else TaskEvalResult).from_run(header, run.records, **bootstrap)
