@@ -6,7 +6,9 @@
 token), takes the argmax of the last position's logits, and feeds each new token back until the
 stop rule fires or `max_new_tokens` tokens exist. Callers observe every forward through
 `on_step(step, output)` (the engines read attention rows there) and add per-step forward arguments
-through `step_kwargs(step)` (explicit positions, attention outputs).
+through `step_kwargs(step)` (explicit positions, attention outputs). `greedy_rows` is its batched
+form for copies of one prompt that differ only by hooks (the masking experiments' conditions):
+no weights, each row stopping on its own.
 
 Attention weights are read in one way only: `greedy_with_attentions` (each decode step's row,
 with `decode_positions` as its `step_kwargs`) and `attention_rows` (the rows of a prompt span
