@@ -165,6 +165,12 @@ def answer_rows(
     return [_scored(lm, task, style, c, prompt, g, none) for c, g in zip(conditions, gens, strict=True)]
 
 
+def condition_record(cond: Condition, fields: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """A record's fields under its condition: which condition, kind, K and seed, then `fields`."""
+    head = {"condition": cond.id, "kind": cond.kind, "k": cond.k, "seed": cond.seed}
+    return {**head, **fields, "seconds": round(seconds, 3)}
+
+
 def run_masked(
     lm: LoadedModel,
     task: Task,
@@ -198,14 +204,7 @@ def run_masked(
     def compute(cond: Condition, p: Prompt, prefix: Any = None, spent: float = 0.0) -> dict[str, Any]:
         t0 = time.perf_counter() - spent  # a shared prefill counts in the record that made it
         fields = record(answer(lm, task, style, cond, p, prefix))
-        return {
-            "condition": cond.id,
-            "kind": cond.kind,
-            "k": cond.k,
-            "seed": cond.seed,
-            **fields,
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
+        return condition_record(cond, fields, time.perf_counter() - t0)
 
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
@@ -279,14 +278,4 @@ def _run_rows(
             seconds = (time.perf_counter() - t0 + spent) / len(batch)
             spent = 0.0
             for cond, a in zip(batch, answers, strict=True):
-                run.emit(
-                    {
-                        "id": f"{cond.id}/{p.doc.id}",
-                        "condition": cond.id,
-                        "kind": cond.kind,
-                        "k": cond.k,
-                        "seed": cond.seed,
-                        **record(a),
-                        "seconds": round(seconds, 3),
-                    }
-                )
+                run.emit({"id": f"{cond.id}/{p.doc.id}", **condition_record(cond, record(a), seconds)})
